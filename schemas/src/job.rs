@@ -1,0 +1,69 @@
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The only envelope version this build speaks.
+pub const ENVELOPE_VERSION: u8 = 1;
+
+/// What travels on `fleet.infer.<model>` and `fleet.submit.<model>`: a MessagePack-encoded
+/// [`Job`] and an Ed25519 signature over exactly those bytes. Keeping the body as bytes (not
+/// a nested map) means the verifier checks what the signer signed, with no re-encoding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SignedJob {
+    pub v: u8,
+    pub key_id: String,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+    #[serde(with = "serde_bytes")]
+    pub body: Vec<u8>,
+}
+
+/// One unit of work and of acknowledgement.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    pub job_id: String,
+    pub tenant: String,
+    pub model: String,
+    pub task: Task,
+    /// 0 is normal; higher runs first where a worker has a choice.
+    #[serde(default)]
+    pub priority: u8,
+    /// When the client made the job, Unix milliseconds; bounds replay.
+    pub created_at_ms: u64,
+    /// After this instant (Unix milliseconds) the job is answered `expired`, not run.
+    #[serde(default)]
+    pub deadline_ms: Option<u64>,
+    /// Free-form client annotations, returned untouched.
+    #[serde(default)]
+    pub meta: BTreeMap<String, String>,
+}
+
+/// What to compute. Tagged by `kind` on the wire, so new kinds can be added.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Task {
+    /// Sentence embeddings, one vector per input text.
+    Embed {
+        inputs: Vec<String>,
+        /// L2-normalise each vector.
+        #[serde(default = "default_true")]
+        normalize: bool,
+        /// Cut inputs longer than the model's maximum instead of failing them.
+        #[serde(default = "default_true")]
+        truncate: bool,
+    },
+}
+
+fn default_true() -> bool {
+    true
+}
+
+impl Task {
+    pub fn inputs(&self) -> &[String] {
+        match self {
+            Task::Embed { inputs, .. } => inputs,
+        }
+    }
+}

@@ -1,0 +1,91 @@
+//! Subjects, streams and headers. Every name that crosses the wire is built here.
+
+/// Queue group every dispatcher joins, so several share `infer` and `submit` traffic.
+pub const DISPATCHER_QUEUE_GROUP: &str = "dispatchers";
+
+pub const JOBS_STREAM: &str = "FLEET_JOBS";
+pub const RESULTS_STREAM: &str = "FLEET_RESULTS";
+pub const DLQ_STREAM: &str = "FLEET_DLQ";
+
+pub const JOBS_WILDCARD: &str = "fleet.jobs.*";
+pub const RESULTS_WILDCARD: &str = "fleet.results.*.*";
+pub const DLQ_WILDCARD: &str = "fleet.dlq.*";
+pub const INFER_WILDCARD: &str = "fleet.infer.*";
+pub const SUBMIT_WILDCARD: &str = "fleet.submit.*";
+
+/// JetStream deduplication key: the job id.
+pub const MSG_ID: &str = "Nats-Msg-Id";
+/// The synchronous caller's reply inbox, carried with the queued job to the worker.
+pub const REPLY_TO: &str = "Fleet-Reply-To";
+/// Error code of a failed or rejected answer (the NATS services convention).
+pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
+/// Human-readable error of a failed or rejected answer.
+pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// Why a job went to the dead-letter stream.
+pub const DLQ_REASON: &str = "Fleet-Dlq-Reason";
+
+pub fn infer(model: &str) -> String {
+    format!("fleet.infer.{model}")
+}
+
+pub fn submit(model: &str) -> String {
+    format!("fleet.submit.{model}")
+}
+
+pub fn jobs(model: &str) -> String {
+    format!("fleet.jobs.{model}")
+}
+
+pub fn results(tenant: &str, job_id: &str) -> String {
+    format!("fleet.results.{tenant}.{job_id}")
+}
+
+pub fn dlq(model: &str) -> String {
+    format!("fleet.dlq.{model}")
+}
+
+/// What an incoming request asks for, read from its subject.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress<'a> {
+    Infer { model: &'a str },
+    Submit { model: &'a str },
+}
+
+/// Parses `fleet.infer.<model>` or `fleet.submit.<model>`.
+pub fn parse_ingress(subject: &str) -> Option<Ingress<'_>> {
+    let rest = subject.strip_prefix("fleet.")?;
+    let (kind, model) = rest.split_once('.')?;
+    if model.is_empty() || model.contains('.') {
+        return None;
+    }
+    match kind {
+        "infer" => Some(Ingress::Infer { model }),
+        "submit" => Some(Ingress::Submit { model }),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingress_subjects_round_trip() {
+        assert_eq!(
+            parse_ingress(&infer("minilm")),
+            Some(Ingress::Infer { model: "minilm" })
+        );
+        assert_eq!(
+            parse_ingress(&submit("minilm")),
+            Some(Ingress::Submit { model: "minilm" })
+        );
+        for bad in [
+            "fleet.infer.",
+            "fleet.jobs.m",
+            "fleet.infer.a.b",
+            "other.infer.m",
+        ] {
+            assert_eq!(parse_ingress(bad), None, "{bad}");
+        }
+    }
+}
