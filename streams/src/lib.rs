@@ -1,0 +1,297 @@
+//! The three streams every Fleet process relies on, and the check that the server really
+//! holds them as defined. Old servers (Debian's nats-server 2.9) silently drop settings they do
+//! not know, so "create succeeded" proves nothing: the config the server returns is compared,
+//! field by field, with the one asked for.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    self, Context,
+    context::{CreateStreamError, GetStreamError, GetStreamErrorKind},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
+};
+use fleet_schemas::subject;
+
+/// Sizes and windows of the streams. Every process of one fleet must agree on them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct StreamLimits {
+    /// Most jobs queued at once; past it, publishes fail and the dispatcher answers `overloaded`.
+    pub jobs_max_msgs: i64,
+    /// Most bytes queued at once.
+    pub jobs_max_bytes: i64,
+    /// A job id seen again within this window is stored once.
+    pub duplicate_window: Duration,
+    /// How long results stay readable on `FLEET_RESULTS`.
+    pub results_max_age: Duration,
+    /// How long dead letters stay on `FLEET_DLQ`.
+    pub dlq_max_age: Duration,
+}
+
+impl Default for StreamLimits {
+    fn default() -> Self {
+        StreamLimits {
+            jobs_max_msgs: 1_000_000,
+            jobs_max_bytes: 4 << 30,
+            duplicate_window: Duration::from_secs(120),
+            results_max_age: Duration::from_secs(24 * 3600),
+            dlq_max_age: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TopologyError {
+    #[error("cannot read stream {stream}: {source}")]
+    Get {
+        stream: String,
+        source: GetStreamError,
+    },
+    #[error("cannot create stream {stream}: {source}")]
+    Create {
+        stream: String,
+        source: CreateStreamError,
+    },
+    #[error(
+        "stream {stream} exists but differs from Fleet's definition in {}; \
+         fix or delete the stream, or align the limits of every Fleet process",
+        describe(differences)
+    )]
+    Mismatch {
+        stream: String,
+        differences: Vec<Difference>,
+    },
+    #[error(
+        "the server dropped settings of stream {stream} it was asked to create: {}; \
+         it is probably older than Fleet needs",
+        describe(differences)
+    )]
+    Dropped {
+        stream: String,
+        differences: Vec<Difference>,
+    },
+    #[error("stream {stream} does not exist yet")]
+    Missing { stream: String },
+}
+
+/// One setting that is not what Fleet defined.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Difference {
+    pub field: &'static str,
+    pub wanted: String,
+    pub found: String,
+}
+
+fn describe(differences: &[Difference]) -> String {
+    differences
+        .iter()
+        .map(|d| format!("{} (wanted {}, found {})", d.field, d.wanted, d.found))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn jobs_stream(limits: &StreamLimits) -> stream::Config {
+    stream::Config {
+        name: subject::JOBS_STREAM.into(),
+        subjects: vec![subject::JOBS_WILDCARD.into()],
+        retention: RetentionPolicy::WorkQueue,
+        storage: StorageType::File,
+        discard: DiscardPolicy::New,
+        max_messages: limits.jobs_max_msgs,
+        max_bytes: limits.jobs_max_bytes,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    }
+}
+
+pub fn results_stream(limits: &StreamLimits) -> stream::Config {
+    stream::Config {
+        name: subject::RESULTS_STREAM.into(),
+        subjects: vec![subject::RESULTS_WILDCARD.into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: limits.results_max_age,
+        duplicate_window: limits.duplicate_window,
+        // Results are read by subject (`fleet.results.<tenant>.<job_id>`), one message each.
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
+    stream::Config {
+        name: subject::DLQ_STREAM.into(),
+        subjects: vec![subject::DLQ_WILDCARD.into()],
+        retention: RetentionPolicy::Limits,
+        storage: StorageType::File,
+        max_age: limits.dlq_max_age,
+        duplicate_window: limits.duplicate_window,
+        ..Default::default()
+    }
+}
+
+/// The settings Fleet defines that differ between `wanted` and `found`.
+pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Difference> {
+    let mut out = Vec::new();
+    let mut check = |field: &'static str, wanted: String, found: String| {
+        if wanted != found {
+            out.push(Difference {
+                field,
+                wanted,
+                found,
+            });
+        }
+    };
+    check(
+        "subjects",
+        format!("{:?}", wanted.subjects),
+        format!("{:?}", found.subjects),
+    );
+    check(
+        "retention",
+        format!("{:?}", wanted.retention),
+        format!("{:?}", found.retention),
+    );
+    check(
+        "storage",
+        format!("{:?}", wanted.storage),
+        format!("{:?}", found.storage),
+    );
+    check(
+        "discard",
+        format!("{:?}", wanted.discard),
+        format!("{:?}", found.discard),
+    );
+    check(
+        "max_messages",
+        wanted.max_messages.to_string(),
+        found.max_messages.to_string(),
+    );
+    check(
+        "max_bytes",
+        wanted.max_bytes.to_string(),
+        found.max_bytes.to_string(),
+    );
+    check(
+        "max_age",
+        format!("{:?}", wanted.max_age),
+        format!("{:?}", found.max_age),
+    );
+    check(
+        "duplicate_window",
+        format!("{:?}", wanted.duplicate_window),
+        format!("{:?}", found.duplicate_window),
+    );
+    check(
+        "allow_direct",
+        wanted.allow_direct.to_string(),
+        found.allow_direct.to_string(),
+    );
+    out
+}
+
+/// Creates the stream if it is missing, then insists the server holds exactly Fleet's settings.
+pub async fn ensure_stream(
+    js: &Context,
+    wanted: stream::Config,
+) -> Result<stream::Stream, TopologyError> {
+    let name = wanted.name.clone();
+    match js.get_stream(&name).await {
+        Ok(mut existing) => {
+            let found = existing
+                .info()
+                .await
+                .map_err(|e| TopologyError::Get {
+                    stream: name.clone(),
+                    source: GetStreamError::with_source(GetStreamErrorKind::Request, e),
+                })?
+                .config
+                .clone();
+            let differences = differences(&wanted, &found);
+            if !differences.is_empty() {
+                return Err(TopologyError::Mismatch {
+                    stream: name,
+                    differences,
+                });
+            }
+            Ok(existing)
+        }
+        Err(err) if is_not_found(&err) => {
+            let created =
+                js.create_stream(wanted.clone())
+                    .await
+                    .map_err(|source| TopologyError::Create {
+                        stream: name.clone(),
+                        source,
+                    })?;
+            let differences = differences(&wanted, &created.cached_info().config);
+            if !differences.is_empty() {
+                return Err(TopologyError::Dropped {
+                    stream: name,
+                    differences,
+                });
+            }
+            tracing::info!(stream = %name, "created stream");
+            Ok(created)
+        }
+        Err(source) => Err(TopologyError::Get {
+            stream: name,
+            source,
+        }),
+    }
+}
+
+/// Waits until a stream exists, for processes (workers) that use streams a dispatcher defines.
+pub async fn existing_stream(js: &Context, name: &str) -> Result<stream::Stream, TopologyError> {
+    match js.get_stream(name).await {
+        Ok(stream) => Ok(stream),
+        Err(err) if is_not_found(&err) => Err(TopologyError::Missing {
+            stream: name.to_owned(),
+        }),
+        Err(source) => Err(TopologyError::Get {
+            stream: name.to_owned(),
+            source,
+        }),
+    }
+}
+
+fn is_not_found(err: &GetStreamError) -> bool {
+    matches!(
+        err.kind(),
+        GetStreamErrorKind::JetStream(js) if js.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// The three streams, created or verified.
+pub struct Streams {
+    pub jobs: stream::Stream,
+    pub results: stream::Stream,
+    pub dlq: stream::Stream,
+}
+
+pub async fn ensure_all(js: &Context, limits: &StreamLimits) -> Result<Streams, TopologyError> {
+    Ok(Streams {
+        jobs: ensure_stream(js, jobs_stream(limits)).await?,
+        results: ensure_stream(js, results_stream(limits)).await?,
+        dlq: ensure_stream(js, dlq_stream(limits)).await?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_dropped_setting_is_reported_by_name() {
+        let limits = StreamLimits::default();
+        let wanted = jobs_stream(&limits);
+        assert!(differences(&wanted, &wanted).is_empty());
+        let mut found = wanted.clone();
+        found.discard = DiscardPolicy::Old;
+        found.duplicate_window = Duration::ZERO;
+        let fields: Vec<_> = differences(&wanted, &found)
+            .into_iter()
+            .map(|d| d.field)
+            .collect();
+        assert_eq!(fields, ["discard", "duplicate_window"]);
+    }
+}
