@@ -1,1 +1,17 @@
-//! Fleet worker.
+//! Fleet worker: pulls jobs of one model from JetStream through the model's shared durable
+//! consumer, runs their inputs in dynamic batches, stores and sends the results, and only then
+//! acknowledges. See `pipeline` for the flow and `batcher` for the batching rules.
+
+pub mod batcher;
+pub mod config;
+pub mod consumer;
+pub mod embedder;
+pub mod metrics;
+pub mod model;
+pub mod pipeline;
+pub mod respond;
+
+pub use config::{DeviceSpec, WorkerArgs, WorkerConfig};
+pub use embedder::{Embedder, FakeEmbedder};
+pub use metrics::Metrics;
+pub use pipeline::{PipelineError, run};

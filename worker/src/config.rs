@@ -1,0 +1,341 @@
+//! Every setting of a worker, from flags, environment variables or a TOML file (keys are the
+//! long flag names), checked once into a [`WorkerConfig`].
+
+use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
+
+use clap::Parser;
+use fleet_schemas::{InvalidName, validate_name};
+
+use crate::{batcher::BatchLimits, consumer::ConsumerSettings};
+
+/// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
+/// sends the results.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "worker", version)]
+pub struct WorkerArgs {
+    /// TOML file of settings; keys are the long flag names. Flags and environment win over it.
+    #[arg(long, env = "FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// NATS server to connect to.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+
+    /// Model served, as named in subjects (`fleet.jobs.<model>`).
+    #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
+    pub model: String,
+
+    /// Directory of the model's files (safetensors weights, tokenizer.json, config.json).
+    #[arg(
+        long,
+        env = "FLEET_MODEL_DIR",
+        default_value = "models/all-MiniLM-L6-v2"
+    )]
+    pub model_dir: PathBuf,
+
+    /// Device the model runs on: `cpu` or `cuda:<ordinal>`.
+    #[arg(long, env = "FLEET_DEVICE", default_value = "cpu")]
+    pub device: DeviceSpec,
+
+    /// Most inputs in one batch.
+    #[arg(long, env = "FLEET_MAX_BATCH_SIZE", default_value_t = 32)]
+    pub max_batch_size: usize,
+
+    /// Most padded tokens in one batch (longest input times input count).
+    #[arg(long, env = "FLEET_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    pub max_batch_tokens: usize,
+
+    /// Longest an input waits for more work before a batch that is not full runs, in ms.
+    #[arg(long, env = "FLEET_MAX_DELAY_MS", default_value_t = 5)]
+    pub max_delay_ms: u64,
+
+    /// Most jobs this worker holds unacknowledged at once; it pulls no more until some finish.
+    #[arg(long, env = "FLEET_MAX_IN_FLIGHT", default_value_t = 256)]
+    pub max_in_flight: usize,
+
+    /// Most jobs one pull request asks for.
+    #[arg(long, env = "FLEET_FETCH_BATCH", default_value_t = 64)]
+    pub fetch_batch: usize,
+
+    /// Most jobs unacknowledged at once across all workers of the model (consumer setting).
+    #[arg(long, env = "FLEET_MAX_ACK_PENDING", default_value_t = 1024)]
+    pub max_ack_pending: i64,
+
+    /// How long the server waits for an ack before redelivering a job (e.g. `30s`, `500ms`).
+    #[arg(long, env = "FLEET_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    pub ack_wait: Duration,
+
+    /// Deliveries of a job before it goes to the dead-letter stream.
+    #[arg(long, env = "FLEET_MAX_DELIVER", default_value_t = 5)]
+    pub max_deliver: i64,
+
+    /// Redelivery delays, one per delivery (comma-separated, e.g. `30s,60s`). The server takes
+    /// the first as the ack wait of the first delivery, so it must equal `--ack-wait`. Empty:
+    /// every redelivery waits `--ack-wait`.
+    #[arg(long, env = "FLEET_BACKOFF", value_delimiter = ',', value_parser = parse_duration)]
+    pub backoff: Vec<Duration>,
+
+    /// Delay before a job that failed transiently (results not stored, model error) is retried.
+    #[arg(long, env = "FLEET_RETRY_DELAY", default_value = "2s", value_parser = parse_duration)]
+    pub retry_delay: Duration,
+
+    /// Largest job message accepted, in bytes; a larger one is dead-lettered.
+    #[arg(long, env = "FLEET_MAX_JOB_BYTES", default_value_t = 8 << 20)]
+    pub max_job_bytes: usize,
+
+    /// Name in results and logs (default: hostname-pid).
+    #[arg(long, env = "FLEET_WORKER_NAME")]
+    pub worker_name: Option<String>,
+
+    /// Address of the Prometheus endpoint (port 0: any free port, logged at start).
+    #[arg(long, env = "FLEET_METRICS_ADDR", default_value = "127.0.0.1:9184")]
+    pub metrics_addr: SocketAddr,
+
+    /// On SIGTERM/SIGINT, how long to finish the jobs in flight before giving up on them.
+    #[arg(long, env = "FLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Where the model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    Cuda(usize),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("device {0:?} is neither `cpu` nor `cuda:<ordinal>`")]
+pub struct BadDevice(String);
+
+impl FromStr for DeviceSpec {
+    type Err = BadDevice;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "cpu" => Ok(DeviceSpec::Cpu),
+            "cuda" => Ok(DeviceSpec::Cuda(0)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceSpec::Cuda)
+                .ok_or_else(|| BadDevice(s.to_owned())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceSpec::Cpu => f.write_str("cpu"),
+            DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s or 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "" | "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Name(#[from] InvalidName),
+    #[error("{0} must be at least 1")]
+    Zero(&'static str),
+    #[error(
+        "--backoff starts with {first:?} but --ack-wait is {ack_wait:?}; the server makes the first backoff the ack wait, so they must agree"
+    )]
+    BackoffAckWait { first: Duration, ack_wait: Duration },
+    #[error(
+        "--max-deliver ({max_deliver}) must be greater than the number of --backoff delays ({backoff})"
+    )]
+    BackoffTooLong { max_deliver: i64, backoff: usize },
+}
+
+/// A worker's checked settings.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    pub nats_url: String,
+    pub model: String,
+    pub model_dir: PathBuf,
+    pub device: DeviceSpec,
+    pub batch: BatchLimits,
+    pub consumer: ConsumerSettings,
+    pub max_in_flight: usize,
+    pub fetch_batch: usize,
+    pub retry_delay: Duration,
+    pub max_job_bytes: usize,
+    pub worker_name: String,
+    pub metrics_addr: SocketAddr,
+    pub shutdown_timeout: Duration,
+}
+
+impl WorkerConfig {
+    pub fn from_args(args: WorkerArgs) -> Result<WorkerConfig, ConfigError> {
+        validate_name("model", &args.model)?;
+        for (name, value) in [
+            ("--max-batch-size", args.max_batch_size),
+            ("--max-batch-tokens", args.max_batch_tokens),
+            ("--max-in-flight", args.max_in_flight),
+            ("--fetch-batch", args.fetch_batch),
+            (
+                "--max-deliver",
+                usize::try_from(args.max_deliver).unwrap_or(0),
+            ),
+            (
+                "--max-ack-pending",
+                usize::try_from(args.max_ack_pending).unwrap_or(0),
+            ),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Zero(name));
+            }
+        }
+        if let Some(first) = args.backoff.first()
+            && *first != args.ack_wait
+        {
+            return Err(ConfigError::BackoffAckWait {
+                first: *first,
+                ack_wait: args.ack_wait,
+            });
+        }
+        if args.backoff.len() as i64 >= args.max_deliver {
+            return Err(ConfigError::BackoffTooLong {
+                max_deliver: args.max_deliver,
+                backoff: args.backoff.len(),
+            });
+        }
+        let worker_name = args.worker_name.unwrap_or_else(default_worker_name);
+        Ok(WorkerConfig {
+            consumer: ConsumerSettings {
+                durable_name: format!("fleet-worker-{}", args.model),
+                filter_subject: fleet_schemas::subject::jobs(&args.model),
+                ack_wait: args.ack_wait,
+                max_deliver: args.max_deliver,
+                backoff: args.backoff,
+                max_ack_pending: args.max_ack_pending,
+            },
+            nats_url: args.nats_url,
+            model: args.model,
+            model_dir: args.model_dir,
+            device: args.device,
+            batch: BatchLimits {
+                max_batch_size: args.max_batch_size,
+                max_batch_tokens: args.max_batch_tokens,
+                max_delay: Duration::from_millis(args.max_delay_ms),
+            },
+            max_in_flight: args.max_in_flight,
+            fetch_batch: args.fetch_batch,
+            retry_delay: args.retry_delay,
+            max_job_bytes: args.max_job_bytes,
+            worker_name,
+            metrics_addr: args.metrics_addr,
+            shutdown_timeout: args.shutdown_timeout,
+        })
+    }
+}
+
+fn default_worker_name() -> String {
+    let host = nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "worker".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> WorkerArgs {
+        WorkerArgs::try_parse_from(std::iter::once("worker").chain(args.iter().copied()))
+            .expect("valid arguments")
+    }
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let config = WorkerConfig::from_args(parse(&[])).expect("valid");
+        assert_eq!(config.model, "all-minilm-l6-v2");
+        assert_eq!(config.device, DeviceSpec::Cpu);
+        assert_eq!(config.batch.max_batch_size, 32);
+        assert_eq!(config.batch.max_batch_tokens, 16384);
+        assert_eq!(config.batch.max_delay, Duration::from_millis(5));
+        assert_eq!(config.consumer.ack_wait, Duration::from_secs(30));
+        assert_eq!(config.consumer.max_deliver, 5);
+        assert_eq!(
+            config.consumer.durable_name,
+            "fleet-worker-all-minilm-l6-v2"
+        );
+        assert_eq!(
+            config.consumer.filter_subject,
+            "fleet.jobs.all-minilm-l6-v2"
+        );
+        assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        assert!(
+            config
+                .worker_name
+                .ends_with(&format!("-{}", std::process::id()))
+        );
+    }
+
+    #[test]
+    fn durations_devices_and_lists_parse() {
+        let args = parse(&[
+            "--ack-wait",
+            "2s",
+            "--backoff",
+            "2s,500ms,1m",
+            "--device",
+            "cuda:1",
+            "--max-deliver",
+            "4",
+        ]);
+        assert_eq!(args.device, DeviceSpec::Cuda(1));
+        let config = WorkerConfig::from_args(args).expect("valid");
+        assert_eq!(
+            config.consumer.backoff,
+            [
+                Duration::from_secs(2),
+                Duration::from_millis(500),
+                Duration::from_secs(60)
+            ]
+        );
+        assert!(WorkerArgs::try_parse_from(["worker", "--device", "tpu"]).is_err());
+        assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", "3 weeks"]).is_err());
+    }
+
+    #[test]
+    fn inconsistent_settings_are_refused_with_the_reason() {
+        let err = WorkerConfig::from_args(parse(&["--backoff", "1s"])).unwrap_err();
+        assert!(matches!(err, ConfigError::BackoffAckWait { .. }), "{err}");
+        let err = WorkerConfig::from_args(parse(&[
+            "--ack-wait",
+            "1s",
+            "--backoff",
+            "1s,2s",
+            "--max-deliver",
+            "2",
+        ]))
+        .unwrap_err();
+        assert!(matches!(err, ConfigError::BackoffTooLong { .. }), "{err}");
+        let err = WorkerConfig::from_args(parse(&["--max-batch-size", "0"])).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::Zero("--max-batch-size")),
+            "{err}"
+        );
+        let err = WorkerConfig::from_args(parse(&["--model", "a.b"])).unwrap_err();
+        assert!(matches!(err, ConfigError::Name(_)), "{err}");
+    }
+}

@@ -1,0 +1,156 @@
+//! The one durable pull consumer that all workers of a model share. Like the streams, it is
+//! created when absent and then compared with what the server actually holds, because an old
+//! server drops settings it does not know and a consumer made by another version may differ.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{
+    Context,
+    consumer::{self as consumer, AckPolicy, DeliverPolicy, PullConsumer, pull::Config},
+    stream::ConsumerError,
+};
+use fleet_schemas::subject;
+use fleet_streams::{TopologyError, existing_stream};
+
+/// The consumer settings Fleet defines and insists on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsumerSettings {
+    pub durable_name: String,
+    pub filter_subject: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub backoff: Vec<Duration>,
+    pub max_ack_pending: i64,
+}
+
+impl ConsumerSettings {
+    pub fn pull_config(&self) -> Config {
+        Config {
+            durable_name: Some(self.durable_name.clone()),
+            filter_subject: self.filter_subject.clone(),
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: self.ack_wait,
+            max_deliver: self.max_deliver,
+            backoff: self.backoff.clone(),
+            max_ack_pending: self.max_ack_pending,
+            ..Default::default()
+        }
+    }
+
+    /// Fields of `found` that are not what these settings ask for, as `(field, wanted, found)`.
+    pub fn differences(&self, found: &consumer::Config) -> Vec<(&'static str, String, String)> {
+        let wanted = self.pull_config();
+        let mut out = Vec::new();
+        let mut check = |field, wanted: String, found: String| {
+            if wanted != found {
+                out.push((field, wanted, found));
+            }
+        };
+        check(
+            "filter_subject",
+            wanted.filter_subject,
+            found.filter_subject.clone(),
+        );
+        check(
+            "ack_policy",
+            format!("{:?}", wanted.ack_policy),
+            format!("{:?}", found.ack_policy),
+        );
+        check(
+            "ack_wait",
+            format!("{:?}", wanted.ack_wait),
+            format!("{:?}", found.ack_wait),
+        );
+        check(
+            "max_deliver",
+            wanted.max_deliver.to_string(),
+            found.max_deliver.to_string(),
+        );
+        check(
+            "backoff",
+            format!("{:?}", wanted.backoff),
+            format!("{:?}", found.backoff),
+        );
+        check(
+            "max_ack_pending",
+            wanted.max_ack_pending.to_string(),
+            found.max_ack_pending.to_string(),
+        );
+        out
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumerSetupError {
+    #[error(transparent)]
+    Topology(#[from] TopologyError),
+    #[error("cannot create or read consumer {name}: {source}")]
+    Bind { name: String, source: ConsumerError },
+    #[error(
+        "consumer {name} exists with other settings: {}; delete it (`nats consumer rm {} {name}`) \
+         or start every worker of the model with the same settings",
+        describe(differences),
+        subject::JOBS_STREAM
+    )]
+    Mismatch {
+        name: String,
+        differences: Vec<(&'static str, String, String)>,
+    },
+}
+
+fn describe(differences: &[(&'static str, String, String)]) -> String {
+    differences
+        .iter()
+        .map(|(field, wanted, found)| format!("{field} (wanted {wanted}, found {found})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Waits, logging now and then, until the dispatcher has made Fleet's three streams.
+pub async fn wait_for_streams(js: &Context, retry: Duration) -> Result<(), TopologyError> {
+    for name in [
+        subject::JOBS_STREAM,
+        subject::RESULTS_STREAM,
+        subject::DLQ_STREAM,
+    ] {
+        loop {
+            match existing_stream(js, name).await {
+                Ok(_) => break,
+                Err(TopologyError::Missing { .. }) => {
+                    tracing::warn!(
+                        stream = name,
+                        "stream missing; waiting for the dispatcher to create it"
+                    );
+                    tokio::time::sleep(retry).await;
+                }
+                Err(other) => return Err(other),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Binds the model's shared durable consumer, creating it when absent, and checks that the
+/// server holds the settings asked for.
+pub async fn bind(
+    js: &Context,
+    settings: &ConsumerSettings,
+) -> Result<PullConsumer, ConsumerSetupError> {
+    let stream = existing_stream(js, subject::JOBS_STREAM).await?;
+    let consumer: PullConsumer = stream
+        .get_or_create_consumer(&settings.durable_name, settings.pull_config())
+        .await
+        .map_err(|source| ConsumerSetupError::Bind {
+            name: settings.durable_name.clone(),
+            source,
+        })?;
+    let differences = settings.differences(&consumer.cached_info().config);
+    if !differences.is_empty() {
+        return Err(ConsumerSetupError::Mismatch {
+            name: settings.durable_name.clone(),
+            differences,
+        });
+    }
+    Ok(consumer)
+}
