@@ -1,0 +1,136 @@
+use std::cell::RefCell;
+
+use gemm::{Parallelism, gemm};
+use rayon::prelude::*;
+
+use super::{ShapeError, check_cu_seqlens, ensure, scaled_softmax_row};
+
+thread_local! {
+    /// Scores of one (sequence, head): up to `len x len` floats, reused across tasks.
+    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Output pointer shared by the tasks; each task writes a disjoint set of elements.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: see `varlen_attention`: tasks write disjoint elements and the pointee outlives them.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    // A method, so that closures capture the whole `Send` wrapper, not the raw pointer field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Multi-head self-attention over unpadded ("varlen") sequences.
+///
+/// * `qkv`: row-major `[T, 3 * heads * head_dim]`; row `t` holds the query of token `t` for
+///   heads `0..heads` (`head_dim` values each), then its key likewise, then its value:
+///   `q(t, h) = qkv[t, h * head_dim..]`, `k(t, h) = qkv[t, (heads + h) * head_dim..]`,
+///   `v(t, h) = qkv[t, (2 * heads + h) * head_dim..]`. This is the output of one linear
+///   layer whose weight is the query, key and value weights stacked.
+/// * `cu_seqlens`: `[B + 1]` offsets (see the crate docs). A token attends to all tokens of
+///   its own sequence and to nothing else, so no mask and no padding exist.
+/// * `out`: row-major `[T, heads * head_dim]`, heads side by side like the input of BERT's
+///   attention output projection:
+///   `out(t, h) = sum_j softmax_j(scale * q(t, h) · k(j, h)) v(j, h)` over `j` in `t`'s sequence.
+///
+/// One task per (sequence, head) on rayon; within a task two single-threaded gemm calls and
+/// the softmax of [`scaled_softmax_row`].
+pub fn varlen_attention(
+    qkv: &[f32],
+    cu_seqlens: &[u32],
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [f32],
+) -> Result<(), ShapeError> {
+    let hidden = heads * head_dim;
+    ensure(hidden > 0 && qkv.len().is_multiple_of(3 * hidden), || {
+        format!(
+            "varlen_attention: {} qkv values are not rows of 3 x {heads} x {head_dim}",
+            qkv.len()
+        )
+    })?;
+    let tokens = qkv.len() / (3 * hidden);
+    let batch = check_cu_seqlens(cu_seqlens, tokens)?;
+    ensure(out.len() == tokens * hidden, || {
+        format!(
+            "varlen_attention: out has {} values, need {tokens} x {hidden}",
+            out.len()
+        )
+    })?;
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let qkv_stride = 3 * hidden;
+    (0..batch * heads).into_par_iter().for_each(|task| {
+        let (b, h) = (task / heads, task % heads);
+        let start = cu_seqlens[b] as usize;
+        let len = cu_seqlens[b + 1] as usize - start;
+        if len == 0 {
+            return;
+        }
+        SCORES.with_borrow_mut(|scores| {
+            scores.resize(len * len, 0.0);
+            let q = qkv[start * qkv_stride + h * head_dim..].as_ptr();
+            let k = qkv[start * qkv_stride + (heads + h) * head_dim..].as_ptr();
+            let v = qkv[start * qkv_stride + (2 * heads + h) * head_dim..].as_ptr();
+            // SAFETY: rows `start..start + len` lie inside `qkv` (checked through cu_seqlens),
+            // and each head's `head_dim` columns inside a row; `scores` holds `len x len`.
+            unsafe {
+                gemm(
+                    len,
+                    len,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    q,
+                    1,
+                    qkv_stride as isize,
+                    k,
+                    qkv_stride as isize,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+            for row in scores.chunks_exact_mut(len) {
+                scaled_softmax_row(row, len, scale);
+            }
+            // SAFETY: as above for `v` and `scores`; the destination is rows
+            // `start..start + len`, columns `h * head_dim..(h + 1) * head_dim` of `out`, which
+            // no other task writes, and `out` outlives the parallel loop.
+            unsafe {
+                gemm(
+                    len,
+                    head_dim,
+                    len,
+                    out_ptr.get().add(start * hidden + h * head_dim),
+                    1,
+                    hidden as isize,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    len as isize,
+                    v,
+                    1,
+                    qkv_stride as isize,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    Parallelism::None,
+                );
+            }
+        });
+    });
+    Ok(())
+}

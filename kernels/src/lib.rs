@@ -1,0 +1,27 @@
+//! Fused encoder ops for BERT-style models, as candle custom ops.
+//!
+//! Two layers:
+//!
+//! * [`cpu`]: the kernels themselves, on plain `f32` slices. They are the path the CPU worker
+//!   runs (row-parallel with rayon, vectorised loops compiled for AVX2+FMA where the CPU has
+//!   them, matrix products through the `gemm` crate) and the reference the CUDA kernels are
+//!   tested against.
+//! * [`ops`]: the same computations as candle [`CustomOp2`](candle_core::CustomOp2) /
+//!   [`CustomOp3`](candle_core::CustomOp3) types plus small functions that apply them to
+//!   [`Tensor`](candle_core::Tensor)s. Each op documents its tensor layout exactly; a CUDA
+//!   implementation goes into the op's `cuda_fwd` (next to `cpu_fwd`, in `src/ops/*.rs`), with
+//!   the device kernels in a feature-gated `src/cuda/` module.
+//!
+//! Token-major "varlen" layout: the model does not pad. A batch of `B` sequences is stored as
+//! `T = sum(len_b)` rows, sequence after sequence, described by `cu_seqlens`: a `u32` vector of
+//! `B + 1` non-decreasing offsets with `cu_seqlens[0] == 0` and `cu_seqlens[B] == T`; sequence
+//! `b` owns rows `cu_seqlens[b]..cu_seqlens[b + 1]` (possibly none).
+
+pub mod cpu;
+pub mod ops;
+
+pub use ops::{
+    AddLayerNorm, BiasGelu, Linear, MeanPoolNormalize, ScaledMaskedSoftmax, VarlenAttention,
+    add_layer_norm, bias_gelu, linear, mean_pool_normalize, scaled_masked_softmax,
+    varlen_attention,
+};

@@ -1,0 +1,45 @@
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+
+use super::{dims1, f32_slice};
+use crate::cpu;
+
+/// `gelu(x + bias)` with the erf form of GELU (PyTorch's default `gelu`).
+///
+/// Inputs: `x` f32 of any shape `[..., n]`, `bias` f32 `[n]`, both contiguous.
+/// Output: f32, the shape of `x`. Element `i` of `x` gets `bias[i % n]`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct BiasGelu;
+
+impl CustomOp2 for BiasGelu {
+    fn name(&self) -> &'static str {
+        "bias-gelu"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let n = dims1(self.name(), "bias", l2)?;
+        if l1.dims().last() != Some(&n) {
+            bail!(
+                "{}: x {:?} does not end in the bias size {n}",
+                self.name(),
+                l1.dims()
+            );
+        }
+        let x = f32_slice(self.name(), s1, l1)?;
+        let bias = f32_slice(self.name(), s2, l2)?;
+        let mut out = vec![0.0f32; x.len()];
+        cpu::bias_gelu(x, bias, &mut out)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Applies [`BiasGelu`].
+pub fn bias_gelu(x: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    x.contiguous()?
+        .apply_op2_no_bwd(&bias.contiguous()?, &BiasGelu)
+}

@@ -1,0 +1,61 @@
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use super::{dims2, f32_slice};
+use crate::cpu;
+
+/// `layer_norm(x + residual) * weight + bias` over the last dimension, as `torch.nn.LayerNorm`
+/// (biased variance, `eps` added to the variance).
+///
+/// Inputs, all f32 and contiguous:
+/// * `x`: any shape `[..., n]`;
+/// * `residual`: the shape of `x`;
+/// * `params`: `[2, n]`, row 0 the weight (gamma), row 1 the bias (beta). Stacked because a
+///   custom op takes at most three tensors; a model stacks them once at load time.
+///
+/// Output: f32, the shape of `x`.
+#[derive(Debug, Clone, Copy)]
+pub struct AddLayerNorm {
+    pub eps: f32,
+}
+
+impl CustomOp3 for AddLayerNorm {
+    fn name(&self) -> &'static str {
+        "add-layer-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (two, n) = dims2(self.name(), "params", l3)?;
+        if two != 2 || l1.dims().last() != Some(&n) || l1.dims() != l2.dims() {
+            bail!(
+                "{}: x {:?}, residual {:?}, params {:?}: need x = residual = [.., n], params [2, n]",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let x = f32_slice(self.name(), s1, l1)?;
+        let residual = f32_slice(self.name(), s2, l2)?;
+        let (weight, bias) = f32_slice(self.name(), s3, l3)?.split_at(n);
+        let mut out = vec![0.0f32; x.len()];
+        cpu::add_layer_norm(x, residual, weight, bias, self.eps, &mut out)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Applies [`AddLayerNorm`].
+pub fn add_layer_norm(x: &Tensor, residual: &Tensor, params: &Tensor, eps: f32) -> Result<Tensor> {
+    x.contiguous()?.apply_op3_no_bwd(
+        &residual.contiguous()?,
+        &params.contiguous()?,
+        &AddLayerNorm { eps },
+    )
+}

@@ -1,0 +1,90 @@
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use super::{dims1, dims2, f32_slice};
+use crate::cpu;
+
+/// `x · weightᵀ + bias`, PyTorch's `nn.Linear`.
+///
+/// Inputs, all f32 and contiguous:
+/// * `x`: `[rows, in]`;
+/// * `weight`: `[out, in]` (the layout in PyTorch checkpoints);
+/// * `bias` (only as a [`CustomOp3`]): `[out]`.
+///
+/// Output: f32 `[rows, out]`. As a [`CustomOp2`] (`x`, `weight`) there is no bias. On CUDA
+/// this is one cuBLAS sgemm (bias: a broadcast copy into the output and `beta = 1`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Linear;
+
+impl Linear {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        w: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "linear";
+        let (rows, in_dim) = dims2(name, "x", x.1)?;
+        let (out_dim, w_in) = dims2(name, "weight", w.1)?;
+        if w_in != in_dim {
+            bail!("{name}: x is [{rows}, {in_dim}] but weight is [{out_dim}, {w_in}]");
+        }
+        let bias = match bias {
+            Some((s, l)) => {
+                if dims1(name, "bias", l)? != out_dim {
+                    bail!("{name}: bias {:?} for {out_dim} outputs", l.dims());
+                }
+                Some(f32_slice(name, s, l)?)
+            }
+            None => None,
+        };
+        let xs = f32_slice(name, x.0, x.1)?;
+        let ws = f32_slice(name, w.0, w.1)?;
+        let mut out = vec![0.0f32; rows * out_dim];
+        cpu::linear(xs, in_dim, ws, bias, &mut out)?;
+        Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
+    }
+}
+
+impl CustomOp2 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), None)
+    }
+}
+
+impl CustomOp3 for Linear {
+    fn name(&self) -> &'static str {
+        "linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+}
+
+/// Applies [`Linear`], with or without a bias.
+pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    let weight = weight.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &Linear),
+        None => x.apply_op2_no_bwd(&weight, &Linear),
+    }
+}

@@ -1,0 +1,60 @@
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
+
+use super::{dims1, dims2, f32_slice, u32_slice};
+use crate::cpu;
+
+/// Mean pooling per sequence over unpadded rows, then per-sequence L2 normalisation.
+///
+/// Inputs, contiguous:
+/// * `hidden`: f32 `[T, dim]`, the varlen layout (see the crate docs);
+/// * `cu_seqlens`: u32 `[B + 1]`, sequence `b` is rows `cu[b]..cu[b + 1]`;
+/// * `normalize`: u32 `[B]`, non-zero = L2-normalise sequence `b`'s mean.
+///
+/// Output: f32 `[B, dim]`, `out[b] = m_b / max(||m_b||, 1e-12)` if `normalize[b] != 0`, else
+/// `m_b`, with `m_b` the mean of sequence `b`'s rows. "Masked" mean pooling of a padded batch is
+/// this op on the unpadded rows (the mask's ones); a sequence with no rows (fully masked) gives
+/// zeros, never NaN.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MeanPoolNormalize;
+
+impl CustomOp3 for MeanPoolNormalize {
+    fn name(&self) -> &'static str {
+        "mean-pool-normalize"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (_, dim) = dims2(self.name(), "hidden", l1)?;
+        let cu_len = dims1(self.name(), "cu_seqlens", l2)?;
+        let batch = dims1(self.name(), "normalize", l3)?;
+        if cu_len != batch + 1 {
+            bail!("{}: {cu_len} offsets for {batch} sequences", self.name());
+        }
+        let hidden = f32_slice(self.name(), s1, l1)?;
+        let cu = u32_slice(self.name(), s2, l2)?;
+        let flags = u32_slice(self.name(), s3, l3)?;
+        let mut out = vec![0.0f32; batch * dim];
+        cpu::mean_pool_normalize(hidden, dim, cu, flags, &mut out)?;
+        Ok((CpuStorage::F32(out), Shape::from((batch, dim))))
+    }
+}
+
+/// Applies [`MeanPoolNormalize`].
+pub fn mean_pool_normalize(
+    hidden: &Tensor,
+    cu_seqlens: &Tensor,
+    normalize: &Tensor,
+) -> Result<Tensor> {
+    hidden.contiguous()?.apply_op3_no_bwd(
+        &cu_seqlens.contiguous()?,
+        &normalize.contiguous()?,
+        &MeanPoolNormalize,
+    )
+}

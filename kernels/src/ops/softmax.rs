@@ -1,0 +1,61 @@
+use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
+
+use super::{dims1, f32_slice, u32_slice};
+use crate::cpu;
+
+/// Scaled softmax over the last dimension of padded attention scores, keys masked by length.
+///
+/// Inputs, contiguous:
+/// * `scores`: f32 `[batch, heads, q_len, k_len]`;
+/// * `lengths`: u32 `[batch]`, each `<= k_len`: keys `j < lengths[b]` are real, the rest padding.
+///
+/// Output: f32 `[batch, heads, q_len, k_len]`,
+/// `out[b, h, i, j] = exp(scale * s[b, h, i, j] - m) / sum_{j' < len_b} exp(scale * s[b, h, i, j'] - m)`
+/// for `j < len_b` (`m` the row maximum of `scale * s` over real keys), `0` for `j >= len_b`.
+/// A fully masked row (`lengths[b] == 0`) is all zeros, never NaN.
+///
+/// The unpadded model path does not call this op (it uses [`crate::VarlenAttention`], which
+/// runs the same row kernel); it serves padded batches.
+#[derive(Debug, Clone, Copy)]
+pub struct ScaledMaskedSoftmax {
+    pub scale: f32,
+}
+
+impl CustomOp2 for ScaledMaskedSoftmax {
+    fn name(&self) -> &'static str {
+        "scaled-masked-softmax"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let dims: [usize; 4] = match l1.dims() {
+            &[b, h, q, k] => [b, h, q, k],
+            d => bail!("{}: scores must be rank 4, got {d:?}", self.name()),
+        };
+        if dims1(self.name(), "lengths", l2)? != dims[0] {
+            bail!(
+                "{}: lengths {:?} for batch {}",
+                self.name(),
+                l2.dims(),
+                dims[0]
+            );
+        }
+        let scores = f32_slice(self.name(), s1, l1)?;
+        let lengths = u32_slice(self.name(), s2, l2)?;
+        let mut out = vec![0.0f32; scores.len()];
+        cpu::scaled_masked_softmax(scores, dims, lengths, self.scale, &mut out)?;
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+}
+
+/// Applies [`ScaledMaskedSoftmax`].
+pub fn scaled_masked_softmax(scores: &Tensor, lengths: &Tensor, scale: f32) -> Result<Tensor> {
+    scores
+        .contiguous()?
+        .apply_op2_no_bwd(&lengths.contiguous()?, &ScaledMaskedSoftmax { scale })
+}
