@@ -1,1 +1,72 @@
-//! Fleet dispatcher.
+//! Fleet's dispatcher: the only way into the queue. It checks every signed job (envelope,
+//! key, signature, tenant rights, clock window, sizes, rate) and queues the admitted ones on
+//! JetStream, deduplicated by job id; everything refused is answered with a typed code and
+//! leaves nothing behind.
+
+pub mod config;
+pub mod metrics;
+pub mod rate;
+pub mod service;
+pub mod tenants;
+pub mod validate;
+
+use std::sync::Arc;
+
+use async_nats::jetstream;
+use prometheus_client::registry::Registry;
+use tokio::sync::Semaphore;
+
+pub use config::DispatcherConfig;
+pub use service::{Dispatcher, ServeError};
+pub use tenants::{StaticTenants, TenantStore};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] config::ConfigError),
+    #[error(transparent)]
+    Tenants(#[from] tenants::TenantsError),
+    #[error("cannot connect to NATS at {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+    #[error(transparent)]
+    Topology(#[from] fleet_streams::TopologyError),
+}
+
+impl Dispatcher {
+    /// Connects, creates or verifies the streams, and readies a dispatcher to serve.
+    pub async fn start(
+        config: &DispatcherConfig,
+        tenants: Arc<dyn TenantStore>,
+        registry: &mut Registry,
+    ) -> Result<Arc<Dispatcher>, StartError> {
+        config.validate()?;
+        let client = async_nats::ConnectOptions::new()
+            .name(config.name.clone())
+            .connect(&config.nats_url)
+            .await
+            .map_err(|source| StartError::Connect {
+                url: config.nats_url.clone(),
+                source,
+            })?;
+        let jetstream = jetstream::new(client.clone());
+        fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
+        let rate_limits = rate::TenantRateLimits::new(tenants.tenants());
+        let validator =
+            validate::Validator::new(tenants, config.models.clone(), config.admission_limits());
+        let capacity = u32::try_from(config.max_pending_publishes.max(1)).unwrap_or(u32::MAX);
+        Ok(Arc::new(Dispatcher {
+            name: config.name.clone(),
+            client,
+            jetstream,
+            validator,
+            rate_limits,
+            metrics: metrics::DispatcherMetrics::register(registry),
+            publish_slots: Arc::new(Semaphore::new(capacity as usize)),
+            publish_slots_capacity: capacity,
+            publish_timeout: config.publish_timeout(),
+        }))
+    }
+}

@@ -89,6 +89,9 @@ fn describe(differences: &[Difference]) -> String {
         .join(", ")
 }
 
+/// How JetStream spells "no limit"; the server stores it so, whatever zero the client sent.
+const UNLIMITED: i64 = -1;
+
 pub fn jobs_stream(limits: &StreamLimits) -> stream::Config {
     stream::Config {
         name: subject::JOBS_STREAM.into(),
@@ -110,6 +113,8 @@ pub fn results_stream(limits: &StreamLimits) -> stream::Config {
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         max_age: limits.results_max_age,
+        max_messages: UNLIMITED,
+        max_bytes: UNLIMITED,
         duplicate_window: limits.duplicate_window,
         // Results are read by subject (`fleet.results.<tenant>.<job_id>`), one message each.
         allow_direct: true,
@@ -124,6 +129,8 @@ pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
         retention: RetentionPolicy::Limits,
         storage: StorageType::File,
         max_age: limits.dlq_max_age,
+        max_messages: UNLIMITED,
+        max_bytes: UNLIMITED,
         duplicate_window: limits.duplicate_window,
         ..Default::default()
     }

@@ -1,0 +1,105 @@
+//! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
+//! prints the answer as JSON.
+
+use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use fleet_client::{Tenant, infer};
+use fleet_schemas::{SecretKeyFile, SigningKey, validate_name};
+
+/// Fleet's command-line client.
+#[derive(Debug, Parser)]
+#[command(name = "fleet", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Makes a key pair: writes the secret key file (mode 0600) and prints the tenants-file entry.
+    Keygen {
+        /// Tenant the key speaks for.
+        #[arg(long, env = "FLEET_TENANT")]
+        tenant: String,
+        /// Key id (default: <tenant>-<random>).
+        #[arg(long)]
+        key_id: Option<String>,
+        /// Where to write the secret key.
+        #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
+        out: PathBuf,
+    },
+    /// Embeds texts through request-reply and prints the result as JSON.
+    Infer {
+        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+        nats_url: String,
+        /// The tenant's secret key file.
+        #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
+        key: PathBuf,
+        #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
+        model: String,
+        /// A text to embed (repeat for several).
+        #[arg(long = "text", required = true)]
+        texts: Vec<String>,
+        /// How long to wait for the answer, in seconds.
+        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30)]
+        timeout_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().command {
+        Command::Keygen {
+            tenant,
+            key_id,
+            out,
+        } => keygen(tenant, key_id, out),
+        Command::Infer {
+            nats_url,
+            key,
+            model,
+            texts,
+            timeout_secs,
+        } => {
+            let tenant = Tenant::from_key_file(&key)?;
+            let client = async_nats::connect(&nats_url)
+                .await
+                .with_context(|| format!("cannot connect to {nats_url}"))?;
+            let job = tenant.embed_job(&model, texts);
+            let result = infer(&client, &tenant, &job, Duration::from_secs(timeout_secs)).await?;
+            println!("{}", serde_json::to_string(&result)?);
+            if result.error.is_some() {
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+    }
+}
+
+fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Result<()> {
+    validate_name("tenant", &tenant)?;
+    let key_id = key_id.unwrap_or_else(|| format!("{tenant}-{:08x}", rand::random::<u32>()));
+    validate_name("key id", &key_id)?;
+    let key = SigningKey::generate(key_id.clone());
+    let file = SecretKeyFile {
+        tenant: tenant.clone(),
+        key_id: key_id.clone(),
+        secret_key: key.secret_hex(),
+    };
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&out)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+    handle.write_all(toml::to_string(&file)?.as_bytes())?;
+    eprintln!("secret key written to {}", out.display());
+    println!(
+        "[[tenants]]\nname = \"{tenant}\"\nmodels = [\"*\"]\nrate_per_second = 100\nburst = 200\n\
+         keys = [{{ key_id = \"{key_id}\", public_key = \"{}\" }}]",
+        key.verifying_key().to_hex()
+    );
+    Ok(())
+}

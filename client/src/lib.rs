@@ -1,0 +1,130 @@
+//! Talking to a Fleet from Rust: load a tenant key, build and sign jobs, call `infer`
+//! (request-reply) or `submit` (queued, answered at once), and read stored results.
+
+use std::{
+    collections::BTreeMap,
+    path::Path,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use async_nats::Client;
+use fleet_schemas::{
+    CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, Task, decode,
+    encode, subject,
+};
+
+/// Largest answer a client accepts (a batch of embeddings is far smaller).
+const MAX_ANSWER_BYTES: usize = 64 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot read key file {path}: {source}")]
+    ReadKey {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("key file {path} is invalid: {source}")]
+    ParseKey {
+        path: String,
+        source: toml::de::Error,
+    },
+    #[error(transparent)]
+    Key(#[from] KeyError),
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("request failed: {0}")]
+    Request(#[from] async_nats::RequestError),
+}
+
+/// A tenant's identity: its name and signing key.
+pub struct Tenant {
+    pub name: String,
+    pub key: SigningKey,
+}
+
+impl Tenant {
+    pub fn from_key_file(path: &Path) -> Result<Self, ClientError> {
+        let shown = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|source| ClientError::ReadKey {
+            path: shown.clone(),
+            source,
+        })?;
+        let file: SecretKeyFile =
+            toml::from_str(&text).map_err(|source| ClientError::ParseKey {
+                path: shown,
+                source,
+            })?;
+        Ok(Tenant {
+            key: file.signing_key()?,
+            name: file.tenant,
+        })
+    }
+
+    /// An embedding job with a fresh random id, created now.
+    pub fn embed_job(&self, model: &str, inputs: Vec<String>) -> Job {
+        Job {
+            job_id: new_job_id(),
+            tenant: self.name.clone(),
+            model: model.to_owned(),
+            task: Task::Embed {
+                inputs,
+                normalize: true,
+                truncate: true,
+            },
+            priority: 0,
+            created_at_ms: now_ms(),
+            deadline_ms: None,
+            meta: BTreeMap::new(),
+        }
+    }
+
+    pub fn sign(&self, job: &Job) -> Result<Vec<u8>, ClientError> {
+        Ok(encode(&self.key.sign_job(job)?)?)
+    }
+}
+
+/// A job id: 128 random bits in hex, valid as a subject token.
+pub fn new_job_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Sends a job on `fleet.infer.<model>` and waits for its result (or the dispatcher's
+/// rejection, which is a `JobResult` with status `rejected`).
+pub async fn infer(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    timeout: Duration,
+) -> Result<JobResult, ClientError> {
+    let payload = tenant.sign(job)?;
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(timeout));
+    let answer = client
+        .send_request(subject::infer(&job.model), request)
+        .await?;
+    Ok(decode(&answer.payload, MAX_ANSWER_BYTES)?)
+}
+
+/// Sends a job on `fleet.submit.<model>`; the answer says whether it was queued.
+pub async fn submit(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    timeout: Duration,
+) -> Result<SubmitReply, ClientError> {
+    let payload = tenant.sign(job)?;
+    let request = async_nats::Request::new()
+        .payload(payload.into())
+        .timeout(Some(timeout));
+    let answer = client
+        .send_request(subject::submit(&job.model), request)
+        .await?;
+    Ok(decode(&answer.payload, MAX_ANSWER_BYTES)?)
+}

@@ -1,0 +1,55 @@
+//! Signed jobs validated per second on one core: decode, key lookup, strict Ed25519
+//! verification and every admission check, without NATS.
+
+use std::{collections::BTreeMap, hint::black_box, sync::Arc};
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use fleet_dispatcher::{
+    StaticTenants,
+    service::now_ms,
+    validate::{AdmissionLimits, Validator},
+};
+use fleet_schemas::{Job, SigningKey, Task, encode};
+
+fn validate(c: &mut Criterion) {
+    let key = SigningKey::generate("acme-1");
+    let tenants = StaticTenants::from_toml(&format!(
+        "[[tenants]]\nname = \"acme\"\nmodels = [\"*\"]\nrate_per_second = 1\nburst = 1\n\
+         keys = [{{ key_id = \"acme-1\", public_key = \"{}\" }}]\n",
+        key.verifying_key().to_hex()
+    ))
+    .expect("tenants");
+    let validator = Validator::new(
+        Arc::new(tenants),
+        ["all-minilm-l6-v2".to_string()],
+        AdmissionLimits::default(),
+    );
+    let job = Job {
+        job_id: "job-0001".into(),
+        tenant: "acme".into(),
+        model: "all-minilm-l6-v2".into(),
+        task: Task::Embed {
+            inputs: vec!["A sentence of ordinary length to embed, about a dozen words.".into()],
+            normalize: true,
+            truncate: true,
+        },
+        priority: 0,
+        created_at_ms: now_ms(),
+        deadline_ms: None,
+        meta: BTreeMap::new(),
+    };
+    let payload = encode(&key.sign_job(&job).expect("sign")).expect("encode");
+    let mut group = c.benchmark_group("admission");
+    group.throughput(Throughput::Elements(1));
+    group.bench_function("signed_job_one_input", |b| {
+        b.iter(|| {
+            validator
+                .admit("all-minilm-l6-v2", black_box(&payload), now_ms())
+                .expect("admitted")
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, validate);
+criterion_main!(benches);

@@ -1,0 +1,153 @@
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use clap::Parser;
+use fleet_streams::StreamLimits;
+
+use crate::validate::AdmissionLimits;
+
+/// Fleet dispatcher: verifies signed jobs and queues them on JetStream.
+///
+/// Every flag can also be set by its environment variable or, by its long name, in the TOML
+/// file given with --config (flags win over the environment, the environment over the file).
+#[derive(Debug, Clone, Parser)]
+#[command(name = "dispatcher", version)]
+pub struct DispatcherConfig {
+    /// TOML file of settings (keys are the long flag names).
+    #[arg(long, env = "FLEET_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// NATS server to connect to.
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    pub nats_url: String,
+    /// Tenants, their public keys, models and rates (TOML).
+    #[arg(long, env = "FLEET_TENANTS", default_value = "tenants.toml")]
+    pub tenants: PathBuf,
+    /// Models this fleet serves; jobs for others are answered `unknown_model`.
+    #[arg(
+        long,
+        env = "FLEET_MODELS",
+        value_delimiter = ',',
+        default_value = "all-minilm-l6-v2"
+    )]
+    pub models: Vec<String>,
+    /// Name reported in rejections and logs.
+    #[arg(long, env = "FLEET_DISPATCHER_NAME", default_value = "dispatcher")]
+    pub name: String,
+    /// Largest envelope accepted, in bytes.
+    #[arg(long, env = "FLEET_MAX_ENVELOPE_BYTES", default_value_t = 1 << 20)]
+    pub max_envelope_bytes: usize,
+    /// Most input texts per job.
+    #[arg(long, env = "FLEET_MAX_INPUTS", default_value_t = 256)]
+    pub max_inputs: usize,
+    /// Largest input text, in bytes.
+    #[arg(long, env = "FLEET_MAX_INPUT_BYTES", default_value_t = 32 << 10)]
+    pub max_input_bytes: usize,
+    /// Oldest job accepted, in seconds since its `created_at_ms` (replay bound).
+    #[arg(long, env = "FLEET_MAX_JOB_AGE_SECS", default_value_t = 60)]
+    pub max_job_age_secs: u64,
+    /// How far in the future a job's `created_at_ms` may be, in seconds.
+    #[arg(long, env = "FLEET_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]
+    pub max_clock_skew_secs: u64,
+    /// Publishes awaiting their JetStream ack at once; past it, new jobs wait.
+    #[arg(long, env = "FLEET_MAX_PENDING_PUBLISHES", default_value_t = 512)]
+    pub max_pending_publishes: usize,
+    /// How long a job may wait for a publish slot or its ack before `overloaded`, in ms.
+    #[arg(long, env = "FLEET_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
+    pub publish_timeout_ms: u64,
+    /// Most jobs held in FLEET_JOBS; past it new jobs are answered `overloaded`.
+    #[arg(long, env = "FLEET_JOBS_MAX_MSGS", default_value_t = 1_000_000)]
+    pub jobs_max_msgs: i64,
+    /// Most bytes held in FLEET_JOBS.
+    #[arg(long, env = "FLEET_JOBS_MAX_BYTES", default_value_t = 4 << 30)]
+    pub jobs_max_bytes: i64,
+    /// Window in which a repeated job id is stored once, in seconds.
+    #[arg(long, env = "FLEET_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
+    pub duplicate_window_secs: u64,
+    /// How long results stay on FLEET_RESULTS, in seconds.
+    #[arg(long, env = "FLEET_RESULTS_MAX_AGE_SECS", default_value_t = 86_400)]
+    pub results_max_age_secs: u64,
+    /// How long dead letters stay on FLEET_DLQ, in seconds.
+    #[arg(long, env = "FLEET_DLQ_MAX_AGE_SECS", default_value_t = 604_800)]
+    pub dlq_max_age_secs: u64,
+    /// Address of the Prometheus endpoint.
+    #[arg(long, env = "FLEET_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    pub metrics_addr: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "max_job_age_secs + max_clock_skew_secs ({0} s) must not exceed duplicate_window_secs ({1} s): \
+         a job replayed after the duplicate window would be queued again"
+    )]
+    ReplayWindow(u64, u64),
+    #[error("at least one model must be served")]
+    NoModels,
+    #[error(transparent)]
+    BadModelName(#[from] fleet_schemas::InvalidName),
+}
+
+impl DispatcherConfig {
+    /// Checks settings that are only valid together.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let replay = self.max_job_age_secs + self.max_clock_skew_secs;
+        if replay > self.duplicate_window_secs {
+            return Err(ConfigError::ReplayWindow(
+                replay,
+                self.duplicate_window_secs,
+            ));
+        }
+        if self.models.is_empty() {
+            return Err(ConfigError::NoModels);
+        }
+        for model in &self.models {
+            fleet_schemas::validate_name("model", model)?;
+        }
+        Ok(())
+    }
+
+    pub fn admission_limits(&self) -> AdmissionLimits {
+        AdmissionLimits {
+            max_envelope_bytes: self.max_envelope_bytes,
+            max_inputs: self.max_inputs,
+            max_input_bytes: self.max_input_bytes,
+            max_job_age: Duration::from_secs(self.max_job_age_secs),
+            max_clock_skew: Duration::from_secs(self.max_clock_skew_secs),
+        }
+    }
+
+    pub fn stream_limits(&self) -> StreamLimits {
+        StreamLimits {
+            jobs_max_msgs: self.jobs_max_msgs,
+            jobs_max_bytes: self.jobs_max_bytes,
+            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
+            results_max_age: Duration::from_secs(self.results_max_age_secs),
+            dlq_max_age: Duration::from_secs(self.dlq_max_age_secs),
+        }
+    }
+
+    pub fn publish_timeout(&self) -> Duration {
+        Duration::from_millis(self.publish_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> DispatcherConfig {
+        DispatcherConfig::parse_from(std::iter::once("dispatcher").chain(args.iter().copied()))
+    }
+
+    #[test]
+    fn replay_bound_must_fit_the_duplicate_window() {
+        assert!(parse(&[]).validate().is_ok());
+        let err = parse(&["--max-job-age-secs", "200"])
+            .validate()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::ReplayWindow(230, 120)));
+        assert!(matches!(
+            parse(&["--models", "a.b"]).validate(),
+            Err(ConfigError::BadModelName(_))
+        ));
+    }
+}

@@ -1,0 +1,344 @@
+//! The dispatcher's NATS side: serve `fleet.infer.*` and `fleet.submit.*` in the queue group,
+//! admit, rate-limit, publish to JetStream with a bounded number of acks outstanding, answer.
+
+use std::{
+    sync::Arc,
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use async_nats::{
+    HeaderMap, Message, Subject,
+    jetstream::{self, context::PublishErrorKind},
+};
+use bytes::Bytes;
+use fleet_schemas::{
+    ErrorBody, ErrorCode, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
+    subject::{self, Ingress},
+};
+use futures::StreamExt;
+use tokio::sync::Semaphore;
+
+use crate::{
+    metrics::DispatcherMetrics,
+    rate::TenantRateLimits,
+    validate::{Admitted, Rejection, Validator},
+};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot subscribe to {subject}: {source}")]
+    Subscribe {
+        subject: &'static str,
+        source: async_nats::SubscribeError,
+    },
+    #[error("cannot flush subscriptions to the server: {0}")]
+    Flush(async_nats::client::FlushError),
+}
+
+/// Everything one dispatcher needs to handle requests; shared by its request tasks.
+pub struct Dispatcher {
+    pub name: String,
+    pub client: async_nats::Client,
+    pub jetstream: jetstream::Context,
+    pub validator: Validator,
+    pub rate_limits: TenantRateLimits,
+    pub metrics: DispatcherMetrics,
+    /// Bounds publishes awaiting their JetStream ack.
+    pub publish_slots: Arc<Semaphore>,
+    pub publish_slots_capacity: u32,
+    pub publish_timeout: std::time::Duration,
+}
+
+/// A dispatcher subscribed to its subjects.
+pub struct Listening {
+    dispatcher: Arc<Dispatcher>,
+    requests: futures::stream::SelectAll<async_nats::Subscriber>,
+}
+
+impl Listening {
+    /// Serves until `shutdown` resolves, then stops taking requests and waits for the
+    /// publishes already under way, so every accepted job is answered.
+    pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                _ = &mut shutdown => break,
+                next = self.requests.next() => match next {
+                    Some(message) => self.dispatcher.clone().handle(message).await,
+                    None => break,
+                },
+            }
+        }
+        drop(self.requests);
+        let dispatcher = self.dispatcher;
+        // Every publish holds a slot until answered: owning them all means none is under way.
+        let _ = dispatcher
+            .publish_slots
+            .acquire_many(dispatcher.publish_slots_capacity)
+            .await;
+        let _ = dispatcher.client.flush().await;
+        tracing::info!(name = %dispatcher.name, "dispatcher stopped");
+    }
+}
+
+/// What became of one request, as the caller is told.
+enum Outcome {
+    Queued {
+        job_id: String,
+        seq: u64,
+        duplicate: bool,
+    },
+    Rejected(Rejection),
+}
+
+impl Dispatcher {
+    /// Joins the queue group on both ingress subjects; requests are taken from the moment
+    /// this returns (the subscriptions are flushed to the server).
+    pub async fn listen(self: Arc<Self>) -> Result<Listening, ServeError> {
+        let group = subject::DISPATCHER_QUEUE_GROUP.to_owned();
+        let mut subscriptions = Vec::new();
+        for wildcard in [subject::INFER_WILDCARD, subject::SUBMIT_WILDCARD] {
+            let subscription = self
+                .client
+                .queue_subscribe(wildcard, group.clone())
+                .await
+                .map_err(|source| ServeError::Subscribe {
+                    subject: wildcard,
+                    source,
+                })?;
+            subscriptions.push(subscription);
+        }
+        self.client.flush().await.map_err(ServeError::Flush)?;
+        tracing::info!(name = %self.name, "dispatcher serving");
+        Ok(Listening {
+            dispatcher: self,
+            requests: futures::stream::select_all(subscriptions),
+        })
+    }
+
+    /// Listens and serves until `shutdown` resolves.
+    pub async fn serve(
+        self: Arc<Self>,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<(), ServeError> {
+        self.listen().await?.run(shutdown).await;
+        Ok(())
+    }
+
+    async fn handle(self: Arc<Self>, message: Message) {
+        let Some(ingress) = subject::parse_ingress(&message.subject) else {
+            return;
+        };
+        let (model, reply_to_job) = match ingress {
+            Ingress::Infer { model } => (model.to_owned(), true),
+            Ingress::Submit { model } => (model.to_owned(), false),
+        };
+        if reply_to_job && message.reply.is_none() {
+            // A synchronous call with no inbox has nobody to answer; queuing it would waste work.
+            self.metrics.count_rejection(ErrorCode::Malformed);
+            tracing::warn!(subject = %message.subject, "infer request without a reply subject dropped");
+            return;
+        }
+        let admitted = self
+            .validator
+            .admit(&model, &message.payload, now_ms())
+            .and_then(|admitted| {
+                if self.rate_limits.try_take(&admitted.job.tenant) {
+                    Ok(admitted)
+                } else {
+                    Err(Rejection {
+                        job_id: admitted.job.job_id.clone(),
+                        tenant: admitted.job.tenant.clone(),
+                        error: ErrorBody::new(
+                            ErrorCode::RateLimited,
+                            format!("tenant {:?} is over its rate limit", admitted.job.tenant),
+                        ),
+                    })
+                }
+            });
+        let admitted = match admitted {
+            Ok(admitted) => admitted,
+            Err(rejection) => {
+                self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
+                    .await;
+                return;
+            }
+        };
+        let slot = match tokio::time::timeout(
+            self.publish_timeout,
+            self.publish_slots.clone().acquire_owned(),
+        )
+        .await
+        {
+            Ok(Ok(slot)) => slot,
+            _ => {
+                let rejection = overloaded(&admitted, "too many jobs awaiting the queue's ack");
+                self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
+                    .await;
+                return;
+            }
+        };
+        let this = self.clone();
+        tokio::spawn(async move {
+            let outcome = this.publish(&message, &admitted, reply_to_job).await;
+            this.answer(&message, &model, reply_to_job, outcome).await;
+            drop(slot);
+        });
+    }
+
+    async fn publish(&self, message: &Message, admitted: &Admitted, reply_to_job: bool) -> Outcome {
+        let job = &admitted.job;
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        if reply_to_job && let Some(reply) = &message.reply {
+            headers.insert(subject::REPLY_TO, reply.as_str());
+        }
+        let started = Instant::now();
+        let sent = self
+            .jetstream
+            .publish_with_headers(subject::jobs(&job.model), headers, message.payload.clone())
+            .await;
+        let acked = match sent {
+            Ok(ack_future) => tokio::time::timeout(self.publish_timeout, ack_future)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(jetstream::context::PublishError::new(
+                        PublishErrorKind::TimedOut,
+                    ))
+                }),
+            Err(err) => Err(err),
+        };
+        self.metrics
+            .publish_seconds
+            .observe(started.elapsed().as_secs_f64());
+        match acked {
+            Ok(ack) => {
+                if ack.duplicate {
+                    self.metrics.duplicates.inc();
+                } else {
+                    self.metrics.accepted.inc();
+                }
+                tracing::info!(job_id = %job.job_id, tenant = %job.tenant, key_id = %admitted.key_id,
+                    seq = ack.sequence, duplicate = ack.duplicate, "job queued");
+                Outcome::Queued {
+                    job_id: job.job_id.clone(),
+                    seq: ack.sequence,
+                    duplicate: ack.duplicate,
+                }
+            }
+            Err(err) => {
+                let rejection = match err.kind() {
+                    PublishErrorKind::TimedOut | PublishErrorKind::MaxAckPending => {
+                        overloaded(admitted, "the queue did not confirm the job in time")
+                    }
+                    PublishErrorKind::Other if is_queue_full(&err) => {
+                        overloaded(admitted, "the queue is full")
+                    }
+                    _ => Rejection {
+                        job_id: job.job_id.clone(),
+                        tenant: job.tenant.clone(),
+                        error: ErrorBody::new(
+                            ErrorCode::Internal,
+                            format!("cannot queue the job: {err}"),
+                        ),
+                    },
+                };
+                Outcome::Rejected(rejection)
+            }
+        }
+    }
+
+    async fn answer(&self, message: &Message, model: &str, reply_to_job: bool, outcome: Outcome) {
+        let (headers, body) = match outcome {
+            Outcome::Queued {
+                job_id,
+                seq,
+                duplicate,
+            } => {
+                if reply_to_job {
+                    // The worker answers synchronous callers once the job has run.
+                    return;
+                }
+                let reply = SubmitReply {
+                    status: SubmitStatus::Accepted,
+                    job_id,
+                    stream_seq: Some(seq),
+                    duplicate,
+                    error: None,
+                };
+                (HeaderMap::new(), encode(&reply))
+            }
+            Outcome::Rejected(rejection) => {
+                self.metrics.count_rejection(rejection.code());
+                tracing::warn!(code = %rejection.code(), job_id = %rejection.job_id,
+                    tenant = %rejection.tenant, subject = %message.subject,
+                    reason = %rejection.error.message, "job rejected");
+                let mut headers = HeaderMap::new();
+                headers.insert(subject::SERVICE_ERROR_CODE, rejection.code().as_str());
+                headers.insert(subject::SERVICE_ERROR, rejection.error.message.as_str());
+                let body = if reply_to_job {
+                    encode(&JobResult {
+                        job_id: rejection.job_id,
+                        tenant: rejection.tenant,
+                        model: model.to_owned(),
+                        status: ResultStatus::Rejected,
+                        output: None,
+                        error: Some(rejection.error),
+                        worker: self.name.clone(),
+                        timings: Timings::default(),
+                    })
+                } else {
+                    encode(&SubmitReply {
+                        status: SubmitStatus::Rejected,
+                        job_id: rejection.job_id,
+                        stream_seq: None,
+                        duplicate: false,
+                        error: Some(rejection.error),
+                    })
+                };
+                (headers, body)
+            }
+        };
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        match body {
+            Ok(body) => self.send(reply, headers, body.into()).await,
+            Err(err) => tracing::error!(%err, "cannot encode an answer"),
+        }
+    }
+
+    async fn send(&self, reply: Subject, headers: HeaderMap, body: Bytes) {
+        if let Err(err) = self.client.publish_with_headers(reply, headers, body).await {
+            tracing::warn!(%err, "cannot answer the caller");
+        }
+    }
+}
+
+fn overloaded(admitted: &Admitted, why: &str) -> Rejection {
+    Rejection {
+        job_id: admitted.job.job_id.clone(),
+        tenant: admitted.job.tenant.clone(),
+        error: ErrorBody::new(ErrorCode::Overloaded, why),
+    }
+}
+
+/// JetStream refuses a publish to a stream at its limits with `discard: new` by these codes.
+fn is_queue_full(err: &jetstream::context::PublishError) -> bool {
+    use std::error::Error;
+    err.source()
+        .and_then(|source| source.downcast_ref::<jetstream::Error>())
+        .is_some_and(|js| {
+            let code = js.error_code();
+            code == jetstream::ErrorCode::STREAM_STORE_FAILED
+                || code == jetstream::ErrorCode::STORAGE_RESOURCES_EXCEEDED
+                || code == jetstream::ErrorCode::MEMORY_RESOURCES_EXCEEDED
+                || code == jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
+        })
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

@@ -1,0 +1,266 @@
+//! Admission of one signed job: every check that needs no I/O, cheapest and least revealing
+//! first, so a forged or garbled envelope costs little and learns nothing about tenants.
+
+use std::{collections::HashSet, sync::Arc, time::Duration};
+
+use fleet_schemas::{
+    CodecError, ENVELOPE_VERSION, ErrorBody, ErrorCode, Job, SignedJob, decode, validate_name,
+};
+
+use crate::tenants::TenantStore;
+
+/// Limits on what a job may carry and when it may arrive.
+#[derive(Debug, Clone)]
+pub struct AdmissionLimits {
+    /// Largest envelope accepted, in bytes.
+    pub max_envelope_bytes: usize,
+    /// Most input texts in one job.
+    pub max_inputs: usize,
+    /// Largest single input text, in bytes.
+    pub max_input_bytes: usize,
+    /// Oldest `created_at_ms` accepted, relative to now: bounds replay.
+    pub max_job_age: Duration,
+    /// How far in the future `created_at_ms` may lie (client clocks drift).
+    pub max_clock_skew: Duration,
+}
+
+impl Default for AdmissionLimits {
+    fn default() -> Self {
+        AdmissionLimits {
+            max_envelope_bytes: 1 << 20,
+            max_inputs: 256,
+            max_input_bytes: 32 << 10,
+            max_job_age: Duration::from_secs(60),
+            max_clock_skew: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A refused job: the code, why, and the job id when it could be read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    pub job_id: String,
+    pub tenant: String,
+    pub error: ErrorBody,
+}
+
+impl Rejection {
+    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            job_id: String::new(),
+            tenant: String::new(),
+            error: ErrorBody::new(code, message),
+        }
+    }
+
+    fn for_job(job: &Job, code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            job_id: job.job_id.clone(),
+            tenant: job.tenant.clone(),
+            error: ErrorBody::new(code, message),
+        }
+    }
+
+    pub fn code(&self) -> ErrorCode {
+        self.error.code
+    }
+}
+
+/// A job that passed every stateless check.
+#[derive(Debug, Clone)]
+pub struct Admitted {
+    pub job: Job,
+    pub key_id: String,
+}
+
+pub struct Validator {
+    tenants: Arc<dyn TenantStore>,
+    models: HashSet<String>,
+    limits: AdmissionLimits,
+}
+
+impl Validator {
+    pub fn new(
+        tenants: Arc<dyn TenantStore>,
+        models: impl IntoIterator<Item = String>,
+        limits: AdmissionLimits,
+    ) -> Self {
+        Validator {
+            tenants,
+            models: models.into_iter().collect(),
+            limits,
+        }
+    }
+
+    pub fn limits(&self) -> &AdmissionLimits {
+        &self.limits
+    }
+
+    pub fn tenants(&self) -> &Arc<dyn TenantStore> {
+        &self.tenants
+    }
+
+    /// Checks an envelope that arrived on the subject of `subject_model`, at `now_ms`.
+    pub fn admit(
+        &self,
+        subject_model: &str,
+        payload: &[u8],
+        now_ms: u64,
+    ) -> Result<Admitted, Rejection> {
+        if !self.models.contains(subject_model) {
+            return Err(Rejection::new(
+                ErrorCode::UnknownModel,
+                format!("model {subject_model:?} is not served"),
+            ));
+        }
+        let envelope: SignedJob =
+            decode(payload, self.limits.max_envelope_bytes).map_err(codec_rejection)?;
+        if envelope.v != ENVELOPE_VERSION {
+            return Err(Rejection::new(
+                ErrorCode::UnsupportedVersion,
+                format!(
+                    "envelope version {} is not supported (expected {ENVELOPE_VERSION})",
+                    envelope.v
+                ),
+            ));
+        }
+        let key = self.tenants.key(&envelope.key_id).ok_or_else(|| {
+            Rejection::new(
+                ErrorCode::UnknownKey,
+                format!("no key is registered as {:?}", envelope.key_id),
+            )
+        })?;
+        key.public_key
+            .verify(&envelope)
+            .map_err(|e| Rejection::new(ErrorCode::BadSignature, e.to_string()))?;
+        let job: Job =
+            decode(&envelope.body, self.limits.max_envelope_bytes).map_err(codec_rejection)?;
+        for (what, value) in [
+            ("job_id", &job.job_id),
+            ("tenant", &job.tenant),
+            ("model", &job.model),
+        ] {
+            validate_name(what, value)
+                .map_err(|e| Rejection::new(ErrorCode::Malformed, e.to_string()))?;
+        }
+        if job.tenant != key.tenant {
+            return Err(Rejection::for_job(
+                &job,
+                ErrorCode::Forbidden,
+                format!(
+                    "key {:?} speaks for tenant {:?}, not {:?}",
+                    envelope.key_id, key.tenant, job.tenant
+                ),
+            ));
+        }
+        if job.model != subject_model {
+            return Err(Rejection::for_job(
+                &job,
+                ErrorCode::Malformed,
+                format!(
+                    "job is for model {:?} but was sent to {subject_model:?}",
+                    job.model
+                ),
+            ));
+        }
+        let allowed = self
+            .tenants
+            .policy(&job.tenant)
+            .is_some_and(|policy| policy.allows_model(&job.model));
+        if !allowed {
+            return Err(Rejection::for_job(
+                &job,
+                ErrorCode::Forbidden,
+                format!("tenant {:?} may not use model {:?}", job.tenant, job.model),
+            ));
+        }
+        self.check_time(&job, now_ms)?;
+        self.check_size(&job)?;
+        Ok(Admitted {
+            job,
+            key_id: envelope.key_id,
+        })
+    }
+
+    fn check_time(&self, job: &Job, now_ms: u64) -> Result<(), Rejection> {
+        let oldest = now_ms.saturating_sub(self.limits.max_job_age.as_millis() as u64);
+        let newest = now_ms.saturating_add(self.limits.max_clock_skew.as_millis() as u64);
+        if job.created_at_ms < oldest {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::Expired,
+                format!(
+                    "created {} ms ago; jobs older than {} ms are refused",
+                    now_ms - job.created_at_ms,
+                    self.limits.max_job_age.as_millis()
+                ),
+            ));
+        }
+        if job.created_at_ms > newest {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::Expired,
+                format!(
+                    "created {} ms in the future; check the client's clock",
+                    job.created_at_ms - now_ms
+                ),
+            ));
+        }
+        if let Some(deadline) = job.deadline_ms
+            && deadline <= now_ms
+        {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::Expired,
+                "the job's deadline has passed",
+            ));
+        }
+        Ok(())
+    }
+
+    fn check_size(&self, job: &Job) -> Result<(), Rejection> {
+        let inputs = job.task.inputs();
+        if inputs.is_empty() {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::Malformed,
+                "the job has no inputs",
+            ));
+        }
+        if inputs.len() > self.limits.max_inputs {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::TooLarge,
+                format!(
+                    "{} inputs; at most {} per job",
+                    inputs.len(),
+                    self.limits.max_inputs
+                ),
+            ));
+        }
+        if let Some((index, input)) = inputs
+            .iter()
+            .enumerate()
+            .find(|(_, input)| input.len() > self.limits.max_input_bytes)
+        {
+            return Err(Rejection::for_job(
+                job,
+                ErrorCode::TooLarge,
+                format!(
+                    "input {index} is {} bytes; at most {} per input",
+                    input.len(),
+                    self.limits.max_input_bytes
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+fn codec_rejection(err: CodecError) -> Rejection {
+    let code = match err {
+        CodecError::TooLarge { .. } => ErrorCode::TooLarge,
+        CodecError::Malformed(_) | CodecError::Encode(_) => ErrorCode::Malformed,
+    };
+    Rejection::new(code, err.to_string())
+}

@@ -1,0 +1,77 @@
+//! Admission as a specification: whatever bytes arrive, the answer is a typed rejection or an
+//! admission, never a panic; only a correctly signed, in-policy job is admitted.
+
+use std::{collections::BTreeMap, sync::Arc};
+
+use fleet_dispatcher::{
+    StaticTenants,
+    service::now_ms,
+    validate::{AdmissionLimits, Validator},
+};
+use fleet_schemas::{ErrorCode, Job, SigningKey, Task, encode};
+use proptest::prelude::*;
+
+fn validator(key: &SigningKey) -> Validator {
+    let tenants = StaticTenants::from_toml(&format!(
+        "[[tenants]]\nname = \"acme\"\nmodels = [\"m\"]\nrate_per_second = 1\nburst = 1\n\
+         keys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n",
+        key.key_id,
+        key.verifying_key().to_hex()
+    ))
+    .expect("tenants");
+    Validator::new(
+        Arc::new(tenants),
+        ["m".to_string()],
+        AdmissionLimits::default(),
+    )
+}
+
+fn job(inputs: Vec<String>) -> Job {
+    Job {
+        job_id: "j1".into(),
+        tenant: "acme".into(),
+        model: "m".into(),
+        task: Task::Embed {
+            inputs,
+            normalize: true,
+            truncate: true,
+        },
+        priority: 0,
+        created_at_ms: now_ms(),
+        deadline_ms: None,
+        meta: BTreeMap::new(),
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(2000))]
+
+    #[test]
+    fn arbitrary_bytes_are_rejected_with_a_code(bytes in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        let key = SigningKey::generate("acme-1");
+        let rejection = validator(&key).admit("m", &bytes, now_ms()).expect_err("random bytes are never a signed job");
+        prop_assert!(ErrorCode::ALL.contains(&rejection.code()));
+    }
+
+    #[test]
+    fn a_corrupted_envelope_is_never_admitted(flips in proptest::collection::vec((any::<prop::sample::Index>(), 1u8..=255), 1..4)) {
+        let key = SigningKey::generate("acme-1");
+        let mut bytes = encode(&key.sign_job(&job(vec!["text".into()])).unwrap()).unwrap();
+        for (index, mask) in flips {
+            let i = index.index(bytes.len());
+            bytes[i] ^= mask;
+        }
+        // Flips at the same place can cancel out; only then may the job be admitted.
+        if let Ok(admitted) = validator(&key).admit("m", &bytes, now_ms()) {
+            prop_assert_eq!(admitted.job, job(vec!["text".into()]));
+        }
+    }
+
+    #[test]
+    fn signed_in_policy_jobs_are_admitted(inputs in proptest::collection::vec(".{0,50}", 1..10)) {
+        let key = SigningKey::generate("acme-1");
+        let bytes = encode(&key.sign_job(&job(inputs.clone())).unwrap()).unwrap();
+        let admitted = validator(&key).admit("m", &bytes, now_ms()).expect("admitted");
+        prop_assert_eq!(admitted.job.task.inputs(), inputs.as_slice());
+    }
+}

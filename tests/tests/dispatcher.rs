@@ -1,0 +1,433 @@
+//! The dispatcher against a real nats-server: what it admits reaches FLEET_JOBS once; what it
+//! refuses is answered with a typed code on the wire and leaves the queue untouched.
+
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
+
+use async_nats::jetstream;
+use fleet_client::now_ms;
+use fleet_dispatcher::{Dispatcher, DispatcherConfig, StartError, StaticTenants};
+use fleet_schemas::{
+    ErrorCode, Job, JobResult, ResultStatus, SignedJob, SigningKey, SubmitReply, SubmitStatus,
+    Task, decode, encode, subject,
+};
+use fleet_streams::TopologyError;
+use fleet_tests::{NatsServer, TestTenant};
+use prometheus_client::registry::Registry;
+use tokio::sync::oneshot;
+
+const MODEL: &str = "all-minilm-l6-v2";
+const TIMEOUT: Duration = Duration::from_secs(10);
+
+struct Fleet {
+    _nats: NatsServer,
+    client: async_nats::Client,
+    acme: TestTenant,
+    globex: TestTenant,
+    dispatchers: Vec<RunningDispatcher>,
+}
+
+struct RunningDispatcher {
+    dispatcher: Arc<Dispatcher>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningDispatcher {
+    async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.task.await.expect("dispatcher task");
+    }
+}
+
+fn tenants_toml(acme: &TestTenant, globex: &TestTenant) -> String {
+    format!(
+        "[[tenants]]\nname = \"acme\"\nmodels = [\"{MODEL}\"]\nrate_per_second = 1000\nburst = 1000\n\
+         keys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n\
+         [[tenants]]\nname = \"globex\"\nmodels = [\"other-model\"]\nrate_per_second = 1\nburst = 2\n\
+         keys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n",
+        acme.key.key_id,
+        acme.public_key().to_hex(),
+        globex.key.key_id,
+        globex.public_key().to_hex(),
+    )
+}
+
+fn config(nats: &NatsServer, extra: &[&str]) -> DispatcherConfig {
+    let mut args = vec![
+        "dispatcher",
+        "--nats-url",
+        nats.url(),
+        "--models",
+        "all-minilm-l6-v2,other-model",
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ];
+    args.extend_from_slice(extra);
+    fleet_service::load_config(args.into_iter().map(Into::into)).expect("valid test config")
+}
+
+async fn start_dispatcher(
+    nats: &NatsServer,
+    acme: &TestTenant,
+    globex: &TestTenant,
+    name: &str,
+    extra: &[&str],
+) -> Result<RunningDispatcher, StartError> {
+    let mut args = vec!["--name", name];
+    args.extend_from_slice(extra);
+    let config = config(nats, &args);
+    let tenants = StaticTenants::from_toml(&tenants_toml(acme, globex)).expect("tenants");
+    let dispatcher =
+        Dispatcher::start(&config, Arc::new(tenants), &mut Registry::default()).await?;
+    let (stop, stopped) = oneshot::channel::<()>();
+    let listening = dispatcher.clone().listen().await.expect("subscribes");
+    let task = tokio::spawn(listening.run(async {
+        let _ = stopped.await;
+    }));
+    Ok(RunningDispatcher {
+        dispatcher,
+        stop: Some(stop),
+        task,
+    })
+}
+
+impl Fleet {
+    async fn start(dispatchers: usize, extra: &[&str]) -> Fleet {
+        let nats = NatsServer::start();
+        let client = nats.client().await;
+        let acme = TestTenant::new("acme");
+        let globex = TestTenant::new("globex");
+        let mut running = Vec::new();
+        for i in 0..dispatchers {
+            running.push(
+                start_dispatcher(&nats, &acme, &globex, &format!("dispatcher-{i}"), extra)
+                    .await
+                    .expect("dispatcher starts"),
+            );
+        }
+        Fleet {
+            _nats: nats,
+            client,
+            acme,
+            globex,
+            dispatchers: running,
+        }
+    }
+
+    fn job(&self, tenant: &str, inputs: Vec<String>) -> Job {
+        Job {
+            job_id: fleet_client::new_job_id(),
+            tenant: tenant.into(),
+            model: MODEL.into(),
+            task: Task::Embed {
+                inputs,
+                normalize: true,
+                truncate: true,
+            },
+            priority: 0,
+            created_at_ms: now_ms(),
+            deadline_ms: None,
+            meta: BTreeMap::new(),
+        }
+    }
+
+    fn signed(&self, key: &SigningKey, job: &Job) -> Vec<u8> {
+        encode(&key.sign_job(job).expect("sign")).expect("encode")
+    }
+
+    async fn send(&self, subject: String, payload: Vec<u8>) -> async_nats::Message {
+        tokio::time::timeout(TIMEOUT, self.client.request(subject, payload.into()))
+            .await
+            .expect("answered in time")
+            .expect("request")
+    }
+
+    async fn submit(&self, payload: Vec<u8>) -> (SubmitReply, async_nats::Message) {
+        let answer = self.send(subject::submit(MODEL), payload).await;
+        let reply = decode(&answer.payload, 1 << 20).expect("submit reply decodes");
+        (reply, answer)
+    }
+
+    async fn queued_jobs(&self) -> u64 {
+        let js = jetstream::new(self.client.clone());
+        let mut stream = js.get_stream(subject::JOBS_STREAM).await.expect("stream");
+        stream.info().await.expect("info").state.messages
+    }
+}
+
+fn error_code_header(message: &async_nats::Message) -> Option<String> {
+    message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subject::SERVICE_ERROR_CODE))
+        .map(|v| v.as_str().to_owned())
+}
+
+/// Asserts a submit was refused with `code`, in the body and in the header.
+async fn assert_submit_rejected(fleet: &Fleet, payload: Vec<u8>, code: ErrorCode) {
+    let (reply, message) = fleet.submit(payload).await;
+    assert_eq!(reply.status, SubmitStatus::Rejected, "{reply:?}");
+    assert_eq!(
+        reply.error.as_ref().map(|e| e.code),
+        Some(code),
+        "{reply:?}"
+    );
+    assert_eq!(error_code_header(&message).as_deref(), Some(code.as_str()));
+}
+
+#[tokio::test]
+async fn every_rejection_is_typed_and_queues_nothing() {
+    let fleet = Fleet::start(
+        1,
+        &[
+            "--max-inputs",
+            "4",
+            "--max-input-bytes",
+            "100",
+            "--max-envelope-bytes",
+            "4096",
+        ],
+    )
+    .await;
+    let acme = &fleet.acme.key;
+    let ok_job = fleet.job("acme", vec!["hello".into()]);
+
+    assert_submit_rejected(
+        &fleet,
+        b"\x93not an envelope".to_vec(),
+        ErrorCode::Malformed,
+    )
+    .await;
+
+    let mut envelope = acme.sign_job(&ok_job).unwrap();
+    envelope.v = 2;
+    assert_submit_rejected(
+        &fleet,
+        encode(&envelope).unwrap(),
+        ErrorCode::UnsupportedVersion,
+    )
+    .await;
+
+    let stranger = SigningKey::generate("stranger-1");
+    assert_submit_rejected(
+        &fleet,
+        fleet.signed(&stranger, &ok_job),
+        ErrorCode::UnknownKey,
+    )
+    .await;
+
+    let mut tampered: SignedJob = acme.sign_job(&ok_job).unwrap();
+    let last = tampered.body.len() - 1;
+    tampered.body[last] ^= 1;
+    assert_submit_rejected(&fleet, encode(&tampered).unwrap(), ErrorCode::BadSignature).await;
+
+    let forged_for_globex = fleet.job("globex", vec!["x".into()]);
+    assert_submit_rejected(
+        &fleet,
+        fleet.signed(acme, &forged_for_globex),
+        ErrorCode::Forbidden,
+    )
+    .await;
+    let globex_job = fleet.job("globex", vec!["x".into()]);
+    assert_submit_rejected(
+        &fleet,
+        fleet.signed(&fleet.globex.key, &globex_job),
+        ErrorCode::Forbidden,
+    )
+    .await;
+
+    let mut old = fleet.job("acme", vec!["x".into()]);
+    old.created_at_ms -= 10 * 60 * 1000;
+    assert_submit_rejected(&fleet, fleet.signed(acme, &old), ErrorCode::Expired).await;
+    let mut future = fleet.job("acme", vec!["x".into()]);
+    future.created_at_ms += 10 * 60 * 1000;
+    assert_submit_rejected(&fleet, fleet.signed(acme, &future), ErrorCode::Expired).await;
+    let mut past_deadline = fleet.job("acme", vec!["x".into()]);
+    past_deadline.deadline_ms = Some(now_ms() - 1);
+    assert_submit_rejected(
+        &fleet,
+        fleet.signed(acme, &past_deadline),
+        ErrorCode::Expired,
+    )
+    .await;
+
+    let many = fleet.job("acme", vec!["x".into(); 5]);
+    assert_submit_rejected(&fleet, fleet.signed(acme, &many), ErrorCode::TooLarge).await;
+    let long = fleet.job("acme", vec!["x".repeat(101)]);
+    assert_submit_rejected(&fleet, fleet.signed(acme, &long), ErrorCode::TooLarge).await;
+    let huge_envelope = vec![0xc4; 4097];
+    assert_submit_rejected(&fleet, huge_envelope, ErrorCode::TooLarge).await;
+    let empty = fleet.job("acme", vec![]);
+    assert_submit_rejected(&fleet, fleet.signed(acme, &empty), ErrorCode::Malformed).await;
+    let mut bad_id = fleet.job("acme", vec!["x".into()]);
+    bad_id.job_id = "has.a.dot".into();
+    assert_submit_rejected(&fleet, fleet.signed(acme, &bad_id), ErrorCode::Malformed).await;
+
+    let answer = fleet
+        .send(
+            subject::submit("no-such-model"),
+            fleet.signed(acme, &ok_job),
+        )
+        .await;
+    let reply: SubmitReply = decode(&answer.payload, 1 << 20).unwrap();
+    assert_eq!(reply.error.map(|e| e.code), Some(ErrorCode::UnknownModel));
+
+    // An infer rejection is a JobResult, so a synchronous caller decodes one type.
+    let answer = fleet
+        .send(subject::infer(MODEL), fleet.signed(&stranger, &ok_job))
+        .await;
+    let result: JobResult = decode(&answer.payload, 1 << 20).unwrap();
+    assert_eq!(result.status, ResultStatus::Rejected);
+    assert_eq!(result.error_code(), Some(ErrorCode::UnknownKey));
+    assert_eq!(error_code_header(&answer).as_deref(), Some("unknown_key"));
+
+    assert_eq!(
+        fleet.queued_jobs().await,
+        0,
+        "a rejected job reached the queue"
+    );
+}
+
+#[tokio::test]
+async fn rate_limit_allows_the_burst_then_rejects() {
+    let fleet = Fleet::start(1, &["--models", "all-minilm-l6-v2,other-model"]).await;
+    let globex = &fleet.globex.key;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let mut job = fleet.job("globex", vec!["x".into()]);
+        job.model = "other-model".into();
+        let answer = fleet
+            .send(subject::submit("other-model"), fleet.signed(globex, &job))
+            .await;
+        let reply: SubmitReply = decode(&answer.payload, 1 << 20).unwrap();
+        codes.push(reply.error.map(|e| e.code));
+    }
+    assert_eq!(codes, [None, None, Some(ErrorCode::RateLimited)]);
+}
+
+#[tokio::test]
+async fn a_resubmitted_job_is_stored_once() {
+    let fleet = Fleet::start(1, &[]).await;
+    let job = fleet.job("acme", vec!["same".into()]);
+    let payload = fleet.signed(&fleet.acme.key, &job);
+    let (first, _) = fleet.submit(payload.clone()).await;
+    let (second, _) = fleet.submit(payload).await;
+    assert_eq!(first.status, SubmitStatus::Accepted);
+    assert!(!first.duplicate);
+    assert_eq!(second.status, SubmitStatus::Accepted);
+    assert!(second.duplicate, "the second submit must say duplicate");
+    assert_eq!(first.stream_seq, second.stream_seq);
+    assert_eq!(first.job_id, job.job_id);
+    assert_eq!(fleet.queued_jobs().await, 1);
+}
+
+#[tokio::test]
+async fn a_full_queue_answers_overloaded_without_blocking() {
+    let fleet = Fleet::start(1, &["--jobs-max-msgs", "2"]).await;
+    let mut codes = Vec::new();
+    for _ in 0..3 {
+        let job = fleet.job("acme", vec!["x".into()]);
+        let (reply, _) = fleet.submit(fleet.signed(&fleet.acme.key, &job)).await;
+        codes.push(reply.error.map(|e| e.code));
+    }
+    assert_eq!(codes, [None, None, Some(ErrorCode::Overloaded)]);
+    assert_eq!(fleet.queued_jobs().await, 2);
+}
+
+#[tokio::test]
+async fn infer_queues_the_job_with_the_callers_inbox_and_stays_silent() {
+    let fleet = Fleet::start(1, &[]).await;
+    let job = fleet.job("acme", vec!["x".into()]);
+    let inbox = fleet.client.new_inbox();
+    let mut answers = fleet.client.subscribe(inbox.clone()).await.unwrap();
+    fleet
+        .client
+        .publish_with_reply(
+            subject::infer(MODEL),
+            inbox.clone(),
+            fleet.signed(&fleet.acme.key, &job).into(),
+        )
+        .await
+        .unwrap();
+    let js = jetstream::new(fleet.client.clone());
+    let stream = js.get_stream(subject::JOBS_STREAM).await.unwrap();
+    let stored = fleet_tests::eventually(TIMEOUT, "the job in FLEET_JOBS", || {
+        let stream = stream.clone();
+        async move { stream.get_raw_message(1).await.ok() }
+    })
+    .await;
+    let headers = stored.headers;
+    assert_eq!(
+        headers.get(subject::MSG_ID).map(|v| v.as_str()),
+        Some(job.job_id.as_str())
+    );
+    assert_eq!(
+        headers.get(subject::REPLY_TO).map(|v| v.as_str()),
+        Some(inbox.as_str())
+    );
+    assert_eq!(stored.payload, fleet.signed(&fleet.acme.key, &job));
+    // The dispatcher answers synchronous callers only to refuse; the worker answers the rest.
+    let silence =
+        tokio::time::timeout(Duration::from_millis(300), futures_next(&mut answers)).await;
+    assert!(
+        silence.is_err(),
+        "the dispatcher answered an accepted infer"
+    );
+}
+
+async fn futures_next(sub: &mut async_nats::Subscriber) -> Option<async_nats::Message> {
+    use futures::StreamExt;
+    sub.next().await
+}
+
+#[tokio::test]
+async fn two_dispatchers_share_the_queue_group() {
+    let fleet = Fleet::start(2, &[]).await;
+    for _ in 0..40 {
+        let job = fleet.job("acme", vec!["x".into()]);
+        let (reply, _) = fleet.submit(fleet.signed(&fleet.acme.key, &job)).await;
+        assert_eq!(reply.status, SubmitStatus::Accepted);
+    }
+    let per_dispatcher: Vec<u64> = fleet
+        .dispatchers
+        .iter()
+        .map(|d| d.dispatcher.metrics.accepted.get())
+        .collect();
+    assert_eq!(per_dispatcher.iter().sum::<u64>(), 40);
+    assert!(
+        per_dispatcher.iter().all(|&n| n > 0),
+        "each dispatcher should take part: {per_dispatcher:?}"
+    );
+    assert_eq!(fleet.queued_jobs().await, 40);
+    for running in fleet.dispatchers {
+        running.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_with_other_settings_stops_the_dispatcher_with_the_reason() {
+    let nats = NatsServer::start();
+    let acme = TestTenant::new("acme");
+    let globex = TestTenant::new("globex");
+    let first = start_dispatcher(&nats, &acme, &globex, "first", &["--jobs-max-msgs", "10"])
+        .await
+        .expect("first start creates the streams");
+    first.stop().await;
+    let err = start_dispatcher(&nats, &acme, &globex, "second", &["--jobs-max-msgs", "20"])
+        .await
+        .err()
+        .expect("differing limits must refuse to start");
+    match err {
+        StartError::Topology(TopologyError::Mismatch {
+            stream,
+            differences,
+        }) => {
+            assert_eq!(stream, subject::JOBS_STREAM);
+            assert_eq!(differences.len(), 1);
+            assert_eq!(differences[0].field, "max_messages");
+        }
+        other => panic!("unexpected error: {other}"),
+    }
+}
