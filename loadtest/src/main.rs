@@ -1,0 +1,278 @@
+//! `loadtest`: drives a live fleet and prints a report as JSON lines.
+//!
+//! * `dispatch`: signed jobs through one dispatcher (`fleet.submit.<model>`, each answer
+//!   awaited) side by side with raw JetStream async publishing of same-shaped payloads from the
+//!   same client, the same number in flight: the dispatcher's overhead as a ratio.
+//! * `embed`: a corpus of texts through the whole fleet by request-reply (`fleet.infer`).
+
+use std::{
+    path::PathBuf,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use async_nats::{HeaderMap, jetstream};
+use clap::{Parser, Subcommand};
+use fleet_client::Tenant;
+use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
+use futures::{StreamExt, stream};
+use serde::Deserialize;
+
+/// Fleet load generator.
+#[derive(Debug, Parser)]
+#[command(name = "loadtest", version)]
+struct Cli {
+    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    nats_url: String,
+    /// The tenant's secret key file.
+    #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
+    key: PathBuf,
+    #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
+    model: String,
+    /// Requests in flight at once.
+    #[arg(long, env = "LOADTEST_IN_FLIGHT", default_value_t = 256)]
+    in_flight: usize,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Dispatcher intake against raw JetStream publishing.
+    Dispatch {
+        /// Jobs per phase.
+        #[arg(long, default_value_t = 20_000)]
+        jobs: usize,
+        /// Rounds; each round runs both phases, alternating which goes first.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// A corpus (`{"id", "text"}` per line) through the fleet by request-reply.
+    Embed(EmbedArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct EmbedArgs {
+    #[arg(long)]
+    corpus: PathBuf,
+    /// Texts per job.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    texts_per_job: u16,
+    /// Most texts taken from the corpus (0: all).
+    #[arg(long, default_value_t = 0)]
+    limit: usize,
+    /// Seconds to wait for one answer.
+    #[arg(long, default_value_t = 120)]
+    timeout_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let tenant = Tenant::from_key_file(&cli.key)?;
+    let client = async_nats::connect(&cli.nats_url)
+        .await
+        .with_context(|| format!("cannot connect to {}", cli.nats_url))?;
+    match cli.command {
+        Command::Dispatch { jobs, rounds } => {
+            dispatch(&client, &tenant, &cli.model, cli.in_flight, jobs, rounds).await
+        }
+        Command::Embed(ref args) => embed(&client, &tenant, &cli.model, cli.in_flight, args).await,
+    }
+}
+
+/// Signed envelopes of one-text jobs, made before timing so signing is not measured.
+fn signed_jobs(
+    tenant: &Tenant,
+    model: &str,
+    count: usize,
+) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+    let text = "A sentence of ordinary length to embed, about a dozen words long.";
+    (0..count)
+        .map(|_| {
+            let job = tenant.embed_job(model, vec![text.to_owned()]);
+            Ok((job.job_id.clone(), tenant.sign(&job)?))
+        })
+        .collect()
+}
+
+async fn dispatch(
+    client: &async_nats::Client,
+    tenant: &Tenant,
+    model: &str,
+    in_flight: usize,
+    jobs: usize,
+    rounds: usize,
+) -> anyhow::Result<()> {
+    let js = jetstream::new(client.clone());
+    for round in 0..rounds {
+        let mut phases = [Phase::RawJetStream, Phase::Dispatcher];
+        if round % 2 == 1 {
+            phases.reverse();
+        }
+        for phase in phases {
+            purge_jobs(&js).await?;
+            // Fresh ids per phase: the duplicate window would otherwise turn the second phase's
+            // publishes into cheap duplicate acks.
+            let payloads = signed_jobs(tenant, model, jobs)?;
+            let started = Instant::now();
+            match phase {
+                Phase::RawJetStream => raw_publish(&js, model, payloads, in_flight).await?,
+                Phase::Dispatcher => through_dispatcher(client, model, payloads, in_flight).await?,
+            }
+            let seconds = started.elapsed().as_secs_f64();
+            println!(
+                "{}",
+                serde_json::json!({
+                    "bench": "dispatch", "round": round, "phase": phase.name(), "jobs": jobs,
+                    "in_flight": in_flight, "seconds": seconds, "jobs_per_s": jobs as f64 / seconds,
+                })
+            );
+        }
+    }
+    purge_jobs(&js).await
+}
+
+#[derive(Clone, Copy)]
+enum Phase {
+    RawJetStream,
+    Dispatcher,
+}
+
+impl Phase {
+    fn name(self) -> &'static str {
+        match self {
+            Phase::RawJetStream => "raw_jetstream",
+            Phase::Dispatcher => "dispatcher",
+        }
+    }
+}
+
+async fn purge_jobs(js: &jetstream::Context) -> anyhow::Result<()> {
+    js.get_stream(subject::JOBS_STREAM)
+        .await
+        .context("FLEET_JOBS must exist: start a dispatcher first")?
+        .purge()
+        .await
+        .context("cannot purge FLEET_JOBS")?;
+    Ok(())
+}
+
+async fn raw_publish(
+    js: &jetstream::Context,
+    model: &str,
+    payloads: Vec<(String, Vec<u8>)>,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let target = subject::jobs(model);
+    let results: Vec<anyhow::Result<()>> = stream::iter(payloads)
+        .map(|(job_id, payload)| {
+            let target = target.clone();
+            async move {
+                let mut headers = HeaderMap::new();
+                headers.insert(subject::MSG_ID, job_id.as_str());
+                let ack = js
+                    .publish_with_headers(target, headers, payload.into())
+                    .await?
+                    .await?;
+                if ack.duplicate {
+                    bail!("unexpected duplicate");
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+async fn through_dispatcher(
+    client: &async_nats::Client,
+    model: &str,
+    payloads: Vec<(String, Vec<u8>)>,
+    in_flight: usize,
+) -> anyhow::Result<()> {
+    let target = subject::submit(model);
+    let results: Vec<anyhow::Result<()>> = stream::iter(payloads)
+        .map(|(_, payload)| {
+            let target = target.clone();
+            async move {
+                let answer = client.request(target, payload.into()).await?;
+                let reply: SubmitReply = decode(&answer.payload, 1 << 20)?;
+                if reply.status != SubmitStatus::Accepted || reply.duplicate {
+                    bail!("job not freshly accepted: {reply:?}");
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    results.into_iter().collect()
+}
+
+#[derive(Deserialize)]
+struct CorpusLine {
+    text: String,
+}
+
+async fn embed(
+    client: &async_nats::Client,
+    tenant: &Tenant,
+    model: &str,
+    in_flight: usize,
+    args: &EmbedArgs,
+) -> anyhow::Result<()> {
+    let timeout = Duration::from_secs(args.timeout_secs);
+    let texts_per_job = usize::from(args.texts_per_job);
+    let text = std::fs::read_to_string(&args.corpus)
+        .with_context(|| format!("cannot read {}", args.corpus.display()))?;
+    let mut texts = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str::<CorpusLine>(l).map(|c| c.text))
+        .collect::<Result<Vec<_>, _>>()
+        .context("corpus lines must be {\"id\", \"text\"}")?;
+    if args.limit > 0 {
+        texts.truncate(args.limit);
+    }
+    let total = texts.len();
+    let tenant = Arc::new(tenant);
+    let started = Instant::now();
+    let results: Vec<anyhow::Result<()>> = stream::iter(texts.chunks(texts_per_job))
+        .map(|chunk| {
+            let tenant = tenant.clone();
+            async move {
+                // Signed at send time: a job must be fresh when it reaches the dispatcher.
+                let job = tenant.embed_job(model, chunk.to_vec());
+                let result = fleet_client::infer(client, &tenant, &job, timeout).await?;
+                if result.status != ResultStatus::Ok {
+                    bail!(
+                        "job {} answered {:?}: {:?}",
+                        job.job_id,
+                        result.status,
+                        result.error
+                    );
+                }
+                Ok(())
+            }
+        })
+        .buffer_unordered(in_flight)
+        .collect()
+        .await;
+    let seconds = started.elapsed().as_secs_f64();
+    let failures = results.iter().filter(|r| r.is_err()).count();
+    if let Some(Err(first)) = results.into_iter().find(|r| r.is_err()) {
+        bail!("{failures} jobs failed; first: {first:#}");
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "bench": "embed_end_to_end", "texts": total, "texts_per_job": texts_per_job,
+            "in_flight": in_flight, "seconds": seconds, "texts_per_s": total as f64 / seconds,
+        })
+    );
+    Ok(())
+}

@@ -1,0 +1,71 @@
+#!/usr/bin/env bash
+# Brings up a local fleet (nats-server with JetStream, one dispatcher, one worker on the real
+# all-MiniLM-L6-v2) on loopback, embeds sample texts through request-reply, prints the first
+# dimensions and the time taken, and tears everything down. Installs what is missing.
+set -euo pipefail
+root=$(cd "$(dirname "$0")/.." && pwd)
+cd "$root"
+"$root/ops/install-deps.sh"
+cargo build --quiet -p fleet-dispatcher -p fleet-worker -p fleet-client --bins
+bin="${CARGO_TARGET_DIR:-$root/target}/debug"
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+fail() {
+  echo "local fleet failed: $1" >&2
+  for log in "$work"/*.log; do echo "--- $log" >&2; tail -n 20 "$log" >&2; done
+  exit 1
+}
+
+nats-server -a 127.0.0.1 -p -1 -js -sd "$work/jetstream" >"$work/nats.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 100); do
+  url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/nats.log" | head -n 1)
+  [ -n "$url" ] && break
+  sleep 0.1
+done
+[ -n "${url:-}" ] || fail "nats-server did not start"
+echo "nats-server on $url"
+
+"$bin/fleet" keygen --tenant demo --key-id demo-1 --out "$work/demo-key.toml" >"$work/tenants.toml" 2>/dev/null
+"$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0 >"$work/dispatcher.log" 2>&1 &
+pids+=($!)
+"$bin/worker" --nats-url "$url" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0 >"$work/worker.log" 2>&1 &
+pids+=($!)
+
+texts=(
+  "NATS JetStream redelivers a job that a worker took and never acknowledged."
+  "The quick brown fox jumps over the lazy dog."
+  "Fleet batches texts from many jobs into one forward pass."
+)
+args=()
+for t in "${texts[@]}"; do args+=(--text "$t"); done
+
+# The first answers may be rejections while the worker is still loading the model; retry briefly.
+deadline=$((SECONDS + 120))
+while :; do
+  start=$(date +%s%N)
+  if answer=$("$bin/fleet" infer --nats-url "$url" --key "$work/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$work/infer.log"); then
+    end=$(date +%s%N)
+    break
+  fi
+  [ $SECONDS -lt $deadline ] || fail "no embedding within 120 s: $(cat "$work/infer.log")"
+  sleep 1
+done
+
+ANSWER="$answer" ELAPSED_MS=$(((end - start) / 1000000)) python3 - "${texts[@]}" <<'PY'
+import json, os, sys
+result = json.loads(os.environ["ANSWER"])
+vectors = result["output"]["vectors"]
+print(f"job {result['job_id']} embedded by {result['worker']} in {int(os.environ['ELAPSED_MS'])} ms "
+      f"(queue {result['timings']['queue_ms']} ms, inference {result['timings']['inference_ms']} ms)")
+for text, vector in zip(sys.argv[1:], vectors):
+    head = ", ".join(f"{x:+.4f}" for x in vector[:6])
+    print(f"  [{head}, ...] ({len(vector)} dims)  {text}")
+PY
