@@ -218,7 +218,7 @@ impl Dispatcher {
                 } else {
                     self.metrics.accepted.inc();
                 }
-                tracing::info!(job_id = %job.job_id, tenant = %job.tenant, key_id = %admitted.key_id,
+                tracing::debug!(job_id = %job.job_id, tenant = %job.tenant, key_id = %admitted.key_id,
                     seq = ack.sequence, duplicate = ack.duplicate, "job queued");
                 Outcome::Queued {
                     job_id: job.job_id.clone(),
