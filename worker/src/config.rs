@@ -11,7 +11,8 @@ use crate::{batcher::BatchLimits, consumer::ConsumerSettings};
 /// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
 /// sends the results.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "worker", version)]
+// A flag given twice takes the last value, so scripts can append overrides.
+#[command(name = "worker", version, args_override_self = true)]
 pub struct WorkerArgs {
     /// TOML file of settings; keys are the long flag names. Flags and environment win over it.
     #[arg(long, env = "FLEET_CONFIG")]

@@ -1,0 +1,538 @@
+//! The worker pipeline against a real nats-server, with the fake embedder in-process: what a
+//! job in the queue turns into (stored result, reply, ack, dead letter, retry), and that
+//! shutdown loses nothing.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, consumer::PullConsumer, stream::Stream},
+};
+use clap::Parser;
+use fleet_schemas::{
+    ErrorCode, Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
+};
+use fleet_tests::{NatsServer, eventually};
+use fleet_worker::{
+    FakeEmbedder, Metrics, PipelineError, WorkerArgs, WorkerConfig, consumer,
+    consumer::ConsumerSetupError, metrics::Outcome,
+};
+use futures::StreamExt;
+use prometheus_client::registry::Registry;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+const MODEL: &str = "fake-model";
+const WAIT: Duration = Duration::from_secs(15);
+
+struct Fleet {
+    server: NatsServer,
+    js: jetstream::Context,
+    client: async_nats::Client,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let server = NatsServer::start();
+        let client = server.client().await;
+        let js = jetstream::new(client.clone());
+        fleet_streams::ensure_all(&js, &fleet_streams::StreamLimits::default())
+            .await
+            .expect("streams");
+        Fleet { server, js, client }
+    }
+
+    async fn stream(&self, name: &str) -> Stream {
+        self.js.get_stream(name).await.expect("stream exists")
+    }
+
+    async fn messages_in(&self, name: &str) -> u64 {
+        self.stream(name)
+            .await
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .messages
+    }
+
+    /// Publishes a job as the dispatcher does: the envelope as received, the job id as
+    /// `Nats-Msg-Id`, the caller's inbox (if any) as `Fleet-Reply-To`.
+    async fn enqueue(&self, job: &Job, reply_to: Option<&str>) {
+        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        if let Some(reply_to) = reply_to {
+            headers.insert(subject::REPLY_TO, reply_to);
+        }
+        self.enqueue_raw(encode(&envelope).expect("encode"), headers)
+            .await;
+    }
+
+    async fn enqueue_raw(&self, payload: Vec<u8>, headers: HeaderMap) {
+        self.js
+            .publish_with_headers(subject::jobs(MODEL), headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
+    async fn stored_result(&self, job: &Job) -> Option<JobResult> {
+        let message = self
+            .stream(subject::RESULTS_STREAM)
+            .await
+            .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
+            .await
+            .ok()?;
+        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+    }
+
+    async fn wait_result(&self, job: &Job) -> JobResult {
+        eventually(WAIT, &format!("stored result of {}", job.job_id), || {
+            self.stored_result(job)
+        })
+        .await
+    }
+
+    async fn consumer_info(&self) -> jetstream::consumer::Info {
+        let mut consumer: PullConsumer = self
+            .stream(subject::JOBS_STREAM)
+            .await
+            .get_consumer(&format!("fleet-worker-{MODEL}"))
+            .await
+            .expect("consumer exists");
+        consumer.info().await.expect("consumer info").clone()
+    }
+}
+
+fn config(fleet: &Fleet, extra: &[&str]) -> WorkerConfig {
+    let args = ["worker", "--nats-url", fleet.server.url(), "--model", MODEL]
+        .into_iter()
+        .chain(["--ack-wait", "2s", "--retry-delay", "200ms"])
+        .chain(["--max-batch-tokens", "4096", "--shutdown-timeout", "10s"])
+        .chain(extra.iter().copied());
+    WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments")).expect("config")
+}
+
+struct RunningWorker {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), PipelineError>>,
+    metrics: Metrics,
+}
+
+impl RunningWorker {
+    async fn start(fleet: &Fleet, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
+        let client = fleet.server.client().await;
+        let metrics = Metrics::new(&mut Registry::default());
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                fleet_worker::run(&config, client, embedder, metrics, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        RunningWorker {
+            stop,
+            task,
+            metrics,
+        }
+    }
+
+    async fn stop(self) -> Result<(), PipelineError> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task does not panic")
+    }
+}
+
+fn job(id: &str, inputs: &[&str]) -> Job {
+    Job {
+        job_id: id.to_owned(),
+        tenant: "acme".to_owned(),
+        model: MODEL.to_owned(),
+        task: Task::Embed {
+            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            normalize: true,
+            truncate: true,
+        },
+        priority: 0,
+        created_at_ms: 0,
+        deadline_ms: None,
+        meta: BTreeMap::new(),
+    }
+}
+
+fn fake() -> FakeEmbedder {
+    FakeEmbedder::new(16, 64)
+}
+
+fn vectors(result: &JobResult) -> Vec<Vec<f32>> {
+    match &result.output {
+        Some(Output::Embeddings { vectors, .. }) => vectors.clone(),
+        None => panic!("no output in {result:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let mut inbox = fleet.client.subscribe("caller.inbox.1").await.expect("sub");
+    let texts = ["the quick brown fox", "jumps", "over the lazy dog again"];
+    let job = job("job-1", &texts);
+    fleet.enqueue(&job, Some("caller.inbox.1")).await;
+
+    let reply = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .expect("reply in time")
+        .expect("reply");
+    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    assert_eq!(answered.status, ResultStatus::Ok);
+    assert_eq!(answered.job_id, "job-1");
+    let expected: Vec<Vec<f32>> = texts
+        .iter()
+        .map(|t| embedder.expected_vector(t, true))
+        .collect();
+    assert_eq!(
+        vectors(&answered),
+        expected,
+        "one vector per input, in input order"
+    );
+    assert_eq!(fleet.wait_result(&job).await, answered);
+    eventually(WAIT, "job acked and gone from the work queue", || async {
+        (fleet.messages_in(subject::JOBS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(worker.metrics.jobs(Outcome::Ok), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_delivered_twice_yields_one_stored_result() {
+    let fleet = Fleet::start().await;
+    let job = job("job-twice", &["hello world"]);
+    // A worker that took the job and died before acking: the job stays unacked.
+    let consumer = consumer::bind(&fleet.js, &config(&fleet, &[]).consumer)
+        .await
+        .expect("bind");
+    fleet.enqueue(&job, None).await;
+    let mut taken = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    let first = taken.next().await.expect("a job").expect("a message");
+    // It even stored its result before dying, so the redelivery answers a second time.
+    let mut headers = HeaderMap::new();
+    headers.insert(subject::MSG_ID, "job-twice");
+    let earlier = JobResult {
+        job_id: job.job_id.clone(),
+        tenant: job.tenant.clone(),
+        model: MODEL.to_owned(),
+        status: ResultStatus::Ok,
+        output: Some(Output::Embeddings {
+            dims: 16,
+            vectors: vec![vec![0.0; 16]],
+        }),
+        error: None,
+        worker: "dead-worker".to_owned(),
+        timings: Default::default(),
+    };
+    fleet
+        .js
+        .publish_with_headers(
+            subject::results(&job.tenant, &job.job_id),
+            headers,
+            encode(&earlier).expect("encode").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("stored");
+    drop(first);
+
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    eventually(WAIT, "the redelivered job acked", || async {
+        (worker.metrics.jobs(Outcome::Ok) == 1).then_some(())
+    })
+    .await;
+    let deliveries = fleet.consumer_info().await.delivered.consumer_sequence;
+    assert_eq!(deliveries, 2, "taken by the dead worker, then redelivered");
+    assert_eq!(fleet.messages_in(subject::RESULTS_STREAM).await, 1);
+    let kept = fleet.stored_result(&job).await.expect("stored");
+    assert_eq!(
+        kept.worker, "dead-worker",
+        "the second answer was a duplicate"
+    );
+    assert_eq!(fleet.messages_in(subject::JOBS_STREAM).await, 0);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let mut inbox = fleet.client.subscribe("caller.poison").await.expect("sub");
+
+    let mut headers = HeaderMap::new();
+    headers.insert(subject::REPLY_TO, "caller.poison");
+    fleet
+        .enqueue_raw(b"not messagepack".to_vec(), headers)
+        .await;
+    let reply = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .expect("reply in time")
+        .expect("reply");
+    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    assert_eq!(answered.status, ResultStatus::Failed);
+    assert_eq!(answered.error_code(), Some(ErrorCode::Malformed));
+    let reply_headers = reply.headers.expect("error headers");
+    assert_eq!(
+        reply_headers
+            .get(subject::SERVICE_ERROR_CODE)
+            .map(|v| v.as_str()),
+        Some("malformed")
+    );
+
+    let mut too_long = job("job-too-long", &["short", &"word ".repeat(100)]);
+    too_long.task = Task::Embed {
+        inputs: too_long.task.inputs().to_vec(),
+        normalize: true,
+        truncate: false,
+    };
+    fleet.enqueue(&too_long, None).await;
+    let stored = fleet.wait_result(&too_long).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::InputTooLong));
+
+    let dlq = fleet.stream(subject::DLQ_STREAM).await;
+    eventually(WAIT, "two dead letters", || async {
+        (fleet.messages_in(subject::DLQ_STREAM).await == 2).then_some(())
+    })
+    .await;
+    let first = dlq.get_raw_message(1).await.expect("first dead letter");
+    assert_eq!(
+        &first.payload[..],
+        b"not messagepack",
+        "the original payload is kept"
+    );
+    let reason = first.headers.get(subject::DLQ_REASON).expect("reason");
+    assert!(reason.as_str().contains("bad envelope"), "{reason}");
+    let second = dlq.get_raw_message(2).await.expect("second dead letter");
+    let reason = second.headers.get(subject::DLQ_REASON).expect("reason");
+    assert!(reason.as_str().contains("input 1"), "{reason}");
+
+    // Terminated, not left to time out: nothing comes back after the ack wait.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let info = fleet.consumer_info().await;
+    assert_eq!(info.num_ack_pending, 0);
+    assert_eq!(info.num_redelivered, 0);
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 2);
+    assert!(
+        embedder.batches().is_empty(),
+        "poison never reaches the model"
+    );
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 2);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn an_expired_job_is_answered_expired_without_inference() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let mut late = job("job-late", &["too late"]);
+    late.deadline_ms = Some(1_000);
+    fleet.enqueue(&late, None).await;
+    let stored = fleet.wait_result(&late).await;
+    assert_eq!(stored.status, ResultStatus::Failed);
+    assert_eq!(stored.error_code(), Some(ErrorCode::Expired));
+    let raw = fleet
+        .stream(subject::RESULTS_STREAM)
+        .await
+        .get_last_raw_message_by_subject(&subject::results("acme", "job-late"))
+        .await
+        .expect("stored");
+    assert_eq!(
+        raw.headers
+            .get(subject::SERVICE_ERROR_CODE)
+            .map(|v| v.as_str()),
+        Some("expired")
+    );
+    assert!(embedder.batches().is_empty());
+    eventually(WAIT, "expired job acked", || async {
+        (worker.metrics.jobs(Outcome::Expired) == 1).then_some(())
+    })
+    .await;
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn one_batch_mixes_inputs_of_several_jobs() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--max-delay-ms", "300", "--max-batch-size", "32"]),
+        embedder.clone(),
+    )
+    .await;
+    let jobs: Vec<Job> = (0..3)
+        .map(|i| {
+            job(
+                &format!("mix-{i}"),
+                &[&format!("job {i} first"), &format!("job {i} second text")],
+            )
+        })
+        .collect();
+    for job in &jobs {
+        fleet.enqueue(job, None).await;
+    }
+    for job in &jobs {
+        let result = fleet.wait_result(job).await;
+        let expected: Vec<Vec<f32>> = job
+            .task
+            .inputs()
+            .iter()
+            .map(|t| embedder.expected_vector(t, true))
+            .collect();
+        assert_eq!(vectors(&result), expected, "{}", job.job_id);
+    }
+    let largest = embedder.batches().iter().map(Vec::len).max().unwrap_or(0);
+    assert!(
+        largest > 2,
+        "some batch held inputs of more than one job: {largest}"
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_model_failure_is_retried_and_the_last_delivery_is_dead_lettered() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.fail_next(1);
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--max-deliver", "2"]),
+        embedder.clone(),
+    )
+    .await;
+    let retried = job("job-retried", &["flaky model"]);
+    fleet.enqueue(&retried, None).await;
+    let result = fleet.wait_result(&retried).await;
+    assert_eq!(result.status, ResultStatus::Ok, "second delivery succeeds");
+    assert_eq!(worker.metrics.jobs(Outcome::Retried), 1);
+
+    embedder.fail_next(2);
+    let doomed = job("job-doomed", &["broken model"]);
+    fleet.enqueue(&doomed, None).await;
+    let result = fleet.wait_result(&doomed).await;
+    assert_eq!(result.error_code(), Some(ErrorCode::Internal));
+    let dead = fleet
+        .stream(subject::DLQ_STREAM)
+        .await
+        .get_last_raw_message_by_subject(&subject::dlq(MODEL))
+        .await
+        .expect("dead letter");
+    let reason = dead.headers.get(subject::DLQ_REASON).expect("reason");
+    assert!(reason.as_str().contains("delivery 2 of 2"), "{reason}");
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_long_batch_keeps_its_jobs_with_in_progress_acks() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.set_delay(Duration::from_millis(2500));
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--ack-wait", "1s"]),
+        embedder.clone(),
+    )
+    .await;
+    let slow = job("job-slow", &["takes a while"]);
+    fleet.enqueue(&slow, None).await;
+    fleet.wait_result(&slow).await;
+    let info = fleet.consumer_info().await;
+    assert_eq!(
+        info.num_redelivered, 0,
+        "never redelivered though inference outlasted ack wait"
+    );
+    assert_eq!(embedder.batches().len(), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn shutdown_answers_every_job_in_flight() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.set_delay(Duration::from_millis(300));
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--max-batch-size", "2"]),
+        embedder.clone(),
+    )
+    .await;
+    let jobs: Vec<Job> = (0..10)
+        .map(|i| job(&format!("drain-{i}"), &["some text"]))
+        .collect();
+    for job in &jobs {
+        fleet.enqueue(job, None).await;
+    }
+    eventually(WAIT, "the first batch running", || async {
+        (!embedder.batches().is_empty()).then_some(())
+    })
+    .await;
+    let metrics = worker.metrics.clone();
+    worker.stop().await.expect("clean stop");
+
+    let mut answered: u64 = 0;
+    for job in &jobs {
+        if fleet.stored_result(job).await.is_some() {
+            answered += 1;
+        }
+    }
+    let info = fleet.consumer_info().await;
+    assert_eq!(
+        info.num_ack_pending, 0,
+        "nothing left held by the stopped worker"
+    );
+    assert_eq!(answered, metrics.jobs(Outcome::Ok));
+    assert!(
+        answered > 2,
+        "jobs pulled before shutdown were finished: {answered}"
+    );
+    assert_eq!(
+        answered + fleet.messages_in(subject::JOBS_STREAM).await,
+        10,
+        "every job is answered or still queued"
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_with_other_settings_is_refused() {
+    let fleet = Fleet::start().await;
+    let backoff = ["--backoff", "2s,4s"];
+    consumer::bind(&fleet.js, &config(&fleet, &backoff).consumer)
+        .await
+        .expect("first bind creates, and the server keeps every setting");
+    consumer::bind(&fleet.js, &config(&fleet, &backoff).consumer)
+        .await
+        .expect("a second worker with the same settings binds the same consumer");
+    let other = config(&fleet, &["--backoff", "2s,4s", "--max-deliver", "9"]).consumer;
+    let err = consumer::bind(&fleet.js, &other).await.unwrap_err();
+    match err {
+        ConsumerSetupError::Mismatch { differences, .. } => {
+            let fields: Vec<_> = differences.iter().map(|d| d.0).collect();
+            assert_eq!(fields, ["max_deliver"]);
+        }
+        other => panic!("expected a mismatch, got {other}"),
+    }
+}
