@@ -1,21 +1,81 @@
-//! The real model behind the [`Embedder`](crate::Embedder) trait.
+//! The real model (fleet-model on candle) behind the [`Embedder`] trait: loaded once, then
+//! owned by the runtime thread, which holds the device.
 
 use std::path::Path;
 
-use crate::{DeviceSpec, FakeEmbedder};
+use candle_core::Device;
+use fleet_model::{EmbeddingModel, ModelError, ModelRuntime, OwnedSequence, RuntimeHandle};
+use futures::future::BoxFuture;
+
+use crate::{
+    DeviceSpec,
+    embedder::{EmbedError, Embedder, TokenizeError, TokenizedInput},
+};
+
+/// Batches that may wait for the runtime thread while it runs one: the batcher runs one batch
+/// at a time, so a short queue is enough.
+const RUNTIME_QUEUE_DEPTH: usize = 2;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelLoadError {
-    /// fleet-model (candle) is not wired in yet; the worker binary cannot serve until it is.
-    #[error(
-        "this build has no model runtime: fleet-model is not wired into the worker yet (model dir {dir}, device {device})"
-    )]
-    NoRuntime { dir: String, device: DeviceSpec },
+    #[error("cannot open device {device}: {source}")]
+    Device {
+        device: DeviceSpec,
+        source: candle_core::Error,
+    },
+    #[error(transparent)]
+    Model(#[from] ModelError),
 }
 
-pub fn load(dir: &Path, device: DeviceSpec) -> Result<FakeEmbedder, ModelLoadError> {
-    Err(ModelLoadError::NoRuntime {
-        dir: dir.display().to_string(),
-        device,
-    })
+/// Handle to the model's runtime thread.
+#[derive(Clone)]
+pub struct ModelEmbedder(RuntimeHandle);
+
+/// Loads the model from `dir` onto `device` and starts its runtime thread.
+pub fn load(dir: &Path, device: DeviceSpec) -> Result<ModelEmbedder, ModelLoadError> {
+    let candle_device = match device {
+        DeviceSpec::Cpu => Ok(Device::Cpu),
+        // Fails with candle's "not compiled with cuda" error on a build without CUDA.
+        DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal),
+    }
+    .map_err(|source| ModelLoadError::Device { device, source })?;
+    let model = EmbeddingModel::load(dir, &candle_device)?;
+    Ok(ModelEmbedder(ModelRuntime::spawn(
+        model,
+        RUNTIME_QUEUE_DEPTH,
+    )))
+}
+
+impl Embedder for ModelEmbedder {
+    fn max_tokens(&self) -> usize {
+        self.0.max_tokens()
+    }
+
+    fn dimension(&self) -> usize {
+        self.0.dimension()
+    }
+
+    fn tokenize(&self, text: &str, truncate: bool) -> Result<Vec<u32>, TokenizeError> {
+        self.0
+            .tokenize(text, truncate)
+            .map_err(|error| match error {
+                ModelError::TooLong { tokens, max } => TokenizeError::TooLong { tokens, max },
+                other => TokenizeError::Failed(Box::new(other)),
+            })
+    }
+
+    fn embed(
+        &self,
+        batch: Vec<TokenizedInput>,
+    ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, EmbedError>> {
+        let batch = batch
+            .into_iter()
+            .map(|input| OwnedSequence {
+                token_ids: input.token_ids,
+                normalize: input.normalize,
+            })
+            .collect();
+        let running = self.0.embed(batch);
+        Box::pin(async move { running.await.map_err(|e| EmbedError(Box::new(e))) })
+    }
 }
