@@ -1,0 +1,225 @@
+//! Real `worker` processes on the real model: scaling out by starting another process, failover
+//! by redelivery when a worker dies holding jobs, and a graceful SIGTERM.
+
+use std::{collections::BTreeMap, collections::BTreeSet, time::Duration};
+
+use async_nats::{HeaderMap, jetstream};
+use fleet_schemas::{
+    Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
+};
+use fleet_tests::{NatsServer, Process, Signal, eventually, model_dir};
+
+const MODEL: &str = "all-minilm-l6-v2";
+const WAIT: Duration = Duration::from_secs(60);
+
+struct Fleet {
+    server: NatsServer,
+    js: jetstream::Context,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let server = NatsServer::start();
+        let js = jetstream::new(server.client().await);
+        fleet_streams::ensure_all(&js, &fleet_streams::StreamLimits::default())
+            .await
+            .expect("streams");
+        Fleet { server, js }
+    }
+
+    /// A `worker` process on the real model with a short ack wait, plus `extra` flags.
+    fn worker(&self, name: &str, extra: &[&str]) -> Process {
+        let model_dir = model_dir();
+        let model_dir = model_dir.to_string_lossy();
+        let mut args = vec![
+            "--nats-url",
+            self.server.url(),
+            "--model-dir",
+            &model_dir,
+            "--worker-name",
+            name,
+            "--metrics-addr",
+            "127.0.0.1:0",
+            "--ack-wait",
+            "2s",
+        ];
+        args.extend_from_slice(extra);
+        Process::spawn_binary("worker", &args, &[("RUST_LOG", "warn")])
+    }
+
+    async fn enqueue(&self, job: &Job) {
+        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        self.js
+            .publish_with_headers(
+                subject::jobs(MODEL),
+                headers,
+                encode(&envelope).expect("encode").into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack");
+    }
+
+    async fn result(&self, job: &Job) -> Option<JobResult> {
+        let stream = self.js.get_stream(subject::RESULTS_STREAM).await.ok()?;
+        let message = stream
+            .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
+            .await
+            .ok()?;
+        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+    }
+
+    /// Waits for every job's stored result.
+    async fn all_results(&self, jobs: &[Job]) -> Vec<JobResult> {
+        let mut results = Vec::new();
+        for job in jobs {
+            results.push(
+                eventually(WAIT, &format!("result of {}", job.job_id), || {
+                    self.result(job)
+                })
+                .await,
+            );
+        }
+        results
+    }
+
+    async fn stored_results(&self) -> u64 {
+        let mut stream = self
+            .js
+            .get_stream(subject::RESULTS_STREAM)
+            .await
+            .expect("stream");
+        stream.info().await.expect("info").state.messages
+    }
+
+    async fn unacked(&self) -> usize {
+        let stream = self
+            .js
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .expect("stream");
+        stream
+            .consumer_info(format!("fleet-worker-{MODEL}"))
+            .await
+            .map_or(0, |info| info.num_ack_pending)
+    }
+
+    /// Waits until workers hold `count` jobs unacknowledged.
+    async fn wait_held(&self, count: usize) {
+        eventually(WAIT, &format!("{count} jobs held"), || async {
+            (self.unacked().await == count).then_some(())
+        })
+        .await;
+    }
+}
+
+fn jobs(prefix: &str, count: usize) -> Vec<Job> {
+    (0..count)
+        .map(|i| Job {
+            job_id: format!("{prefix}-{i}"),
+            tenant: "acme".to_owned(),
+            model: MODEL.to_owned(),
+            task: Task::Embed {
+                inputs: vec![
+                    format!("sentence number {i} about {prefix}"),
+                    "a second input".to_owned(),
+                ],
+                normalize: true,
+                truncate: true,
+            },
+            priority: 0,
+            created_at_ms: 0,
+            deadline_ms: None,
+            meta: BTreeMap::new(),
+        })
+        .collect()
+}
+
+fn assert_embedded(result: &JobResult) {
+    assert_eq!(result.status, ResultStatus::Ok, "{result:?}");
+    match &result.output {
+        Some(Output::Embeddings { dims, vectors }) => {
+            assert_eq!(*dims, 384);
+            assert_eq!(vectors.len(), 2);
+            let norm: f32 = vectors[0].iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-3, "normalised, got {norm}");
+        }
+        None => panic!("no output: {result:?}"),
+    }
+}
+
+#[tokio::test]
+async fn two_worker_processes_share_one_consumer_and_both_work() {
+    let fleet = Fleet::start().await;
+    // Small in-flight bounds, so one worker cannot take the whole queue at once.
+    let small = [
+        "--max-in-flight",
+        "2",
+        "--fetch-batch",
+        "2",
+        "--max-batch-size",
+        "4",
+    ];
+    let _a = fleet.worker("worker-a", &small);
+    let _b = fleet.worker("worker-b", &small);
+    let jobs = jobs("shared", 40);
+    for job in &jobs {
+        fleet.enqueue(job).await;
+    }
+    let results = fleet.all_results(&jobs).await;
+    results.iter().for_each(assert_embedded);
+    let workers: BTreeSet<&str> = results.iter().map(|r| r.worker.as_str()).collect();
+    assert_eq!(workers, BTreeSet::from(["worker-a", "worker-b"]));
+    assert_eq!(fleet.stored_results().await, 40);
+}
+
+#[tokio::test]
+async fn jobs_held_by_a_killed_worker_are_answered_once_by_the_other() {
+    let fleet = Fleet::start().await;
+    // This worker holds jobs for a minute waiting for a fuller batch, then dies.
+    let mut doomed = fleet.worker(
+        "doomed",
+        &["--max-delay-ms", "60000", "--max-batch-size", "64"],
+    );
+    let jobs = jobs("failover", 5);
+    for job in &jobs {
+        fleet.enqueue(job).await;
+    }
+    fleet.wait_held(5).await;
+    let _survivor = fleet.worker("survivor", &[]);
+    doomed.signal(Signal::SIGKILL);
+    doomed.wait_exit(Duration::from_secs(10));
+
+    let results = fleet.all_results(&jobs).await;
+    for result in &results {
+        assert_embedded(result);
+        assert_eq!(result.worker, "survivor");
+    }
+    fleet.wait_held(0).await;
+    assert_eq!(fleet.stored_results().await, 5, "one stored result per job");
+}
+
+#[tokio::test]
+async fn sigterm_finishes_the_jobs_in_flight_and_exits_zero() {
+    let fleet = Fleet::start().await;
+    let mut worker = fleet.worker(
+        "graceful",
+        &["--max-delay-ms", "60000", "--max-batch-size", "64"],
+    );
+    let jobs = jobs("graceful", 5);
+    for job in &jobs {
+        fleet.enqueue(job).await;
+    }
+    fleet.wait_held(5).await;
+    worker.signal(Signal::SIGTERM);
+    assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
+    // Answered before the exit, not after a redelivery: no worker runs any more.
+    for job in &jobs {
+        assert_embedded(&fleet.result(job).await.expect("answered before exit"));
+    }
+    assert_eq!(fleet.unacked().await, 0);
+    assert_eq!(fleet.stored_results().await, 5);
+}
