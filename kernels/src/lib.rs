@@ -10,7 +10,9 @@
 //!   [`CustomOp3`](candle_core::CustomOp3) types plus small functions that apply them to
 //!   [`Tensor`](candle_core::Tensor)s. Each op documents its tensor layout exactly; a CUDA
 //!   implementation goes into the op's `cuda_fwd` (next to `cpu_fwd`, in `src/ops/*.rs`), with
-//!   the device kernels in a feature-gated `src/cuda/` module.
+//!   the device kernels in the feature-gated [`cuda`] module (feature `cuda`: CUDA C in
+//!   `cuda/*.cu`, compiled by `build.rs` with nvcc, bound with bindgen, launched on the stream of
+//!   candle's CUDA device). Matrix products run on candle's own CUDA backend (cuBLAS).
 //!
 //! Token-major "varlen" layout: the model does not pad. A batch of `B` sequences is stored as
 //! `T = sum(len_b)` rows, sequence after sequence, described by `cu_seqlens`: a `u32` vector of
@@ -18,6 +20,8 @@
 //! `b` owns rows `cu_seqlens[b]..cu_seqlens[b + 1]` (possibly none).
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod ops;
 
 pub use ops::{

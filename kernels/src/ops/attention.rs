@@ -2,6 +2,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use super::{dims1, dims2, f32_slice, u32_slice};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 /// Multi-head self-attention over unpadded ("varlen") sequences, from the fused QKV projection.
 ///
@@ -54,6 +56,40 @@ impl CustomOp2 for VarlenAttention {
         let mut out = vec![0.0f32; tokens * hidden];
         cpu::varlen_attention(qkv, cu, self.heads, head_dim, self.scale, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (tokens, width) = dims2(self.name(), "qkv", l1)?;
+        if self.heads == 0 || width % (3 * self.heads) != 0 {
+            bail!(
+                "{}: qkv width {width} is not 3 x {} heads x head_dim",
+                self.name(),
+                self.heads
+            );
+        }
+        dims1(self.name(), "cu_seqlens", l2)?;
+        // The kernel reads the rows the offsets name: they are checked on the host first.
+        cpu::check_cu_seqlens(&cuda::u32_to_host(self.name(), s2, l2)?, tokens)?;
+        let head_dim = width / (3 * self.heads);
+        let hidden = self.heads * head_dim;
+        let qkv = cuda::f32_view(self.name(), s1, l1)?;
+        let cu = cuda::u32_view(self.name(), s2, l2)?;
+        let mut out = cuda::alloc_f32(s1, tokens * hidden)?;
+        let stream = s1.device.cuda_stream();
+        // SAFETY: the offsets were checked against the rows just above.
+        unsafe {
+            cuda::varlen_attention(
+                &stream, &qkv, &cu, self.heads, head_dim, self.scale, &mut out,
+            )?
+        };
+        Ok((cuda::wrap(s1, out), Shape::from((tokens, hidden))))
     }
 }
 

@@ -2,6 +2,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use super::{dims1, f32_slice};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 /// `gelu(x + bias)` with the erf form of GELU (PyTorch's default `gelu`).
 ///
@@ -35,6 +37,29 @@ impl CustomOp2 for BiasGelu {
         let mut out = vec![0.0f32; x.len()];
         cpu::bias_gelu(x, bias, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let n = dims1(self.name(), "bias", l2)?;
+        if l1.dims().last() != Some(&n) {
+            bail!(
+                "{}: x {:?} does not end in the bias size {n}",
+                self.name(),
+                l1.dims()
+            );
+        }
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let bias = cuda::f32_view(self.name(), s2, l2)?;
+        let mut out = cuda::alloc_f32(s1, x.len())?;
+        crate::cuda::bias_gelu(&s1.device.cuda_stream(), &x, &bias, &mut out)?;
+        Ok((cuda::wrap(s1, out), l1.shape().clone()))
     }
 }
 

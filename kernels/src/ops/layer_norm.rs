@@ -2,6 +2,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use super::{dims2, f32_slice};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 /// `layer_norm(x + residual) * weight + bias` over the last dimension, as `torch.nn.LayerNorm`
 /// (biased variance, `eps` added to the variance).
@@ -48,6 +50,35 @@ impl CustomOp3 for AddLayerNorm {
         let mut out = vec![0.0f32; x.len()];
         cpu::add_layer_norm(x, residual, weight, bias, self.eps, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (two, n) = dims2(self.name(), "params", l3)?;
+        if two != 2 || l1.dims().last() != Some(&n) || l1.dims() != l2.dims() {
+            bail!(
+                "{}: x {:?}, residual {:?}, params {:?}: need x = residual = [.., n], params [2, n]",
+                self.name(),
+                l1.dims(),
+                l2.dims(),
+                l3.dims()
+            );
+        }
+        let x = cuda::f32_view(self.name(), s1, l1)?;
+        let residual = cuda::f32_view(self.name(), s2, l2)?;
+        let params = cuda::f32_view(self.name(), s3, l3)?;
+        let mut out = cuda::alloc_f32(s1, x.len())?;
+        let stream = s1.device.cuda_stream();
+        cuda::add_layer_norm(&stream, &x, &residual, &params, self.eps, &mut out)?;
+        Ok((cuda::wrap(s1, out), l1.shape().clone()))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::cpu;
 /// * `bias` (only as a [`CustomOp3`]): `[out]`.
 ///
 /// Output: f32 `[rows, out]`. As a [`CustomOp2`] (`x`, `weight`) there is no bias. On CUDA
-/// this is one cuBLAS sgemm (bias: a broadcast copy into the output and `beta = 1`).
+/// this is candle's cuBLAS sgemm, plus candle's broadcast add for the bias.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Linear;
 
@@ -43,6 +43,42 @@ impl Linear {
         cpu::linear(xs, in_dim, ws, bias, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
+
+    /// On CUDA: candle's own matmul (cuBLAS sgemm with the weight read transposed in place) and,
+    /// with a bias, candle's broadcast add.
+    #[cfg(feature = "cuda")]
+    fn run_cuda(
+        &self,
+        x: (&candle_core::CudaStorage, &Layout),
+        w: (&candle_core::CudaStorage, &Layout),
+        bias: Option<(&candle_core::CudaStorage, &Layout)>,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        use candle_core::backend::BackendStorage;
+
+        let name = "linear";
+        let (rows, in_dim) = dims2(name, "x", x.1)?;
+        let (out_dim, w_in) = dims2(name, "weight", w.1)?;
+        if w_in != in_dim {
+            bail!("{name}: x is [{rows}, {in_dim}] but weight is [{out_dim}, {w_in}]");
+        }
+        let wt = w.1.transpose(0, 1)?;
+        let product = x.0.matmul(w.0, (1, rows, out_dim, in_dim), x.1, &wt)?;
+        let shape = Shape::from((rows, out_dim));
+        let out = match bias {
+            Some((s, l)) => {
+                if dims1(name, "bias", l)? != out_dim {
+                    bail!("{name}: bias {:?} for {out_dim} outputs", l.dims());
+                }
+                product.binary_impl::<candle_core::op::Add>(
+                    s,
+                    &Layout::contiguous(&shape),
+                    &l.broadcast_as(shape.clone())?,
+                )?
+            }
+            None => product,
+        };
+        Ok((out, shape))
+    }
 }
 
 impl CustomOp2 for Linear {
@@ -58,6 +94,17 @@ impl CustomOp2 for Linear {
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), None)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run_cuda((s1, l1), (s2, l2), None)
     }
 }
 
@@ -76,6 +123,19 @@ impl CustomOp3 for Linear {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.run((s1, l1), (s2, l2), Some((s3, l3)))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        self.run_cuda((s1, l1), (s2, l2), Some((s3, l3)))
     }
 }
 

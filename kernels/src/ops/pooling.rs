@@ -2,6 +2,8 @@ use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor, bail};
 
 use super::{dims1, dims2, f32_slice, u32_slice};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 /// Mean pooling per sequence over unpadded rows, then per-sequence L2 normalisation.
 ///
@@ -43,6 +45,34 @@ impl CustomOp3 for MeanPoolNormalize {
         let mut out = vec![0.0f32; batch * dim];
         cpu::mean_pool_normalize(hidden, dim, cu, flags, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((batch, dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+        s3: &candle_core::CudaStorage,
+        l3: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let (rows, dim) = dims2(self.name(), "hidden", l1)?;
+        let cu_len = dims1(self.name(), "cu_seqlens", l2)?;
+        let batch = dims1(self.name(), "normalize", l3)?;
+        if cu_len != batch + 1 {
+            bail!("{}: {cu_len} offsets for {batch} sequences", self.name());
+        }
+        // The kernel reads the rows the offsets name: they are checked on the host first.
+        cpu::check_cu_seqlens(&cuda::u32_to_host(self.name(), s2, l2)?, rows)?;
+        let hidden = cuda::f32_view(self.name(), s1, l1)?;
+        let cu = cuda::u32_view(self.name(), s2, l2)?;
+        let flags = cuda::u32_view(self.name(), s3, l3)?;
+        let mut out = cuda::alloc_f32(s1, batch * dim)?;
+        let stream = s1.device.cuda_stream();
+        // SAFETY: the offsets were checked against the rows just above.
+        unsafe { cuda::mean_pool_normalize(&stream, &hidden, dim, &cu, &flags, &mut out)? };
+        Ok((cuda::wrap(s1, out), Shape::from((batch, dim))))
     }
 }
 

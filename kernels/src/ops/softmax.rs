@@ -2,6 +2,8 @@ use candle_core::{CpuStorage, CustomOp2, Layout, Result, Shape, Tensor, bail};
 
 use super::{dims1, f32_slice, u32_slice};
 use crate::cpu;
+#[cfg(feature = "cuda")]
+use crate::cuda;
 
 /// Scaled softmax over the last dimension of padded attention scores, keys masked by length.
 ///
@@ -50,6 +52,42 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         let mut out = vec![0.0f32; scores.len()];
         cpu::scaled_masked_softmax(scores, dims, lengths, self.scale, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        s1: &candle_core::CudaStorage,
+        l1: &Layout,
+        s2: &candle_core::CudaStorage,
+        l2: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        let dims: [usize; 4] = match l1.dims() {
+            &[b, h, q, k] => [b, h, q, k],
+            d => bail!("{}: scores must be rank 4, got {d:?}", self.name()),
+        };
+        if dims1(self.name(), "lengths", l2)? != dims[0] {
+            bail!(
+                "{}: lengths {:?} for batch {}",
+                self.name(),
+                l2.dims(),
+                dims[0]
+            );
+        }
+        // The CPU op refuses a length above k_len; the same check needs the (batch-sized)
+        // lengths on the host.
+        if cuda::u32_to_host(self.name(), s2, l2)?
+            .iter()
+            .any(|&l| l as usize > dims[3])
+        {
+            bail!("{}: a length exceeds k_len {}", self.name(), dims[3]);
+        }
+        let scores = cuda::f32_view(self.name(), s1, l1)?;
+        let lengths = cuda::u32_view(self.name(), s2, l2)?;
+        let mut out = cuda::alloc_f32(s1, scores.len())?;
+        let stream = s1.device.cuda_stream();
+        cuda::scaled_masked_softmax(&stream, &scores, &lengths, dims, self.scale, &mut out)?;
+        Ok((cuda::wrap(s1, out), l1.shape().clone()))
     }
 }
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Builds fleet-kernels with the `cuda` feature: the CUDA kernels (nvcc), their bindgen bindings,
+# candle's CUDA backend, and the test and bench binaries (compile and link only: nothing here
+# needs a GPU). Installs the toolchain first if missing (ops/install-cuda-toolchain.sh).
+#
+# Output goes to target/cuda (CARGO_TARGET_DIR) so that it never invalidates the main build.
+# Extra arguments go to cargo, e.g. `ops/build-cuda.sh --release`.
+#
+# Environment (all optional):
+#   FLEET_CUDA_COMPUTE_CAPS  our kernels' targets, SASS + PTX each (default 80,90)
+#   CUDA_COMPUTE_CAP         candle-kernels' single target; its PTX is JIT-compiled by newer GPUs
+#                            (default 80)
+set -euo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+
+"$repo/ops/install-cuda-toolchain.sh" >/dev/null
+eval "$("$repo/ops/install-cuda-toolchain.sh" --env)"
+
+export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
+export FLEET_CUDA_COMPUTE_CAPS="${FLEET_CUDA_COMPUTE_CAPS:-80,90}"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/cuda}"
+
+start=$(date +%s)
+cargo build -p fleet-kernels --features cuda --all-targets "$@"
+echo "cuda build finished in $(( $(date +%s) - start ))s (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
