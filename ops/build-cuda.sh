@@ -25,3 +25,34 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/cuda}"
 start=$(date +%s)
 cargo build -p fleet-kernels --features cuda --all-targets "$@"
 echo "cuda build finished in $(( $(date +%s) - start ))s (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
+
+# The GPU test and bench executables, copied to one folder that ops/gpu-check.sh runs on a GPU
+# machine (no cargo or registry needed there). The same command again is a no-op build that
+# reports the executables' paths.
+bundle="$CARGO_TARGET_DIR/gpu-bundle"
+rm -rf "$bundle"
+mkdir -p "$bundle"
+cargo build -p fleet-kernels --features cuda --all-targets --message-format=json "$@" |
+  python3 -c '
+import json, shutil, sys
+wanted = {("test", "cuda_ops"), ("bench", "cuda_fused")}
+for line in sys.stdin:
+    try:
+        m = json.loads(line)
+    except ValueError:
+        continue
+    t = m.get("target") or {}
+    kinds = t.get("kind") or []
+    for kind in kinds:
+        if (kind, t.get("name")) in wanted and m.get("executable"):
+            shutil.copy2(m["executable"], sys.argv[1] + "/" + t["name"])
+            print("bundled", m["executable"], file=sys.stderr)
+' "$bundle"
+for exe in cuda_ops cuda_fused; do
+  if [[ ! -x "$bundle/$exe" ]]; then
+    echo "error: $exe was not built" >&2
+    exit 1
+  fi
+done
+cp "$repo/ops/gpu-check.sh" "$bundle/"
+echo "GPU bundle: $bundle (copy it, the model and the fixture to a GPU machine; see ops/gpu-check.sh)" >&2
