@@ -69,7 +69,11 @@ pub struct DispatcherConfig {
     #[arg(long, env = "FLEET_DLQ_MAX_AGE_SECS", default_value_t = 604_800)]
     pub dlq_max_age_secs: u64,
     /// Address of the Prometheus endpoint.
-    #[arg(long, env = "FLEET_DISPATCHER_METRICS_ADDR", default_value = "127.0.0.1:9464")]
+    #[arg(
+        long,
+        env = "FLEET_DISPATCHER_METRICS_ADDR",
+        default_value = "127.0.0.1:9464"
+    )]
     pub metrics_addr: SocketAddr,
 }
 

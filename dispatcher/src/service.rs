@@ -125,6 +125,9 @@ impl Dispatcher {
         Ok(())
     }
 
+    /// Takes a slot for the request (waiting at most the publish timeout, else `overloaded`),
+    /// then admits, publishes and answers it on its own task, so verification runs on every
+    /// core while the subscription keeps being drained.
     async fn handle(self: Arc<Self>, message: Message) {
         let Some(ingress) = subject::parse_ingress(&message.subject) else {
             return;
@@ -139,31 +142,6 @@ impl Dispatcher {
             tracing::warn!(subject = %message.subject, "infer request without a reply subject dropped");
             return;
         }
-        let admitted = self
-            .validator
-            .admit(&model, &message.payload, now_ms())
-            .and_then(|admitted| {
-                if self.rate_limits.try_take(&admitted.job.tenant) {
-                    Ok(admitted)
-                } else {
-                    Err(Rejection {
-                        job_id: admitted.job.job_id.clone(),
-                        tenant: admitted.job.tenant.clone(),
-                        error: ErrorBody::new(
-                            ErrorCode::RateLimited,
-                            format!("tenant {:?} is over its rate limit", admitted.job.tenant),
-                        ),
-                    })
-                }
-            });
-        let admitted = match admitted {
-            Ok(admitted) => admitted,
-            Err(rejection) => {
-                self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
-                    .await;
-                return;
-            }
-        };
         let slot = match tokio::time::timeout(
             self.publish_timeout,
             self.publish_slots.clone().acquire_owned(),
@@ -172,18 +150,45 @@ impl Dispatcher {
         {
             Ok(Ok(slot)) => slot,
             _ => {
-                let rejection = overloaded(&admitted, "too many jobs awaiting the queue's ack");
+                let rejection = Rejection {
+                    job_id: String::new(),
+                    tenant: String::new(),
+                    error: ErrorBody::new(
+                        ErrorCode::Overloaded,
+                        "too many jobs awaiting the queue's ack",
+                    ),
+                };
                 self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
                     .await;
                 return;
             }
         };
-        let this = self.clone();
         tokio::spawn(async move {
-            let outcome = this.publish(&message, &admitted, reply_to_job).await;
-            this.answer(&message, &model, reply_to_job, outcome).await;
+            let outcome = match self.admit(&model, &message.payload) {
+                Ok(admitted) => self.publish(&message, &admitted, reply_to_job).await,
+                Err(rejection) => Outcome::Rejected(rejection),
+            };
+            self.answer(&message, &model, reply_to_job, outcome).await;
             drop(slot);
         });
+    }
+
+    /// Every stateless check, then the tenant's rate limit (last, so refused jobs spend no
+    /// tokens).
+    fn admit(&self, model: &str, payload: &[u8]) -> Result<Admitted, Rejection> {
+        let admitted = self.validator.admit(model, payload, now_ms())?;
+        if self.rate_limits.try_take(&admitted.job.tenant) {
+            Ok(admitted)
+        } else {
+            Err(Rejection {
+                job_id: admitted.job.job_id.clone(),
+                tenant: admitted.job.tenant.clone(),
+                error: ErrorBody::new(
+                    ErrorCode::RateLimited,
+                    format!("tenant {:?} is over its rate limit", admitted.job.tenant),
+                ),
+            })
+        }
     }
 
     async fn publish(&self, message: &Message, admitted: &Admitted, reply_to_job: bool) -> Outcome {
