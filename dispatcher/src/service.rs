@@ -31,8 +31,8 @@ pub enum ServeError {
         subject: &'static str,
         source: async_nats::SubscribeError,
     },
-    #[error("cannot flush subscriptions to the server: {0}")]
-    Flush(async_nats::client::FlushError),
+    #[error("the server did not confirm the subscriptions: {0}")]
+    Confirm(async_nats::jetstream::context::GetStreamError),
 }
 
 /// Everything one dispatcher needs to handle requests; shared by its request tasks.
@@ -93,7 +93,7 @@ enum Outcome {
 
 impl Dispatcher {
     /// Joins the queue group on both ingress subjects; requests are taken from the moment
-    /// this returns (the subscriptions are flushed to the server).
+    /// this returns.
     pub async fn listen(self: Arc<Self>) -> Result<Listening, ServeError> {
         let group = subject::DISPATCHER_QUEUE_GROUP.to_owned();
         let mut subscriptions = Vec::new();
@@ -108,7 +108,12 @@ impl Dispatcher {
                 })?;
             subscriptions.push(subscription);
         }
-        self.client.flush().await.map_err(ServeError::Flush)?;
+        // `flush` only empties the client's buffer; a round trip on the same connection proves
+        // the server has registered the subscriptions (it handles one connection in order).
+        self.jetstream
+            .get_stream(subject::JOBS_STREAM)
+            .await
+            .map_err(ServeError::Confirm)?;
         tracing::info!(name = %self.name, "dispatcher serving");
         Ok(Listening {
             dispatcher: self,
