@@ -1,0 +1,55 @@
+//! `fleet keygen` writes a secret key only its owner can read, never overwrites one, and prints
+//! a tenants entry the dispatcher accepts for exactly that key.
+
+use std::{os::unix::fs::PermissionsExt, process::Command};
+
+use fleet_client::Tenant;
+use fleet_dispatcher::{StaticTenants, TenantStore};
+
+#[test]
+fn keygen_writes_a_private_key_and_a_matching_tenants_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let key_path = dir.path().join("acme-key.toml");
+    let output = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["keygen", "--tenant", "acme", "--key-id", "acme-1", "--out"])
+        .arg(&key_path)
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let mode = std::fs::metadata(&key_path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let tenant = Tenant::from_key_file(&key_path).expect("the key file loads");
+    assert_eq!(tenant.name, "acme");
+    let entry = String::from_utf8(output.stdout).unwrap();
+    let tenants = StaticTenants::from_toml(&entry).expect("the printed entry is a tenants file");
+    let registered = tenants.key("acme-1").expect("key registered");
+    assert_eq!(registered.tenant, "acme");
+    assert_eq!(registered.public_key, tenant.key.verifying_key());
+
+    let again = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["keygen", "--tenant", "acme", "--out"])
+        .arg(&key_path)
+        .output()
+        .unwrap();
+    assert!(
+        !again.status.success(),
+        "an existing key must not be overwritten"
+    );
+    assert_eq!(
+        Tenant::from_key_file(&key_path).unwrap().key.secret_hex(),
+        tenant.key.secret_hex()
+    );
+}
+
+#[test]
+fn keygen_refuses_names_that_cannot_be_subject_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args(["keygen", "--tenant", "acme.corp", "--out"])
+        .arg(dir.path().join("k.toml"))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(!dir.path().join("k.toml").exists());
+}
