@@ -81,12 +81,41 @@ pub struct Difference {
     pub found: String,
 }
 
-fn describe(differences: &[Difference]) -> String {
+/// Renders differences for an error message: `field (wanted X, found Y), ...`.
+pub fn describe(differences: &[Difference]) -> String {
     differences
         .iter()
         .map(|d| format!("{} (wanted {}, found {})", d.field, d.wanted, d.found))
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// Compares, setting by setting, what was asked of the server with what it holds.
+#[derive(Debug, Default)]
+pub struct Comparison {
+    differences: Vec<Difference>,
+}
+
+impl Comparison {
+    pub fn field<T: std::fmt::Debug + PartialEq>(
+        mut self,
+        field: &'static str,
+        wanted: &T,
+        found: &T,
+    ) -> Self {
+        if wanted != found {
+            self.differences.push(Difference {
+                field,
+                wanted: format!("{wanted:?}"),
+                found: format!("{found:?}"),
+            });
+        }
+        self
+    }
+
+    pub fn finish(self) -> Vec<Difference> {
+        self.differences
+    }
 }
 
 /// How JetStream spells "no limit"; the server stores it so, whatever zero the client sent.
@@ -138,62 +167,21 @@ pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
 
 /// The settings Fleet defines that differ between `wanted` and `found`.
 pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Difference> {
-    let mut out = Vec::new();
-    let mut check = |field: &'static str, wanted: String, found: String| {
-        if wanted != found {
-            out.push(Difference {
-                field,
-                wanted,
-                found,
-            });
-        }
-    };
-    check(
-        "subjects",
-        format!("{:?}", wanted.subjects),
-        format!("{:?}", found.subjects),
-    );
-    check(
-        "retention",
-        format!("{:?}", wanted.retention),
-        format!("{:?}", found.retention),
-    );
-    check(
-        "storage",
-        format!("{:?}", wanted.storage),
-        format!("{:?}", found.storage),
-    );
-    check(
-        "discard",
-        format!("{:?}", wanted.discard),
-        format!("{:?}", found.discard),
-    );
-    check(
-        "max_messages",
-        wanted.max_messages.to_string(),
-        found.max_messages.to_string(),
-    );
-    check(
-        "max_bytes",
-        wanted.max_bytes.to_string(),
-        found.max_bytes.to_string(),
-    );
-    check(
-        "max_age",
-        format!("{:?}", wanted.max_age),
-        format!("{:?}", found.max_age),
-    );
-    check(
-        "duplicate_window",
-        format!("{:?}", wanted.duplicate_window),
-        format!("{:?}", found.duplicate_window),
-    );
-    check(
-        "allow_direct",
-        wanted.allow_direct.to_string(),
-        found.allow_direct.to_string(),
-    );
-    out
+    Comparison::default()
+        .field("subjects", &wanted.subjects, &found.subjects)
+        .field("retention", &wanted.retention, &found.retention)
+        .field("storage", &wanted.storage, &found.storage)
+        .field("discard", &wanted.discard, &found.discard)
+        .field("max_messages", &wanted.max_messages, &found.max_messages)
+        .field("max_bytes", &wanted.max_bytes, &found.max_bytes)
+        .field("max_age", &wanted.max_age, &found.max_age)
+        .field(
+            "duplicate_window",
+            &wanted.duplicate_window,
+            &found.duplicate_window,
+        )
+        .field("allow_direct", &wanted.allow_direct, &found.allow_direct)
+        .finish()
 }
 
 /// Creates the stream if it is missing, then insists the server holds exactly Fleet's settings.

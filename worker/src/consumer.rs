@@ -10,7 +10,7 @@ use async_nats::jetstream::{
     stream::ConsumerError,
 };
 use fleet_schemas::subject;
-use fleet_streams::{TopologyError, existing_stream};
+use fleet_streams::{Comparison, Difference, TopologyError, describe, existing_stream};
 
 /// The consumer settings Fleet defines and insists on.
 #[derive(Debug, Clone, PartialEq)]
@@ -38,46 +38,25 @@ impl ConsumerSettings {
         }
     }
 
-    /// Fields of `found` that are not what these settings ask for, as `(field, wanted, found)`.
-    pub fn differences(&self, found: &consumer::Config) -> Vec<(&'static str, String, String)> {
+    /// Settings of `found` that are not what these settings ask for.
+    pub fn differences(&self, found: &consumer::Config) -> Vec<Difference> {
         let wanted = self.pull_config();
-        let mut out = Vec::new();
-        let mut check = |field, wanted: String, found: String| {
-            if wanted != found {
-                out.push((field, wanted, found));
-            }
-        };
-        check(
-            "filter_subject",
-            wanted.filter_subject,
-            found.filter_subject.clone(),
-        );
-        check(
-            "ack_policy",
-            format!("{:?}", wanted.ack_policy),
-            format!("{:?}", found.ack_policy),
-        );
-        check(
-            "ack_wait",
-            format!("{:?}", wanted.ack_wait),
-            format!("{:?}", found.ack_wait),
-        );
-        check(
-            "max_deliver",
-            wanted.max_deliver.to_string(),
-            found.max_deliver.to_string(),
-        );
-        check(
-            "backoff",
-            format!("{:?}", wanted.backoff),
-            format!("{:?}", found.backoff),
-        );
-        check(
-            "max_ack_pending",
-            wanted.max_ack_pending.to_string(),
-            found.max_ack_pending.to_string(),
-        );
-        out
+        Comparison::default()
+            .field(
+                "filter_subject",
+                &wanted.filter_subject,
+                &found.filter_subject,
+            )
+            .field("ack_policy", &wanted.ack_policy, &found.ack_policy)
+            .field("ack_wait", &wanted.ack_wait, &found.ack_wait)
+            .field("max_deliver", &wanted.max_deliver, &found.max_deliver)
+            .field("backoff", &wanted.backoff, &found.backoff)
+            .field(
+                "max_ack_pending",
+                &wanted.max_ack_pending,
+                &found.max_ack_pending,
+            )
+            .finish()
     }
 }
 
@@ -95,16 +74,8 @@ pub enum ConsumerSetupError {
     )]
     Mismatch {
         name: String,
-        differences: Vec<(&'static str, String, String)>,
+        differences: Vec<Difference>,
     },
-}
-
-fn describe(differences: &[(&'static str, String, String)]) -> String {
-    differences
-        .iter()
-        .map(|(field, wanted, found)| format!("{field} (wanted {wanted}, found {found})"))
-        .collect::<Vec<_>>()
-        .join(", ")
 }
 
 /// Waits, logging now and then, until the dispatcher has made Fleet's three streams.

@@ -530,7 +530,7 @@ async fn a_consumer_with_other_settings_is_refused() {
     let err = consumer::bind(&fleet.js, &other).await.unwrap_err();
     match err {
         ConsumerSetupError::Mismatch { differences, .. } => {
-            let fields: Vec<_> = differences.iter().map(|d| d.0).collect();
+            let fields: Vec<_> = differences.iter().map(|d| d.field).collect();
             assert_eq!(fields, ["max_deliver"]);
         }
         other => panic!("expected a mismatch, got {other}"),
