@@ -45,3 +45,31 @@ pub async fn serve_metrics(
     tracing::info!(%local_addr, "serving metrics");
     Ok(MetricsServer { local_addr })
 }
+
+#[cfg(test)]
+mod tests {
+    use prometheus_client::metrics::counter::Counter;
+    use tokio::net::TcpStream;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn a_scrape_returns_the_registered_metrics() {
+        let mut registry = Registry::default();
+        let jobs = Counter::<u64>::default();
+        registry.register("fleet_test_jobs", "Jobs seen by the test", jobs.clone());
+        jobs.inc_by(3);
+        let server = serve_metrics("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
+            .await
+            .expect("binds");
+        let mut socket = TcpStream::connect(server.local_addr).await.expect("connects");
+        socket
+            .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut response = String::new();
+        socket.read_to_string(&mut response).await.unwrap();
+        assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+        assert!(response.contains("fleet_test_jobs_total 3"), "{response}");
+    }
+}
