@@ -7,7 +7,7 @@
 //! the stream of candle's [`CudaDevice`](candle_core::CudaDevice). Launches are asynchronous.
 
 use candle_core::{CudaStorage, Layout};
-use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut, DeviceSlice};
+use cudarc::driver::{CudaSlice, CudaStream, CudaView, DevicePtr, DevicePtrMut};
 
 #[allow(
     non_camel_case_types,
