@@ -3,10 +3,12 @@ use std::cell::RefCell;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{ShapeError, check_cu_seqlens, ensure, scaled_softmax_row};
+use super::softmax::{ROW_LANES, softmax_lane_row};
+use super::{ShapeError, check_cu_seqlens, ensure, new_output};
 
 thread_local! {
-    /// Scores of one (sequence, head): up to `len x len` floats, reused across tasks.
+    /// Scores of one (sequence, head): `len` rows of `len` rounded up to [`ROW_LANES`] floats,
+    /// reused across tasks.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
 }
 
@@ -33,20 +35,20 @@ impl OutPtr {
 ///   layer whose weight is the query, key and value weights stacked.
 /// * `cu_seqlens`: `[B + 1]` offsets (see the crate docs). A token attends to all tokens of
 ///   its own sequence and to nothing else, so no mask and no padding exist.
-/// * `out`: row-major `[T, heads * head_dim]`, heads side by side like the input of BERT's
-///   attention output projection:
-///   `out(t, h) = sum_j softmax_j(scale * q(t, h) · k(j, h)) v(j, h)` over `j` in `t`'s sequence.
+///
+/// Returns row-major `[T, heads * head_dim]`, heads side by side like the input of BERT's
+/// attention output projection:
+/// `out(t, h) = sum_j softmax_j(scale * q(t, h) · k(j, h)) v(j, h)` over `j` in `t`'s sequence.
 ///
 /// One task per (sequence, head) on rayon; within a task two single-threaded gemm calls and
-/// the softmax of [`scaled_softmax_row`].
+/// a softmax with the semantics of [`super::scaled_softmax_row`].
 pub fn varlen_attention(
     qkv: &[f32],
     cu_seqlens: &[u32],
     heads: usize,
     head_dim: usize,
     scale: f32,
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<Vec<f32>, ShapeError> {
     let hidden = heads * head_dim;
     ensure(hidden > 0 && qkv.len().is_multiple_of(3 * hidden), || {
         format!(
@@ -55,14 +57,27 @@ pub fn varlen_attention(
         )
     })?;
     let tokens = qkv.len() / (3 * hidden);
-    let batch = check_cu_seqlens(cu_seqlens, tokens)?;
-    ensure(out.len() == tokens * hidden, || {
-        format!(
-            "varlen_attention: out has {} values, need {tokens} x {hidden}",
-            out.len()
-        )
-    })?;
-    let out_ptr = OutPtr(out.as_mut_ptr());
+    check_cu_seqlens(cu_seqlens, tokens)?;
+    // SAFETY: the sequences cover all `tokens` rows (checked by `check_cu_seqlens`) and every
+    // (sequence, head) task writes all its rows' `head_dim` columns through gemm.
+    Ok(unsafe {
+        new_output(tokens * hidden, |out| {
+            attend(qkv, cu_seqlens, heads, head_dim, scale, out);
+        })
+    })
+}
+
+fn attend(
+    qkv: &[f32],
+    cu_seqlens: &[u32],
+    heads: usize,
+    head_dim: usize,
+    scale: f32,
+    out: &mut [std::mem::MaybeUninit<f32>],
+) {
+    let hidden = heads * head_dim;
+    let batch = cu_seqlens.len() - 1;
+    let out_ptr = OutPtr(out.as_mut_ptr().cast::<f32>());
     let qkv_stride = 3 * hidden;
     (0..batch * heads).into_par_iter().for_each(|task| {
         let (b, h) = (task / heads, task % heads);
@@ -72,12 +87,17 @@ pub fn varlen_attention(
             return;
         }
         SCORES.with_borrow_mut(|scores| {
-            scores.resize(len * len, 0.0);
+            // Rows padded to whole vectors; the padding holds -inf, so it gets probability ~0
+            // and is never read by the second product (its k is `len`).
+            let ld = len.next_multiple_of(ROW_LANES);
+            scores.clear();
+            scores.resize(len * ld, f32::NEG_INFINITY);
             let q = qkv[start * qkv_stride + h * head_dim..].as_ptr();
             let k = qkv[start * qkv_stride + (heads + h) * head_dim..].as_ptr();
             let v = qkv[start * qkv_stride + (2 * heads + h) * head_dim..].as_ptr();
             // SAFETY: rows `start..start + len` lie inside `qkv` (checked through cu_seqlens),
-            // and each head's `head_dim` columns inside a row; `scores` holds `len x len`.
+            // and each head's `head_dim` columns inside a row; `scores` holds `len` rows of
+            // `ld >= len`.
             unsafe {
                 gemm(
                     len,
@@ -85,7 +105,7 @@ pub fn varlen_attention(
                     head_dim,
                     scores.as_mut_ptr(),
                     1,
-                    len as isize,
+                    ld as isize,
                     false,
                     q,
                     1,
@@ -94,19 +114,21 @@ pub fn varlen_attention(
                     qkv_stride as isize,
                     1,
                     0.0,
-                    1.0,
+                    scale,
                     false,
                     false,
                     false,
                     Parallelism::None,
                 );
             }
-            for row in scores.chunks_exact_mut(len) {
-                scaled_softmax_row(row, len, scale);
+            // The scale is already applied (gemm's beta).
+            for row in scores.chunks_exact_mut(ld) {
+                softmax_lane_row(row);
             }
             // SAFETY: as above for `v` and `scores`; the destination is rows
             // `start..start + len`, columns `h * head_dim..(h + 1) * head_dim` of `out`, which
-            // no other task writes, and `out` outlives the parallel loop.
+            // no other task writes, and `out` outlives the parallel loop. gemm writes it
+            // without reading it (read_dst = false).
             unsafe {
                 gemm(
                     len,
@@ -118,7 +140,7 @@ pub fn varlen_attention(
                     false,
                     scores.as_ptr(),
                     1,
-                    len as isize,
+                    ld as isize,
                     v,
                     1,
                     qkv_stride as isize,
@@ -132,5 +154,4 @@ pub fn varlen_attention(
             }
         });
     });
-    Ok(())
 }

@@ -1,23 +1,24 @@
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::simd::simd_fn;
-use super::{ShapeError, ensure, rows_per_task};
+use super::{ShapeError, ensure, new_output, rows_per_task};
 
-/// Lanes of the partial sums: wide enough for one AVX2 register pair, so the reductions
-/// vectorise (float addition is not reassociated by the compiler on its own).
+/// Lanes of the partial sums: one AVX-512 register, so the reductions vectorise (float
+/// addition is not reassociated by the compiler on its own).
 const LANES: usize = 16;
 
-/// `out = layer_norm(x + residual) * weight + bias` over rows of `weight.len()` values
-/// (row-major `x`, `residual`, `out`, all of the same length), with the biased variance and
-/// `eps` inside the square root, as `torch.nn.LayerNorm`.
+/// `layer_norm(x + residual) * weight + bias` over rows of `weight.len()` values (row-major
+/// `x` and `residual` of the same length), with the biased variance and `eps` inside the
+/// square root, as `torch.nn.LayerNorm`.
 pub fn add_layer_norm(
     x: &[f32],
     residual: &[f32],
     weight: &[f32],
     bias: &[f32],
     eps: f32,
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<Vec<f32>, ShapeError> {
     let n = weight.len();
     ensure(n > 0 && bias.len() == n, || {
         format!(
@@ -26,21 +27,24 @@ pub fn add_layer_norm(
         )
     })?;
     ensure(
-        x.len().is_multiple_of(n) && residual.len() == x.len() && out.len() == x.len(),
+        x.len().is_multiple_of(n) && residual.len() == x.len(),
         || {
             format!(
-                "add_layer_norm: x {}, residual {}, out {} values; need rows x {n} each",
+                "add_layer_norm: x {}, residual {} values; need rows x {n} each",
                 x.len(),
                 residual.len(),
-                out.len()
             )
         },
     )?;
     let chunk = rows_per_task(n, 1 << 14) * n;
-    out.par_chunks_mut(chunk)
-        .zip(x.par_chunks(chunk).zip(residual.par_chunks(chunk)))
-        .for_each(|(o, (x, r))| add_layer_norm_chunk(x, r, weight, bias, eps, o));
-    Ok(())
+    // SAFETY: the chunks cover the output and `add_layer_norm_chunk` writes every element.
+    Ok(unsafe {
+        new_output(x.len(), |out| {
+            out.par_chunks_mut(chunk)
+                .zip(x.par_chunks(chunk).zip(residual.par_chunks(chunk)))
+                .for_each(|(o, (x, r))| add_layer_norm_chunk(x, r, weight, bias, eps, o));
+        })
+    })
 }
 
 simd_fn! {
@@ -50,7 +54,7 @@ simd_fn! {
         weight: &[f32],
         bias: &[f32],
         eps: f32,
-        out: &mut [f32],
+        out: &mut [MaybeUninit<f32>],
     ) {
         let n = weight.len();
         for ((o, x), r) in out
@@ -58,29 +62,32 @@ simd_fn! {
             .zip(x.chunks_exact(n))
             .zip(residual.chunks_exact(n))
         {
-            // The sum goes to `o` first; the row then stays in L1 for the two passes below.
-            for ((o, &x), &r) in o.iter_mut().zip(x).zip(r) {
-                *o = x + r;
-            }
-            let mean = lane_sum(o, |v| v) / n as f32;
-            let var = lane_sum(o, |v| (v - mean) * (v - mean)) / n as f32;
+            // Three passes over a row that stays in L1: sum, squared deviations, output.
+            let mean = lane_sum(x, r, |v| v) / n as f32;
+            let var = lane_sum(x, r, |v| (v - mean) * (v - mean)) / n as f32;
             let inv = 1.0 / (var + eps).sqrt();
-            for ((o, &w), &b) in o.iter_mut().zip(weight).zip(bias) {
-                *o = (*o - mean) * inv * w + b;
+            for ((((o, &x), &r), &w), &b) in o.iter_mut().zip(x).zip(r).zip(weight).zip(bias) {
+                o.write((x + r - mean) * inv * w + b);
             }
         }
     }
 }
 
+/// `sum_i f(x[i] + r[i])`, accumulated in `LANES` independent partial sums.
 #[inline(always)]
-fn lane_sum(v: &[f32], f: impl Fn(f32) -> f32) -> f32 {
+fn lane_sum(x: &[f32], r: &[f32], f: impl Fn(f32) -> f32) -> f32 {
     let mut acc = [0.0f32; LANES];
-    let mut chunks = v.chunks_exact(LANES);
-    for c in &mut chunks {
-        for (a, &x) in acc.iter_mut().zip(c) {
-            *a += f(x);
+    let (xc, rc) = (x.chunks_exact(LANES), r.chunks_exact(LANES));
+    let tail: f32 = xc
+        .remainder()
+        .iter()
+        .zip(rc.remainder())
+        .map(|(&x, &r)| f(x + r))
+        .sum();
+    for (xs, rs) in xc.zip(rc) {
+        for ((a, &x), &r) in acc.iter_mut().zip(xs).zip(rs) {
+            *a += f(x + r);
         }
     }
-    let tail: f32 = chunks.remainder().iter().map(|&x| f(x)).sum();
     acc.iter().sum::<f32>() + tail
 }

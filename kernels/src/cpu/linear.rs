@@ -1,21 +1,23 @@
+use std::mem::MaybeUninit;
+
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{ShapeError, ensure};
+use super::{ShapeError, ensure, new_output};
 
-/// `out = x · weightᵀ (+ bias)`: `x` row-major `[rows, in_dim]`, `weight` row-major
+/// `x · weightᵀ (+ bias)`: `x` row-major `[rows, in_dim]`, `weight` row-major
 /// `[out_dim, in_dim]` (PyTorch's `nn.Linear` layout, read in place: gemm packs it as it goes,
-/// so no transposed copy is kept), `bias` `[out_dim]`, `out` row-major `[rows, out_dim]`.
+/// so no transposed copy is kept), `bias` `[out_dim]`; returns row-major `[rows, out_dim]`.
 ///
-/// Runs on all of rayon's threads (gemm splits the product); with a bias, `out` is first filled
-/// with it and gemm accumulates onto it, so the bias costs no extra pass over the product.
+/// Runs on all of rayon's threads (gemm splits the product). With a bias the output is first
+/// filled with it and gemm accumulates onto it, so the bias costs no extra pass over the
+/// product; without one gemm writes the output without reading it.
 pub fn linear(
     x: &[f32],
     in_dim: usize,
     weight: &[f32],
     bias: Option<&[f32]>,
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<Vec<f32>, ShapeError> {
     ensure(in_dim > 0 && x.len().is_multiple_of(in_dim), || {
         format!("linear: {} input values are not rows of {in_dim}", x.len())
     })?;
@@ -27,24 +29,36 @@ pub fn linear(
     })?;
     let rows = x.len() / in_dim;
     let out_dim = weight.len() / in_dim;
-    ensure(out.len() == rows * out_dim, || {
-        format!(
-            "linear: out has {} values, need {rows} x {out_dim}",
-            out.len()
-        )
-    })?;
     if let Some(b) = bias {
         ensure(b.len() == out_dim, || {
             format!("linear: bias has {} values, need {out_dim}", b.len())
         })?;
     }
     if rows == 0 || out_dim == 0 {
-        return Ok(());
+        return Ok(Vec::new());
     }
+    // SAFETY: with a bias every element is written by the fill, then read and written by gemm;
+    // without one gemm writes every element of the `rows x out_dim` product (read_dst = false:
+    // alpha is zero and dst is only written).
+    Ok(unsafe { new_output(rows * out_dim, |out| product(x, in_dim, weight, bias, out)) })
+}
+
+fn product(
+    x: &[f32],
+    in_dim: usize,
+    weight: &[f32],
+    bias: Option<&[f32]>,
+    out: &mut [MaybeUninit<f32>],
+) {
+    let rows = x.len() / in_dim;
+    let out_dim = weight.len() / in_dim;
     if let Some(b) = bias {
         out.par_chunks_mut(out_dim * 64).for_each(|c| {
-            c.chunks_exact_mut(out_dim)
-                .for_each(|r| r.copy_from_slice(b))
+            for r in c.chunks_exact_mut(out_dim) {
+                for (o, &b) in r.iter_mut().zip(b) {
+                    o.write(b);
+                }
+            }
         });
     }
     // SAFETY: the pointers and strides describe exactly the checked slices: `out` and `x` are
@@ -56,7 +70,7 @@ pub fn linear(
             rows,
             out_dim,
             in_dim,
-            out.as_mut_ptr(),
+            out.as_mut_ptr().cast::<f32>(),
             1,
             out_dim as isize,
             bias.is_some(),
@@ -74,5 +88,4 @@ pub fn linear(
             Parallelism::Rayon(0),
         );
     }
-    Ok(())
 }

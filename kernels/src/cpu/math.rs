@@ -30,15 +30,21 @@ pub fn gelu(x: f32) -> f32 {
     0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
+/// Below this `exp` returns exactly 0 (the true value is under 2e-35).
+pub const EXP_ZERO_BELOW: f32 = -80.0;
+
 /// `exp(x)`, Cephes-style: `x = n ln2 + r`, a degree-6 polynomial for `exp(r)` and `2^n` built
-/// from the exponent bits. Relative error about 2 ulp. Inputs are clamped to [-87, 88], so it
-/// never returns infinity or a denormal (softmax only feeds it values <= 0).
+/// from the exponent bits. Relative error about 2 ulp on [-80, 88]; inputs above are clamped
+/// to 88 (no infinity), inputs below -80 (and -inf) give exactly 0. The cut-off is well above
+/// the smallest normal float on purpose: softmax scales these values by up to 1/256 and more,
+/// and denormal results cost a microcode assist each (it made the attention softmax 10x slower).
 #[inline(always)]
 #[allow(clippy::excessive_precision)] // the coefficients as published
 pub fn exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding it rounds to an integer held in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.0, 88.0);
+    let input = x;
+    let x = x.clamp(EXP_ZERO_BELOW, 88.0);
     let t = x * std::f32::consts::LOG2_E + ROUND;
     let n = t - ROUND;
     // ln 2 split in two so that `n * LN2_HI` is exact.
@@ -52,5 +58,9 @@ pub fn exp(x: f32) -> f32 {
     let y = (r * r) * p + r + 1.0;
     let ni = (t.to_bits() as i32).wrapping_sub(ROUND.to_bits() as i32);
     let scale = f32::from_bits(((ni + 127) << 23) as u32);
-    y * scale
+    if input < EXP_ZERO_BELOW {
+        0.0
+    } else {
+        y * scale
+    }
 }

@@ -1,7 +1,10 @@
 //! CPU kernels on `f32` slices.
 //!
 //! Every function here checks its slice lengths and returns [`ShapeError`] instead of panicking
-//! on inconsistent input; the candle ops in [`crate::ops`] map that to a candle error.
+//! on inconsistent input; the candle ops in [`crate::ops`] map that to a candle error. Outputs
+//! are returned as new row-major vectors.
+
+use std::mem::MaybeUninit;
 
 mod attention;
 mod gelu;
@@ -49,6 +52,23 @@ pub(crate) fn check_cu_seqlens(cu_seqlens: &[u32], rows: usize) -> Result<usize,
         format!("cu_seqlens ends at {last} but there are {rows} rows")
     })?;
     Ok(cu_seqlens.len() - 1)
+}
+
+/// Allocates `len` floats without zeroing them and lets `fill` write them: zeroing the outputs
+/// first cost about 6% of the encoder's time in memset alone.
+///
+/// # Safety
+///
+/// `fill` must initialise every element of the slice it gets.
+pub(crate) unsafe fn new_output(
+    len: usize,
+    fill: impl FnOnce(&mut [MaybeUninit<f32>]),
+) -> Vec<f32> {
+    let mut v = Vec::with_capacity(len);
+    fill(&mut v.spare_capacity_mut()[..len]);
+    // SAFETY: `fill` initialised all `len` elements (the caller's contract).
+    unsafe { v.set_len(len) };
+    v
 }
 
 /// Rows per rayon task so that each task touches about `target` floats: small enough to keep

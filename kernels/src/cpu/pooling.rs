@@ -1,7 +1,9 @@
+use std::mem::MaybeUninit;
+
 use rayon::prelude::*;
 
 use super::simd::simd_fn;
-use super::{ShapeError, check_cu_seqlens, ensure};
+use super::{ShapeError, check_cu_seqlens, ensure, new_output};
 
 /// Norm floor of the L2 normalisation, as `torch.nn.functional.normalize`.
 const NORM_EPS: f64 = 1e-12;
@@ -11,7 +13,8 @@ const NORM_EPS: f64 = 1e-12;
 /// * `hidden`: row-major `[T, dim]` in the varlen layout (see the crate docs).
 /// * `cu_seqlens`: `[B + 1]` offsets into the rows.
 /// * `normalize`: `[B]` flags, non-zero = divide the mean by `max(||mean||_2, 1e-12)`.
-/// * `out`: row-major `[B, dim]`. An empty sequence (no rows: fully masked) gives zeros.
+///
+/// Returns row-major `[B, dim]`. An empty sequence (no rows: fully masked) gives zeros.
 ///
 /// Sums are kept in `f64`: a pass over `T x dim` values is negligible next to the encoder.
 pub fn mean_pool_normalize(
@@ -19,8 +22,7 @@ pub fn mean_pool_normalize(
     dim: usize,
     cu_seqlens: &[u32],
     normalize: &[u32],
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<Vec<f32>, ShapeError> {
     ensure(dim > 0 && hidden.len().is_multiple_of(dim), || {
         format!(
             "mean_pool_normalize: {} values are not rows of {dim}",
@@ -28,26 +30,29 @@ pub fn mean_pool_normalize(
         )
     })?;
     let batch = check_cu_seqlens(cu_seqlens, hidden.len() / dim)?;
-    ensure(normalize.len() == batch && out.len() == batch * dim, || {
+    ensure(normalize.len() == batch, || {
         format!(
-            "mean_pool_normalize: {batch} sequences but {} flags and {} output values",
+            "mean_pool_normalize: {batch} sequences but {} flags",
             normalize.len(),
-            out.len()
         )
     })?;
-    out.par_chunks_mut(dim).enumerate().for_each(|(b, o)| {
-        let rows = &hidden[cu_seqlens[b] as usize * dim..cu_seqlens[b + 1] as usize * dim];
-        pool_one(rows, normalize[b] != 0, o);
-    });
-    Ok(())
+    // SAFETY: one chunk of `dim` per sequence covers the output; `pool_one` writes all of it.
+    Ok(unsafe {
+        new_output(batch * dim, |out| {
+            out.par_chunks_mut(dim).enumerate().for_each(|(b, o)| {
+                let rows = &hidden[cu_seqlens[b] as usize * dim..cu_seqlens[b + 1] as usize * dim];
+                pool_one(rows, normalize[b] != 0, o);
+            });
+        })
+    })
 }
 
 simd_fn! {
-    fn pool_one(rows: &[f32], normalize: bool, out: &mut [f32]) {
+    fn pool_one(rows: &[f32], normalize: bool, out: &mut [MaybeUninit<f32>]) {
         let dim = out.len();
         let count = rows.len() / dim;
         if count == 0 {
-            out.fill(0.0);
+            out.fill(MaybeUninit::new(0.0));
             return;
         }
         let mut acc = vec![0.0f64; dim];
@@ -64,7 +69,7 @@ simd_fn! {
             inv_count
         };
         for (o, a) in out.iter_mut().zip(&acc) {
-            *o = (a * scale) as f32;
+            o.write((a * scale) as f32);
         }
     }
 }

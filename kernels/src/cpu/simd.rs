@@ -1,9 +1,20 @@
-//! Run-time selection of an AVX2+FMA build of a kernel.
+//! Run-time selection of AVX-512 / AVX2+FMA builds of a kernel.
 //!
 //! The crate is compiled for the baseline target (no `target-cpu=native` is required), so each
-//! hot loop is compiled twice: once inside a `#[target_feature(enable = "avx2,fma")]` function,
-//! chosen at run time when the CPU has both, and once for the baseline as the fallback. Helpers
-//! called from the loops are `#[inline(always)]` so that they are compiled with the same features.
+//! hot loop is compiled three times: inside a `#[target_feature]` function for AVX-512, one for
+//! AVX2+FMA, and for the baseline; the widest the CPU supports is chosen at run time (the
+//! detection is cached by std). Helpers called from the loops are `#[inline(always)]` so that
+//! they are compiled with the same features.
+
+#[cfg(target_arch = "x86_64")]
+#[inline]
+pub(crate) fn has_avx512() -> bool {
+    std::arch::is_x86_feature_detected!("avx512f")
+        && std::arch::is_x86_feature_detected!("avx512bw")
+        && std::arch::is_x86_feature_detected!("avx512dq")
+        && std::arch::is_x86_feature_detected!("avx512vl")
+        && has_avx2_fma()
+}
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
@@ -11,8 +22,8 @@ pub(crate) fn has_avx2_fma() -> bool {
     std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
 }
 
-/// Defines `fn $name(args) -> ret { body }` that runs the body compiled for AVX2+FMA where the
-/// CPU supports it, and the baseline build otherwise.
+/// Defines `fn $name(args) -> ret { body }` that runs the body compiled for AVX-512 or
+/// AVX2+FMA where the CPU supports them, and the baseline build otherwise.
 macro_rules! simd_fn {
     ($(#[$meta:meta])* $vis:vis fn $name:ident($($arg:ident : $ty:ty),* $(,)?) $(-> $ret:ty)? $body:block) => {
         $(#[$meta])*
@@ -22,9 +33,17 @@ macro_rules! simd_fn {
 
             #[cfg(target_arch = "x86_64")]
             {
+                #[target_feature(enable = "avx512f,avx512bw,avx512dq,avx512vl,avx2,fma")]
+                fn avx512($($arg: $ty),*) $(-> $ret)? {
+                    imp($($arg),*)
+                }
                 #[target_feature(enable = "avx2,fma")]
                 fn avx2($($arg: $ty),*) $(-> $ret)? {
                     imp($($arg),*)
+                }
+                if $crate::cpu::simd::has_avx512() {
+                    // SAFETY: the CPU supports these features, checked just above.
+                    return unsafe { avx512($($arg),*) };
                 }
                 if $crate::cpu::simd::has_avx2_fma() {
                     // SAFETY: the CPU supports AVX2 and FMA, checked just above.

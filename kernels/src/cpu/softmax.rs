@@ -51,9 +51,39 @@ simd_fn! {
     }
 }
 
+/// Lanes of the padded rows of [`softmax_lane_row`].
+pub(crate) const ROW_LANES: usize = LANES;
+
+simd_fn! {
+    /// In place: `row = softmax(row)` for a row whose length is a multiple of [`ROW_LANES`],
+    /// padded at the end with `-inf` (which come out as exactly 0). Without a
+    /// scalar tail this runs at full vector width even for short rows, which is most rows of
+    /// attention over short texts.
+    pub(crate) fn softmax_lane_row(row: &mut [f32]) {
+        let mut acc = [f32::NEG_INFINITY; LANES];
+        for c in row.chunks_exact(LANES) {
+            for (a, &x) in acc.iter_mut().zip(c) {
+                *a = a.max(x);
+            }
+        }
+        let max = acc.iter().fold(f32::NEG_INFINITY, |m, &a| m.max(a));
+        let mut sums = [0.0f32; LANES];
+        for c in row.chunks_exact_mut(LANES) {
+            for (s, x) in sums.iter_mut().zip(c) {
+                *x = math::exp(*x - max);
+                *s += *x;
+            }
+        }
+        let inv = 1.0 / sums.iter().sum::<f32>();
+        for x in row.iter_mut() {
+            *x *= inv;
+        }
+    }
+}
+
 /// Scaled, key-masked softmax over padded attention scores.
 ///
-/// * `scores`, `out`: row-major `[batch, heads, q_len, k_len]`.
+/// * `scores`: row-major `[batch, heads, q_len, k_len]`; the result has the same layout.
 /// * `lengths`: `[batch]`; for batch entry `b` keys `j < lengths[b]` take part and the rest get
 ///   probability 0. Every query row is computed (padded query rows too, as the padded
 ///   reference implementations do). `lengths[b] == 0` gives rows of zeros.
@@ -64,15 +94,13 @@ pub fn scaled_masked_softmax(
     dims: [usize; 4],
     lengths: &[u32],
     scale: f32,
-    out: &mut [f32],
-) -> Result<(), ShapeError> {
+) -> Result<Vec<f32>, ShapeError> {
     let [batch, heads, q_len, k_len] = dims;
     let total = batch * heads * q_len * k_len;
-    ensure(scores.len() == total && out.len() == total, || {
+    ensure(scores.len() == total, || {
         format!(
-            "scaled_masked_softmax: scores {} and out {} values for dims {dims:?}",
+            "scaled_masked_softmax: {} scores for dims {dims:?}",
             scores.len(),
-            out.len()
         )
     })?;
     ensure(lengths.len() == batch, || {
@@ -84,10 +112,10 @@ pub fn scaled_masked_softmax(
     ensure(lengths.iter().all(|&l| l as usize <= k_len), || {
         format!("scaled_masked_softmax: a length exceeds k_len {k_len}")
     })?;
+    let mut out = scores.to_vec();
     if total == 0 {
-        return Ok(());
+        return Ok(out);
     }
-    out.copy_from_slice(scores);
     let rows_per_batch = heads * q_len;
     let rows = rows_per_task(k_len, 1 << 14);
     out.par_chunks_mut(rows * k_len)
@@ -98,5 +126,5 @@ pub fn scaled_masked_softmax(
                 scaled_softmax_row(row, lengths[b] as usize, scale);
             }
         });
-    Ok(())
+    Ok(out)
 }

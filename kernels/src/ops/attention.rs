@@ -53,8 +53,7 @@ impl CustomOp2 for VarlenAttention {
         let qkv = f32_slice(self.name(), s1, l1)?;
         let cu = u32_slice(self.name(), s2, l2)?;
         let hidden = self.heads * head_dim;
-        let mut out = vec![0.0f32; tokens * hidden];
-        cpu::varlen_attention(qkv, cu, self.heads, head_dim, self.scale, &mut out)?;
+        let out = cpu::varlen_attention(qkv, cu, self.heads, head_dim, self.scale)?;
         Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
     }
 

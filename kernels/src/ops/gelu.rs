@@ -34,8 +34,7 @@ impl CustomOp2 for BiasGelu {
         }
         let x = f32_slice(self.name(), s1, l1)?;
         let bias = f32_slice(self.name(), s2, l2)?;
-        let mut out = vec![0.0f32; x.len()];
-        cpu::bias_gelu(x, bias, &mut out)?;
+        let out = cpu::bias_gelu(x, bias)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

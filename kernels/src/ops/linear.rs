@@ -39,8 +39,7 @@ impl Linear {
         };
         let xs = f32_slice(name, x.0, x.1)?;
         let ws = f32_slice(name, w.0, w.1)?;
-        let mut out = vec![0.0f32; rows * out_dim];
-        cpu::linear(xs, in_dim, ws, bias, &mut out)?;
+        let out = cpu::linear(xs, in_dim, ws, bias)?;
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
 

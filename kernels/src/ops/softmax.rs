@@ -49,8 +49,7 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         }
         let scores = f32_slice(self.name(), s1, l1)?;
         let lengths = u32_slice(self.name(), s2, l2)?;
-        let mut out = vec![0.0f32; scores.len()];
-        cpu::scaled_masked_softmax(scores, dims, lengths, self.scale, &mut out)?;
+        let out = cpu::scaled_masked_softmax(scores, dims, lengths, self.scale)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
