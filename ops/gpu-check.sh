@@ -42,7 +42,8 @@ fi
 log="$(mktemp)"
 trap 'rm -f "$log"' EXIT
 # One test thread: the tests share the one device, and their output stays readable.
-"$bundle/cuda_ops" --test-threads=1 2>&1 | tee "$log"
+# --nocapture: the skip notices go to stderr, which libtest hides for passing tests.
+"$bundle/cuda_ops" --test-threads=1 --nocapture 2>&1 | tee "$log"
 if grep -q "SKIPPED: no CUDA device" "$log"; then
   echo "error: the CUDA tests were skipped (no usable CUDA device): nothing was checked" >&2
   exit 1
