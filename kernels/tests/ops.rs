@@ -2,7 +2,7 @@
 //! differ per case, over odd and real sizes. Tolerances are stated per test.
 
 use candle_core::{Device, Tensor};
-use fleet_kernels::cpu::math;
+use fleet_kernels::cpu::{SimdLevel, math, set_max_simd_level};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
@@ -78,8 +78,7 @@ fn fast_erf_and_exp_match_libm() {
 
 /// Tolerance 2e-6 + 1e-6 |y|: the erf approximation (1e-6 absolute on erf, halved and scaled by
 /// |x| in gelu) plus f32 rounding.
-#[test]
-fn bias_gelu_matches_f64_reference() {
+fn check_bias_gelu_matches_f64_reference() {
     for (case, &n) in HIDDEN_SIZES.iter().enumerate() {
         for (rows_case, rows) in [1usize, 5, 130].into_iter().enumerate() {
             let mut r = rng((case * 10 + rows_case) as u64);
@@ -102,8 +101,7 @@ fn bias_gelu_matches_f64_reference() {
 }
 
 /// Tolerance 1e-5 + 1e-5 |y|: f32 statistics over up to 1536 values.
-#[test]
-fn add_layer_norm_matches_f64_reference() {
+fn check_add_layer_norm_matches_f64_reference() {
     let eps = 1e-12f64;
     for (case, &n) in HIDDEN_SIZES.iter().enumerate() {
         for (rows_case, rows) in [1usize, 4, 67].into_iter().enumerate() {
@@ -170,8 +168,7 @@ fn softmax_ref(row: &[f32], valid: usize, scale: f64) -> Vec<f64> {
 }
 
 /// Tolerance 1e-6 absolute on probabilities; masked keys and fully masked rows exactly 0.
-#[test]
-fn scaled_masked_softmax_matches_f64_reference() {
+fn check_scaled_masked_softmax_matches_f64_reference() {
     for (case, &k_len) in LENGTHS.iter().enumerate() {
         let mut r = rng(200 + case as u64);
         let (batch, heads, q_len) = (3usize, 2usize, k_len.min(5));
@@ -214,8 +211,7 @@ fn scaled_masked_softmax_rejects_length_past_keys() {
 }
 
 /// Tolerance 1e-5 absolute: values in [-1, 1], f32 dot products over head_dim and keys.
-#[test]
-fn varlen_attention_matches_f64_reference() {
+fn check_varlen_attention_matches_f64_reference() {
     let cases: [(&[usize], usize, usize); 4] = [
         (&[1], 1, 7),
         (&[3, 17, 1], 3, 11),
@@ -285,8 +281,7 @@ fn varlen_attention_rejects_bad_offsets() {
 }
 
 /// Tolerance 1e-6 + 1e-6 |y|: f64 sums, one f32 rounding.
-#[test]
-fn mean_pool_normalize_matches_f64_reference() {
+fn check_mean_pool_normalize_matches_f64_reference() {
     for (case, &dim) in HIDDEN_SIZES.iter().enumerate() {
         let mut r = rng(400 + case as u64);
         // Lengths include 0: a fully masked sequence pools to zeros.
@@ -398,4 +393,44 @@ fn ops_reject_mismatched_shapes() {
     // f64 input is refused with an error, not a panic.
     let x64 = Tensor::zeros((2, 3), candle_core::DType::F64, &Device::Cpu).expect("zeros");
     assert!(fleet_kernels::bias_gelu(&x64, &tensor(&[0.0; 3], &[3])).is_err());
+}
+
+#[test]
+fn bias_gelu_matches_f64_reference() {
+    check_bias_gelu_matches_f64_reference();
+}
+
+#[test]
+fn add_layer_norm_matches_f64_reference() {
+    check_add_layer_norm_matches_f64_reference();
+}
+
+#[test]
+fn scaled_masked_softmax_matches_f64_reference() {
+    check_scaled_masked_softmax_matches_f64_reference();
+}
+
+#[test]
+fn varlen_attention_matches_f64_reference() {
+    check_varlen_attention_matches_f64_reference();
+}
+
+#[test]
+fn mean_pool_normalize_matches_f64_reference() {
+    check_mean_pool_normalize_matches_f64_reference();
+}
+
+/// The AVX2 and baseline builds of the row kernels, which the tests above do not reach on a
+/// machine with AVX-512, against the same references. (Other tests may run meanwhile at any
+/// level; their results are level-independent within the tolerances.)
+#[test]
+fn every_simd_level_matches_f64_reference() {
+    for level in [SimdLevel::Baseline, SimdLevel::Avx2, SimdLevel::Avx512] {
+        set_max_simd_level(level);
+        check_bias_gelu_matches_f64_reference();
+        check_add_layer_norm_matches_f64_reference();
+        check_scaled_masked_softmax_matches_f64_reference();
+        check_varlen_attention_matches_f64_reference();
+        check_mean_pool_normalize_matches_f64_reference();
+    }
 }

@@ -1,8 +1,11 @@
 //! BERT encoder weights and the unpadded forward pass.
 
+use std::sync::Mutex;
+
 use candle_core::safetensors::MmapedSafetensors;
-use candle_core::{DType, Device, Tensor};
+use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use fleet_kernels as k;
+use fleet_kernels::cpu;
 
 use crate::config::BertConfig;
 use crate::{ModelError, Sequence};
@@ -35,6 +38,7 @@ pub(crate) struct Bert {
     hidden: usize,
     vocab_size: usize,
     device: Device,
+    workspace: Mutex<Workspace>,
 }
 
 /// Reads tensors by name, checking their shapes against the configuration.
@@ -135,6 +139,7 @@ impl Bert {
             hidden: h,
             vocab_size: cfg.vocab_size,
             device: device.clone(),
+            workspace: Mutex::new(Workspace::default()),
         })
     }
 
@@ -142,43 +147,62 @@ impl Bert {
         self.hidden
     }
 
-    /// Mean-pooled (and where asked normalised) embeddings of already validated sequences.
+    /// Mean-pooled (and where asked normalised) embeddings of a batch: on the CPU through the
+    /// kernels on slices with buffers reused across calls, elsewhere (or when `tensor_ops`)
+    /// through the same kernels as candle custom ops.
     ///
     /// All tokens of the batch go through the linear layers as one `[T, hidden]` matrix, with
     /// no padding; attention runs per sequence from `cu_seqlens`.
-    pub(crate) fn forward(&self, batch: &[Sequence<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+    pub(crate) fn forward(
+        &self,
+        batch: &[Sequence<'_>],
+        tensor_ops: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let total: usize = batch.iter().map(|s| s.token_ids.len()).sum();
         if total == 0 {
             return Ok(vec![vec![0.0; self.hidden]; batch.len()]);
         }
-        let mut ids = Vec::with_capacity(total);
-        let mut positions = Vec::with_capacity(total);
-        let mut cu = Vec::with_capacity(batch.len() + 1);
-        cu.push(0u32);
+        let mut input = Input {
+            ids: Vec::with_capacity(total),
+            positions: Vec::with_capacity(total),
+            cu: Vec::with_capacity(batch.len() + 1),
+            flags: batch.iter().map(|s| u32::from(s.normalize)).collect(),
+        };
+        input.cu.push(0u32);
         for s in batch {
-            for &id in s.token_ids {
-                if id as usize >= self.vocab_size {
-                    return Err(ModelError::InvalidTokenId {
-                        id,
-                        vocab_size: self.vocab_size,
-                    });
-                }
+            if let Some(&id) = s
+                .token_ids
+                .iter()
+                .find(|&&id| id as usize >= self.vocab_size)
+            {
+                return Err(ModelError::InvalidTokenId {
+                    id,
+                    vocab_size: self.vocab_size,
+                });
             }
-            ids.extend_from_slice(s.token_ids);
-            positions.extend(0..s.token_ids.len() as u32);
-            cu.push(ids.len() as u32);
+            input.ids.extend_from_slice(s.token_ids);
+            input.positions.extend(0..s.token_ids.len() as u32);
+            input.cu.push(input.ids.len() as u32);
         }
-        let flags: Vec<u32> = batch.iter().map(|s| u32::from(s.normalize)).collect();
+        if self.device.is_cpu() && !tensor_ops {
+            self.forward_cpu(&input)
+        } else {
+            self.forward_tensors(input)
+        }
+    }
+
+    fn forward_tensors(&self, input: Input) -> Result<Vec<Vec<f32>>, ModelError> {
         let dev = &self.device;
-        let ids = Tensor::from_vec(ids, total, dev)?;
-        let positions = Tensor::from_vec(positions, total, dev)?;
-        let cu = Tensor::from_vec(cu, batch.len() + 1, dev)?;
-        let flags = Tensor::from_vec(flags, batch.len(), dev)?;
+        let (total, batch) = (input.ids.len(), input.flags.len());
+        let ids = Tensor::from_vec(input.ids, total, dev)?;
+        let positions = Tensor::from_vec(input.positions, total, dev)?;
+        let cu = Tensor::from_vec(input.cu, batch + 1, dev)?;
+        let flags = Tensor::from_vec(input.flags, batch, dev)?;
 
         let words = self.word_embeddings.index_select(&ids, 0)?;
         let pos = self.position_embeddings.index_select(&positions, 0)?;
         let mut h = k::add_layer_norm(&words, &pos, &self.embeddings_norm, self.eps)?;
-        let scale = 1.0 / ((self.hidden / self.heads) as f32).sqrt();
+        let scale = self.attention_scale();
         for l in &self.layers {
             let qkv = k::linear(&h, &l.qkv_weight, Some(&l.qkv_bias))?;
             let ctx = k::varlen_attention(&qkv, &cu, self.heads, scale)?;
@@ -191,5 +215,117 @@ impl Bert {
         }
         let pooled = k::mean_pool_normalize(&h, &cu, &flags)?;
         Ok(pooled.to_vec2::<f32>()?)
+    }
+
+    /// The same computation as [`Self::forward_tensors`], on the weights' CPU storage in place
+    /// and into buffers kept between calls: after the first batches nothing is allocated, so
+    /// no fresh pages are faulted in (that was ~8% of the time, and 20% at batch 128).
+    fn forward_cpu(&self, input: &Input) -> Result<Vec<Vec<f32>>, ModelError> {
+        let guards: Vec<_> = self
+            .cpu_weights()
+            .iter()
+            .map(|t| t.storage_and_layout())
+            .collect();
+        let w = guards
+            .iter()
+            .map(|(storage, layout)| cpu_f32(storage, layout))
+            .collect::<Result<Vec<&[f32]>, ModelError>>()?;
+        // `w` follows the order of `cpu_weights`: 5 tensors, then 10 per layer.
+        let (words, positions, emb_norm) = (w[0], w[1], w[2]);
+        let mut guard = self
+            .workspace
+            .lock()
+            .map_err(|_| ModelError::RuntimeStopped("an earlier batch panicked".into()))?;
+        let ws = &mut *guard;
+        let (h, d) = (self.hidden, self.hidden / self.heads);
+        gather(words, h, &input.ids, &mut ws.a);
+        gather(positions, h, &input.positions, &mut ws.b);
+        let (norm_w, norm_b) = emb_norm.split_at(h);
+        cpu::add_layer_norm(&ws.a, &ws.b, norm_w, norm_b, self.eps, &mut ws.h)?;
+        let scale = self.attention_scale();
+        for l in w[3..].chunks_exact(10) {
+            let &[qkv_w, qkv_b, ao_w, ao_b, n1, i_w, i_b, o_w, o_b, n2] = l else {
+                return Err(ModelError::Unsupported("layer weights out of order".into()));
+            };
+            cpu::linear(&ws.h, h, qkv_w, Some(qkv_b), &mut ws.qkv)?;
+            cpu::varlen_attention(&ws.qkv, &input.cu, self.heads, d, scale, &mut ws.b)?;
+            cpu::linear(&ws.b, h, ao_w, Some(ao_b), &mut ws.a)?;
+            let (n1w, n1b) = n1.split_at(h);
+            cpu::add_layer_norm(&ws.a, &ws.h, n1w, n1b, self.eps, &mut ws.h1)?;
+            cpu::linear(&ws.h1, h, i_w, None, &mut ws.inter)?;
+            cpu::bias_gelu(&ws.inter, i_b, &mut ws.act)?;
+            cpu::linear(&ws.act, i_b.len(), o_w, Some(o_b), &mut ws.a)?;
+            let (n2w, n2b) = n2.split_at(h);
+            cpu::add_layer_norm(&ws.a, &ws.h1, n2w, n2b, self.eps, &mut ws.h)?;
+        }
+        cpu::mean_pool_normalize(&ws.h, h, &input.cu, &input.flags, &mut ws.a)?;
+        Ok(ws.a.chunks_exact(h).map(<[f32]>::to_vec).collect())
+    }
+
+    /// The weights in the order `forward_cpu` reads them.
+    fn cpu_weights(&self) -> Vec<&Tensor> {
+        let mut v = vec![
+            &self.word_embeddings,
+            &self.position_embeddings,
+            &self.embeddings_norm,
+        ];
+        for l in &self.layers {
+            v.extend([
+                &l.qkv_weight,
+                &l.qkv_bias,
+                &l.attn_out_weight,
+                &l.attn_out_bias,
+                &l.attn_norm,
+                &l.inter_weight,
+                &l.inter_bias,
+                &l.out_weight,
+                &l.out_bias,
+                &l.out_norm,
+            ]);
+        }
+        v
+    }
+
+    fn attention_scale(&self) -> f32 {
+        1.0 / ((self.hidden / self.heads) as f32).sqrt()
+    }
+}
+
+/// A batch flattened into the varlen layout.
+struct Input {
+    ids: Vec<u32>,
+    positions: Vec<u32>,
+    cu: Vec<u32>,
+    flags: Vec<u32>,
+}
+
+/// Activation buffers of the CPU path, kept between batches.
+#[derive(Default)]
+pub(crate) struct Workspace {
+    a: Vec<f32>,
+    b: Vec<f32>,
+    h: Vec<f32>,
+    h1: Vec<f32>,
+    qkv: Vec<f32>,
+    inter: Vec<f32>,
+    act: Vec<f32>,
+}
+
+/// `out = table[rows]`, rows of `width`; the ids were checked against the table before.
+fn gather(table: &[f32], width: usize, rows: &[u32], out: &mut Vec<f32>) {
+    out.clear();
+    for &r in rows {
+        let r = r as usize;
+        out.extend_from_slice(&table[r * width..(r + 1) * width]);
+    }
+}
+
+/// The `f32` values of a contiguous CPU tensor.
+fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32], ModelError> {
+    match (storage, layout.contiguous_offsets()) {
+        (Storage::Cpu(CpuStorage::F32(v)), Some((start, end))) => Ok(&v[start..end]),
+        _ => Err(ModelError::Unsupported(
+            "CPU path on a tensor that is not contiguous f32 in CPU memory".into(),
+        )),
     }
 }

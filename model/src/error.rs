@@ -31,6 +31,8 @@ pub enum ModelError {
     TooLong { tokens: usize, max: usize },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
     InvalidTokenId { id: u32, vocab_size: usize },
+    #[error("kernel refused its input: {0}")]
+    Kernel(#[from] fleet_kernels::cpu::ShapeError),
     #[error("tensor computation failed: {0}")]
     Tensor(#[from] candle_core::Error),
     #[error("the model runtime thread is not running: {0}")]

@@ -29,6 +29,13 @@ pub use error::ModelError;
 pub use runtime::{ModelRuntime, OwnedSequence, RuntimeHandle};
 pub use tokenizer::TextTokenizer;
 
+/// Most tokens run through the encoder at once. Sequences are independent, so a large batch
+/// is run as consecutive chunks of about this many tokens with identical results; the
+/// intermediate activations of a chunk (1536 floats per token) then stay small enough to be
+/// reused from the allocator instead of mapped fresh (page faults) and streamed through
+/// memory. At batch 128 this was 20% faster than one pass over all tokens.
+const CHUNK_TOKENS: usize = 4096;
+
 /// One tokenized input of a batch.
 #[derive(Debug, Clone, Copy)]
 pub struct Sequence<'a> {
@@ -114,6 +121,25 @@ impl EmbeddingModel {
     /// A sequence longer than [`max_tokens`](Self::max_tokens) is `TooLong`, a token id outside
     /// the vocabulary `InvalidTokenId`.
     pub fn embed(&self, batch: &[Sequence<'_>]) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_with(batch, false)
+    }
+
+    /// [`embed`](Self::embed) through the candle custom ops (the path non-CPU devices take)
+    /// even on the CPU, where `embed` calls the same kernels on slices. For tests that compare
+    /// the two paths.
+    #[doc(hidden)]
+    pub fn embed_with_tensor_ops(
+        &self,
+        batch: &[Sequence<'_>],
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
+        self.embed_with(batch, true)
+    }
+
+    fn embed_with(
+        &self,
+        batch: &[Sequence<'_>],
+        tensor_ops: bool,
+    ) -> Result<Vec<Vec<f32>>, ModelError> {
         let max = self.max_tokens();
         if let Some(s) = batch.iter().find(|s| s.token_ids.len() > max) {
             return Err(ModelError::TooLong {
@@ -121,9 +147,23 @@ impl EmbeddingModel {
                 max,
             });
         }
-        if batch.is_empty() {
-            return Ok(Vec::new());
+        let mut out = Vec::with_capacity(batch.len());
+        let mut rest = batch;
+        while !rest.is_empty() {
+            // Consecutive sequences up to CHUNK_TOKENS tokens (at least one sequence).
+            let mut tokens = 0;
+            let take = rest
+                .iter()
+                .position(|s| {
+                    tokens += s.token_ids.len();
+                    tokens > CHUNK_TOKENS
+                })
+                .unwrap_or(rest.len())
+                .max(1);
+            let (chunk, tail) = rest.split_at(take);
+            out.extend(self.bert.forward(chunk, tensor_ops)?);
+            rest = tail;
         }
-        self.bert.forward(batch)
+        Ok(out)
     }
 }

@@ -269,3 +269,20 @@ fn runtime_thread_gives_the_same_vectors() {
     assert_eq!(handle.dimension(), 384);
     assert_eq!(handle.max_tokens(), 256);
 }
+
+#[test]
+fn slice_path_and_tensor_op_path_agree() {
+    let ids = tokenized();
+    let batch: Vec<Sequence<'_>> = ids
+        .iter()
+        .map(|t| Sequence {
+            token_ids: t,
+            normalize: true,
+        })
+        .collect();
+    let a = model().embed(&batch).expect("slices");
+    let b = model().embed_with_tensor_ops(&batch).expect("tensor ops");
+    for (x, y) in a.iter().zip(&b) {
+        assert!(max_abs_diff(x, y) <= 1e-6);
+    }
+}

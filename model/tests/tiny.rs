@@ -558,3 +558,28 @@ fn malformed_files_are_typed_errors() {
     );
     assert!(matches!(load(dir.path()), Err(ModelError::Unsupported(_))));
 }
+
+#[test]
+fn slice_path_and_tensor_op_path_agree() {
+    let weights = random_weights(8);
+    let dir = tiny_model_dir(&weights);
+    let model = load(dir.path()).expect("load");
+    let ids: Vec<Vec<u32>> = ["hello world", "", "the cat sat on a"]
+        .iter()
+        .map(|t| model.tokenize(t, true).expect("tokenize"))
+        .collect();
+    let seqs: Vec<Sequence<'_>> = ids
+        .iter()
+        .map(|t| Sequence {
+            token_ids: t,
+            normalize: true,
+        })
+        .collect();
+    let a = model.embed(&seqs).expect("slices");
+    let b = model.embed_with_tensor_ops(&seqs).expect("tensor ops");
+    for (x, y) in a.iter().zip(&b) {
+        for (p, q) in x.iter().zip(y) {
+            assert!((p - q).abs() <= 1e-6, "{p} vs {q}");
+        }
+    }
+}

@@ -4,7 +4,7 @@ use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
 use super::softmax::{ROW_LANES, softmax_lane_row};
-use super::{ShapeError, check_cu_seqlens, ensure, new_output};
+use super::{ShapeError, check_cu_seqlens, ensure, write_output};
 
 thread_local! {
     /// Scores of one (sequence, head): `len` rows of `len` rounded up to [`ROW_LANES`] floats,
@@ -48,7 +48,8 @@ pub fn varlen_attention(
     heads: usize,
     head_dim: usize,
     scale: f32,
-) -> Result<Vec<f32>, ShapeError> {
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
     let hidden = heads * head_dim;
     ensure(hidden > 0 && qkv.len().is_multiple_of(3 * hidden), || {
         format!(
@@ -60,11 +61,12 @@ pub fn varlen_attention(
     check_cu_seqlens(cu_seqlens, tokens)?;
     // SAFETY: the sequences cover all `tokens` rows (checked by `check_cu_seqlens`) and every
     // (sequence, head) task writes all its rows' `head_dim` columns through gemm.
-    Ok(unsafe {
-        new_output(tokens * hidden, |out| {
+    unsafe {
+        write_output(out, tokens * hidden, |out| {
             attend(qkv, cu_seqlens, heads, head_dim, scale, out);
-        })
-    })
+        });
+    }
+    Ok(())
 }
 
 fn attend(

@@ -3,11 +3,11 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::simd::simd_fn;
-use super::{ShapeError, ensure, math, new_output, rows_per_task};
+use super::{ShapeError, ensure, math, rows_per_task, write_output};
 
 /// `out[r, c] = gelu(x[r, c] + bias[c])` for row-major `x` of `rows x bias.len()`, with the erf
 /// form of GELU (PyTorch's default).
-pub fn bias_gelu(x: &[f32], bias: &[f32]) -> Result<Vec<f32>, ShapeError> {
+pub fn bias_gelu(x: &[f32], bias: &[f32], out: &mut Vec<f32>) -> Result<(), ShapeError> {
     let n = bias.len();
     ensure(n > 0 && x.len().is_multiple_of(n), || {
         format!(
@@ -17,13 +17,14 @@ pub fn bias_gelu(x: &[f32], bias: &[f32]) -> Result<Vec<f32>, ShapeError> {
     })?;
     let chunk = rows_per_task(n, 1 << 15) * n;
     // SAFETY: the chunks cover the output, and `bias_gelu_chunk` writes every element of each.
-    Ok(unsafe {
-        new_output(x.len(), |out| {
+    unsafe {
+        write_output(out, x.len(), |out| {
             out.par_chunks_mut(chunk)
                 .zip(x.par_chunks(chunk))
                 .for_each(|(o, x)| bias_gelu_chunk(x, bias, o));
-        })
-    })
+        });
+    }
+    Ok(())
 }
 
 simd_fn! {

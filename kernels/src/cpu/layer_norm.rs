@@ -3,7 +3,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::simd::simd_fn;
-use super::{ShapeError, ensure, new_output, rows_per_task};
+use super::{ShapeError, ensure, rows_per_task, write_output};
 
 /// Lanes of the partial sums: one AVX-512 register, so the reductions vectorise (float
 /// addition is not reassociated by the compiler on its own).
@@ -18,7 +18,8 @@ pub fn add_layer_norm(
     weight: &[f32],
     bias: &[f32],
     eps: f32,
-) -> Result<Vec<f32>, ShapeError> {
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
     let n = weight.len();
     ensure(n > 0 && bias.len() == n, || {
         format!(
@@ -38,13 +39,14 @@ pub fn add_layer_norm(
     )?;
     let chunk = rows_per_task(n, 1 << 14) * n;
     // SAFETY: the chunks cover the output and `add_layer_norm_chunk` writes every element.
-    Ok(unsafe {
-        new_output(x.len(), |out| {
+    unsafe {
+        write_output(out, x.len(), |out| {
             out.par_chunks_mut(chunk)
                 .zip(x.par_chunks(chunk).zip(residual.par_chunks(chunk)))
                 .for_each(|(o, (x, r))| add_layer_norm_chunk(x, r, weight, bias, eps, o));
-        })
-    })
+        });
+    }
+    Ok(())
 }
 
 simd_fn! {

@@ -3,7 +3,7 @@ use std::mem::MaybeUninit;
 use gemm::{Parallelism, gemm};
 use rayon::prelude::*;
 
-use super::{ShapeError, ensure, new_output};
+use super::{ShapeError, ensure, write_output};
 
 /// `x · weightᵀ (+ bias)`: `x` row-major `[rows, in_dim]`, `weight` row-major
 /// `[out_dim, in_dim]` (PyTorch's `nn.Linear` layout, read in place: gemm packs it as it goes,
@@ -17,7 +17,8 @@ pub fn linear(
     in_dim: usize,
     weight: &[f32],
     bias: Option<&[f32]>,
-) -> Result<Vec<f32>, ShapeError> {
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
     ensure(in_dim > 0 && x.len().is_multiple_of(in_dim), || {
         format!("linear: {} input values are not rows of {in_dim}", x.len())
     })?;
@@ -35,12 +36,18 @@ pub fn linear(
         })?;
     }
     if rows == 0 || out_dim == 0 {
-        return Ok(Vec::new());
+        out.clear();
+        return Ok(());
     }
     // SAFETY: with a bias every element is written by the fill, then read and written by gemm;
     // without one gemm writes every element of the `rows x out_dim` product (read_dst = false:
     // alpha is zero and dst is only written).
-    Ok(unsafe { new_output(rows * out_dim, |out| product(x, in_dim, weight, bias, out)) })
+    unsafe {
+        write_output(out, rows * out_dim, |out| {
+            product(x, in_dim, weight, bias, out)
+        })
+    };
+    Ok(())
 }
 
 fn product(

@@ -1,8 +1,9 @@
 //! CPU kernels on `f32` slices.
 //!
 //! Every function here checks its slice lengths and returns [`ShapeError`] instead of panicking
-//! on inconsistent input; the candle ops in [`crate::ops`] map that to a candle error. Outputs
-//! are returned as new row-major vectors.
+//! on inconsistent input; the candle ops in [`crate::ops`] map that to a candle error. Each
+//! writes its row-major output into an `out` vector, replacing its contents and reusing its
+//! allocation: a caller that keeps its buffers across calls allocates nothing.
 
 use std::mem::MaybeUninit;
 
@@ -20,6 +21,7 @@ pub use gelu::bias_gelu;
 pub use layer_norm::add_layer_norm;
 pub use linear::linear;
 pub use pooling::mean_pool_normalize;
+pub use simd::{SimdLevel, set_max_simd_level};
 pub use softmax::{scaled_masked_softmax, scaled_softmax_row};
 
 /// Inconsistent sizes passed to a kernel.
@@ -54,21 +56,22 @@ pub(crate) fn check_cu_seqlens(cu_seqlens: &[u32], rows: usize) -> Result<usize,
     Ok(cu_seqlens.len() - 1)
 }
 
-/// Allocates `len` floats without zeroing them and lets `fill` write them: zeroing the outputs
-/// first cost about 6% of the encoder's time in memset alone.
+/// Makes `out` hold `len` floats written by `fill`, reusing its allocation and without zeroing
+/// it first (zeroing the outputs cost about 6% of the encoder's time in memset alone).
 ///
 /// # Safety
 ///
 /// `fill` must initialise every element of the slice it gets.
-pub(crate) unsafe fn new_output(
+pub(crate) unsafe fn write_output(
+    out: &mut Vec<f32>,
     len: usize,
     fill: impl FnOnce(&mut [MaybeUninit<f32>]),
-) -> Vec<f32> {
-    let mut v = Vec::with_capacity(len);
-    fill(&mut v.spare_capacity_mut()[..len]);
+) {
+    out.clear();
+    out.reserve(len);
+    fill(&mut out.spare_capacity_mut()[..len]);
     // SAFETY: `fill` initialised all `len` elements (the caller's contract).
-    unsafe { v.set_len(len) };
-    v
+    unsafe { out.set_len(len) };
 }
 
 /// Rows per rayon task so that each task touches about `target` floats: small enough to keep

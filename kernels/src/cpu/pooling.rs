@@ -3,7 +3,7 @@ use std::mem::MaybeUninit;
 use rayon::prelude::*;
 
 use super::simd::simd_fn;
-use super::{ShapeError, check_cu_seqlens, ensure, new_output};
+use super::{ShapeError, check_cu_seqlens, ensure, write_output};
 
 /// Norm floor of the L2 normalisation, as `torch.nn.functional.normalize`.
 const NORM_EPS: f64 = 1e-12;
@@ -22,7 +22,8 @@ pub fn mean_pool_normalize(
     dim: usize,
     cu_seqlens: &[u32],
     normalize: &[u32],
-) -> Result<Vec<f32>, ShapeError> {
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
     ensure(dim > 0 && hidden.len().is_multiple_of(dim), || {
         format!(
             "mean_pool_normalize: {} values are not rows of {dim}",
@@ -37,14 +38,15 @@ pub fn mean_pool_normalize(
         )
     })?;
     // SAFETY: one chunk of `dim` per sequence covers the output; `pool_one` writes all of it.
-    Ok(unsafe {
-        new_output(batch * dim, |out| {
+    unsafe {
+        write_output(out, batch * dim, |out| {
             out.par_chunks_mut(dim).enumerate().for_each(|(b, o)| {
                 let rows = &hidden[cu_seqlens[b] as usize * dim..cu_seqlens[b + 1] as usize * dim];
                 pool_one(rows, normalize[b] != 0, o);
             });
-        })
-    })
+        });
+    }
+    Ok(())
 }
 
 simd_fn! {

@@ -6,20 +6,48 @@
 //! detection is cached by std). Helpers called from the loops are `#[inline(always)]` so that
 //! they are compiled with the same features.
 
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// The widest instruction set the row kernels may use (matrix products are gemm's business).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum SimdLevel {
+    Baseline = 0,
+    Avx2 = 1,
+    Avx512 = 2,
+}
+
+static MAX_LEVEL: AtomicU8 = AtomicU8::new(SimdLevel::Avx512 as u8);
+
+/// Caps the instruction set the row kernels use, so that tests and benchmarks can run the
+/// AVX2 and baseline builds on a machine that has AVX-512. The default is no cap; the CPU's
+/// features still decide below the cap.
+pub fn set_max_simd_level(level: SimdLevel) {
+    MAX_LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
+#[cfg(target_arch = "x86_64")]
+fn allowed(level: SimdLevel) -> bool {
+    MAX_LEVEL.load(Ordering::Relaxed) >= level as u8
+}
+
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx512() -> bool {
-    std::arch::is_x86_feature_detected!("avx512f")
+    allowed(SimdLevel::Avx512)
+        && std::arch::is_x86_feature_detected!("avx512f")
         && std::arch::is_x86_feature_detected!("avx512bw")
         && std::arch::is_x86_feature_detected!("avx512dq")
         && std::arch::is_x86_feature_detected!("avx512vl")
-        && has_avx2_fma()
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 #[cfg(target_arch = "x86_64")]
 #[inline]
 pub(crate) fn has_avx2_fma() -> bool {
-    std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
+    allowed(SimdLevel::Avx2)
+        && std::arch::is_x86_feature_detected!("avx2")
+        && std::arch::is_x86_feature_detected!("fma")
 }
 
 /// Defines `fn $name(args) -> ret { body }` that runs the body compiled for AVX-512 or

@@ -94,7 +94,8 @@ pub fn scaled_masked_softmax(
     dims: [usize; 4],
     lengths: &[u32],
     scale: f32,
-) -> Result<Vec<f32>, ShapeError> {
+    out: &mut Vec<f32>,
+) -> Result<(), ShapeError> {
     let [batch, heads, q_len, k_len] = dims;
     let total = batch * heads * q_len * k_len;
     ensure(scores.len() == total, || {
@@ -112,9 +113,10 @@ pub fn scaled_masked_softmax(
     ensure(lengths.iter().all(|&l| l as usize <= k_len), || {
         format!("scaled_masked_softmax: a length exceeds k_len {k_len}")
     })?;
-    let mut out = scores.to_vec();
+    out.clear();
+    out.extend_from_slice(scores);
     if total == 0 {
-        return Ok(out);
+        return Ok(());
     }
     let rows_per_batch = heads * q_len;
     let rows = rows_per_task(k_len, 1 << 14);
@@ -126,5 +128,5 @@ pub fn scaled_masked_softmax(
                 scaled_softmax_row(row, lengths[b] as usize, scale);
             }
         });
-    Ok(out)
+    Ok(())
 }

@@ -53,7 +53,8 @@ impl CustomOp2 for VarlenAttention {
         let qkv = f32_slice(self.name(), s1, l1)?;
         let cu = u32_slice(self.name(), s2, l2)?;
         let hidden = self.heads * head_dim;
-        let out = cpu::varlen_attention(qkv, cu, self.heads, head_dim, self.scale)?;
+        let mut out = Vec::new();
+        cpu::varlen_attention(qkv, cu, self.heads, head_dim, self.scale, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
     }
 

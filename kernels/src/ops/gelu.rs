@@ -34,7 +34,8 @@ impl CustomOp2 for BiasGelu {
         }
         let x = f32_slice(self.name(), s1, l1)?;
         let bias = f32_slice(self.name(), s2, l2)?;
-        let out = cpu::bias_gelu(x, bias)?;
+        let mut out = Vec::new();
+        cpu::bias_gelu(x, bias, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

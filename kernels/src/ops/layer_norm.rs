@@ -47,7 +47,8 @@ impl CustomOp3 for AddLayerNorm {
         let x = f32_slice(self.name(), s1, l1)?;
         let residual = f32_slice(self.name(), s2, l2)?;
         let (weight, bias) = f32_slice(self.name(), s3, l3)?.split_at(n);
-        let out = cpu::add_layer_norm(x, residual, weight, bias, self.eps)?;
+        let mut out = Vec::new();
+        cpu::add_layer_norm(x, residual, weight, bias, self.eps, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

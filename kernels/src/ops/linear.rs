@@ -39,7 +39,8 @@ impl Linear {
         };
         let xs = f32_slice(name, x.0, x.1)?;
         let ws = f32_slice(name, w.0, w.1)?;
-        let out = cpu::linear(xs, in_dim, ws, bias)?;
+        let mut out = Vec::new();
+        cpu::linear(xs, in_dim, ws, bias, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((rows, out_dim))))
     }
 

@@ -42,7 +42,8 @@ impl CustomOp3 for MeanPoolNormalize {
         let hidden = f32_slice(self.name(), s1, l1)?;
         let cu = u32_slice(self.name(), s2, l2)?;
         let flags = u32_slice(self.name(), s3, l3)?;
-        let out = cpu::mean_pool_normalize(hidden, dim, cu, flags)?;
+        let mut out = Vec::new();
+        cpu::mean_pool_normalize(hidden, dim, cu, flags, &mut out)?;
         Ok((CpuStorage::F32(out), Shape::from((batch, dim))))
     }
 

@@ -49,7 +49,8 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         }
         let scores = f32_slice(self.name(), s1, l1)?;
         let lengths = u32_slice(self.name(), s2, l2)?;
-        let out = cpu::scaled_masked_softmax(scores, dims, lengths, self.scale)?;
+        let mut out = Vec::new();
+        cpu::scaled_masked_softmax(scores, dims, lengths, self.scale, &mut out)?;
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 
