@@ -11,4 +11,10 @@ venv="${CARGO_TARGET_DIR:-$root/target}/wire-check-venv"
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check msgpack cryptography
 "$venv/bin/python" schemas/tests/python_client.py
 cargo build --workspace --bins
-cargo test --workspace
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace 2>&1 | tee "$log" || status=$?
+# One closing line for the whole suite (cargo prints one per test binary).
+awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
+exit "$status"
