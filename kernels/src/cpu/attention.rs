@@ -36,7 +36,7 @@ impl OutPtr {
 /// * `cu_seqlens`: `[B + 1]` offsets (see the crate docs). A token attends to all tokens of
 ///   its own sequence and to nothing else, so no mask and no padding exist.
 ///
-/// Returns row-major `[T, heads * head_dim]`, heads side by side like the input of BERT's
+/// Writes `out` as row-major `[T, heads * head_dim]`, heads side by side like the input of BERT's
 /// attention output projection:
 /// `out(t, h) = sum_j softmax_j(scale * q(t, h) · k(j, h)) v(j, h)` over `j` in `t`'s sequence.
 ///

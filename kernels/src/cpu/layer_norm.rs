@@ -9,7 +9,7 @@ use super::{ShapeError, ensure, rows_per_task, write_output};
 /// addition is not reassociated by the compiler on its own).
 const LANES: usize = 16;
 
-/// `layer_norm(x + residual) * weight + bias` over rows of `weight.len()` values (row-major
+/// `out = layer_norm(x + residual) * weight + bias` over rows of `weight.len()` values (row-major
 /// `x` and `residual` of the same length), with the biased variance and `eps` inside the
 /// square root, as `torch.nn.LayerNorm`.
 pub fn add_layer_norm(

@@ -7,7 +7,7 @@ use super::{ShapeError, ensure, write_output};
 
 /// `x · weightᵀ (+ bias)`: `x` row-major `[rows, in_dim]`, `weight` row-major
 /// `[out_dim, in_dim]` (PyTorch's `nn.Linear` layout, read in place: gemm packs it as it goes,
-/// so no transposed copy is kept), `bias` `[out_dim]`; returns row-major `[rows, out_dim]`.
+/// so no transposed copy is kept), `bias` `[out_dim]`; writes `out` as row-major `[rows, out_dim]`.
 ///
 /// Runs on all of rayon's threads (gemm splits the product). With a bias the output is first
 /// filled with it and gemm accumulates onto it, so the bias costs no extra pass over the

@@ -14,7 +14,7 @@ const NORM_EPS: f64 = 1e-12;
 /// * `cu_seqlens`: `[B + 1]` offsets into the rows.
 /// * `normalize`: `[B]` flags, non-zero = divide the mean by `max(||mean||_2, 1e-12)`.
 ///
-/// Returns row-major `[B, dim]`. An empty sequence (no rows: fully masked) gives zeros.
+/// Writes `out` as row-major `[B, dim]`. An empty sequence (no rows: fully masked) gives zeros.
 ///
 /// Sums are kept in `f64`: a pass over `T x dim` values is negligible next to the encoder.
 pub fn mean_pool_normalize(

@@ -83,7 +83,7 @@ simd_fn! {
 
 /// Scaled, key-masked softmax over padded attention scores.
 ///
-/// * `scores`: row-major `[batch, heads, q_len, k_len]`; the result has the same layout.
+/// * `scores`: row-major `[batch, heads, q_len, k_len]`; `out` gets the same layout.
 /// * `lengths`: `[batch]`; for batch entry `b` keys `j < lengths[b]` take part and the rest get
 ///   probability 0. Every query row is computed (padded query rows too, as the padded
 ///   reference implementations do). `lengths[b] == 0` gives rows of zeros.
