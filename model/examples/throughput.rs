@@ -9,41 +9,24 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::Device;
+use clap::Parser;
 use fleet_model::{EmbeddingModel, Sequence};
 
+/// In-process embedding throughput on a JSONL corpus.
+#[derive(Parser)]
 struct Args {
+    /// Batch size to measure; repeat the flag for several (default: 32 and 128).
+    #[arg(long = "batch")]
     batches: Vec<usize>,
-    runs: usize,
+    /// Passes over the corpus per batch size; the median is reported.
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
+    runs: u64,
+    /// JSONL corpus, one `{"id", "text"}` object per line.
+    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/bench/corpus.jsonl"))]
     corpus: PathBuf,
+    /// Model directory (`config.json`, `model.safetensors`, `tokenizer.json`).
+    #[arg(long, env = "FLEET_MODEL_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/all-MiniLM-L6-v2"))]
     model: PathBuf,
-}
-
-fn parse_args() -> Result<Args, String> {
-    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
-    let mut args = Args {
-        batches: Vec::new(),
-        runs: 3,
-        corpus: root.join("../shared/bench/corpus.jsonl"),
-        model: std::env::var_os("FLEET_MODEL_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| root.join("models/all-MiniLM-L6-v2")),
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let value = it.next().ok_or(format!("{flag} needs a value"))?;
-        let number = || value.parse::<usize>().map_err(|e| format!("{flag}: {e}"));
-        match flag.as_str() {
-            "--batch" => args.batches.push(number()?),
-            "--runs" => args.runs = number()?.max(1),
-            "--corpus" => args.corpus = PathBuf::from(&value),
-            "--model" => args.model = PathBuf::from(&value),
-            _ => return Err(format!("unknown flag {flag}")),
-        }
-    }
-    if args.batches.is_empty() {
-        args.batches = vec![32, 128];
-    }
-    Ok(args)
 }
 
 fn read_corpus(path: &PathBuf) -> Result<Vec<String>, String> {
@@ -92,7 +75,10 @@ fn run(
 }
 
 fn main() -> Result<(), String> {
-    let args = parse_args()?;
+    let mut args = Args::parse();
+    if args.batches.is_empty() {
+        args.batches = vec![32, 128];
+    }
     let texts = read_corpus(&args.corpus)?;
     let model = EmbeddingModel::load(&args.model, &Device::Cpu).map_err(|e| e.to_string())?;
     // Warm-up: page in the weights, grow rayon's and gemm's buffers.

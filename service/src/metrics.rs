@@ -62,7 +62,9 @@ mod tests {
         let server = serve_metrics("127.0.0.1:0".parse().unwrap(), Arc::new(registry))
             .await
             .expect("binds");
-        let mut socket = TcpStream::connect(server.local_addr).await.expect("connects");
+        let mut socket = TcpStream::connect(server.local_addr)
+            .await
+            .expect("connects");
         socket
             .write_all(b"GET /metrics HTTP/1.1\r\nhost: x\r\n\r\n")
             .await
