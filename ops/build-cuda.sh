@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Builds fleet-kernels with the `cuda` feature: the CUDA kernels (nvcc), their bindgen bindings,
-# candle's CUDA backend, and the test and bench binaries (compile and link only: nothing here
-# needs a GPU). Installs the toolchain first if missing (ops/install-cuda-toolchain.sh).
+# candle's CUDA backend, the test and bench binaries, the `worker` binary that runs the model
+# on a GPU (`--device cuda:N`) and the model's throughput example (compile and link only: nothing here needs a GPU). Installs the toolchain first if missing (ops/install-cuda-toolchain.sh).
 #
 # Output goes to target/cuda (CARGO_TARGET_DIR) so that it never invalidates the main build.
 # Extra arguments go to cargo, e.g. `ops/build-cuda.sh --release`.
@@ -24,6 +24,8 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/cuda}"
 
 start=$(date +%s)
 cargo build -p fleet-kernels --features cuda --all-targets "$@"
+cargo build -p fleet-worker --features cuda --bin worker "$@"
+cargo build -p fleet-model --features cuda --example throughput "$@"
 echo "cuda build finished in $(( $(date +%s) - start ))s (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
 
 # The GPU test and bench executables, copied to one folder that ops/gpu-check.sh runs on a GPU
@@ -54,5 +56,9 @@ for exe in cuda_ops cuda_fused; do
     exit 1
   fi
 done
+profile=debug
+[[ " $* " == *" --release "* ]] && profile=release
+cp "$CARGO_TARGET_DIR/$profile/worker" "$bundle/worker"
+cp "$CARGO_TARGET_DIR/$profile/examples/throughput" "$bundle/throughput"
 cp "$repo/ops/gpu-check.sh" "$bundle/"
 echo "GPU bundle: $bundle (copy it, the model and the fixture to a GPU machine; see ops/gpu-check.sh)" >&2

@@ -17,9 +17,9 @@
 #   gpu-check.sh [BUNDLE_DIR]      # default: the folder of this script if it holds the
 #                                  # binaries, else <repo>/target/cuda/gpu-bundle
 #
-# The whole-model test needs FLEET_MODEL_DIR (all-MiniLM-L6-v2, ops/fetch-model.sh) and
-# FLEET_MINILM_REFERENCE (the fixture minilm_reference.json) where the build-time paths do not
-# exist. A test that prints "SKIPPED: no CUDA device" did not run: this script fails then.
+# The whole-model test and the throughput runs need FLEET_MODEL_DIR (all-MiniLM-L6-v2, ops/fetch-model.sh) and
+# FLEET_MINILM_REFERENCE (the fixture minilm_reference.json), and the throughput runs
+# FLEET_BENCH_CORPUS (corpus.jsonl), where the build-time paths do not exist. A test that prints "SKIPPED: no CUDA device" did not run: this script fails then.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -53,3 +53,7 @@ if grep -q "SKIPPED: no CUDA device" "$log"; then
   echo "error: the benches were skipped (no usable CUDA device)" >&2
   exit 1
 fi
+# Embedding throughput on the corpus: the GPU at batch 32, 128 and 512 against the roofline,
+# then the same model on this machine's CPU.
+"$bundle/throughput" --device cuda:0 --batch 32 --batch 128 --batch 512 --runs 3 --roofline
+"$bundle/throughput" --device cpu --batch 32 --runs 3

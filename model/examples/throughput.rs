@@ -1,16 +1,18 @@
 //! In-process throughput on a JSONL corpus (`{"id", "text"}` per line), timed from text to
 //! vectors (tokenizing included, as sentence-transformers' `encode` does): inputs sorted by
-//! token count and cut into batches, as the worker's batcher does.
+//! token count and cut into batches, as the worker's batcher does. With `--roofline` it also
+//! measures the device's matrix-multiply rate and memory bandwidth and reports the fraction of
+//! each the model reaches, from a count of its FLOPs and bytes moved.
 //!
 //! cargo run --release -p fleet-model --example throughput -- \
-//!     --batch 32 --batch 128 --runs 3 --corpus ../shared/bench/corpus.jsonl [--model DIR]
+//!     --batch 32 --batch 128 --runs 3 [--device cuda:0] [--roofline]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
-use candle_core::Device;
+use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use fleet_model::{EmbeddingModel, Sequence};
+use fleet_model::{BertConfig, EmbeddingModel, Sequence};
 
 /// In-process embedding throughput on a JSONL corpus.
 #[derive(Parser)]
@@ -22,11 +24,31 @@ struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     runs: u64,
     /// JSONL corpus, one `{"id", "text"}` object per line.
-    #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/bench/corpus.jsonl"))]
+    #[arg(long, env = "FLEET_BENCH_CORPUS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/bench/corpus.jsonl"))]
     corpus: PathBuf,
     /// Model directory (`config.json`, `model.safetensors`, `tokenizer.json`).
     #[arg(long, env = "FLEET_MODEL_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/all-MiniLM-L6-v2"))]
     model: PathBuf,
+    /// `cpu` or `cuda:<ordinal>` (a build with the `cuda` feature).
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Also measure the device's f32 matrix rate and memory bandwidth, and report the fraction
+    /// of each the model reaches.
+    #[arg(long)]
+    roofline: bool,
+}
+
+fn open_device(spec: &str) -> Result<Device, String> {
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = spec
+        .strip_prefix("cuda:")
+        .and_then(|n| n.parse().ok())
+        .ok_or(format!(
+            "device {spec:?} is neither `cpu` nor `cuda:<ordinal>`"
+        ))?;
+    Device::new_cuda(ordinal).map_err(|e| format!("{spec}: {e}"))
 }
 
 fn read_corpus(path: &PathBuf) -> Result<Vec<String>, String> {
@@ -43,12 +65,45 @@ fn read_corpus(path: &PathBuf) -> Result<Vec<String>, String> {
         .collect()
 }
 
-/// One pass over the corpus; returns (wall seconds, CPU seconds, tokens).
+/// What one pass over the corpus costs the encoder, counted from its sizes.
+#[derive(Default)]
+struct Cost {
+    flops: f64,
+    bytes: f64,
+}
+
+impl Cost {
+    /// Matrix products (the linear layers, and attention's `QKᵀ` and `PV` per sequence) count
+    /// 2 FLOPs per multiply-add. Bytes: the layer weights read once per batch, and the f32
+    /// activations each fused step reads and writes per token (an estimate: attention scores
+    /// and gemm's repacking are not counted).
+    fn of(cfg: &BertConfig, batches: &[&[Vec<u32>]]) -> Self {
+        let (h, i, layers) = (
+            cfg.hidden_size as f64,
+            cfg.intermediate_size as f64,
+            cfg.num_hidden_layers as f64,
+        );
+        let weights_per_layer = 4.0 * h * h + 2.0 * h * i;
+        let activations_per_token_layer = 18.0 * h + 4.0 * i;
+        let mut cost = Cost::default();
+        for batch in batches {
+            cost.bytes += 4.0 * layers * weights_per_layer;
+            for seq in *batch {
+                let len = seq.len() as f64;
+                cost.flops += layers * (2.0 * weights_per_layer * len + 4.0 * len * len * h);
+                cost.bytes += 4.0 * layers * activations_per_token_layer * len;
+            }
+        }
+        cost
+    }
+}
+
+/// One pass over the corpus; returns (wall seconds, CPU seconds, tokens, cost).
 fn run(
     model: &EmbeddingModel,
     texts: &[String],
     batch: usize,
-) -> Result<(f64, Option<f64>, usize), String> {
+) -> Result<(f64, Option<f64>, usize, Cost), String> {
     let cpu_start = cpu_seconds();
     let start = Instant::now();
     let mut ids = texts
@@ -71,7 +126,38 @@ fn run(
     }
     let wall = start.elapsed().as_secs_f64();
     let cpu = cpu_seconds().zip(cpu_start).map(|(end, start)| end - start);
-    Ok((wall, cpu, tokens))
+    let batches: Vec<&[Vec<u32>]> = ids.chunks(batch).collect();
+    Ok((wall, cpu, tokens, Cost::of(model.config(), &batches)))
+}
+
+/// The device's f32 rates: (matrix FLOP/s from square products, bytes/s from a reduction that
+/// reads a large tensor once).
+fn device_rates(device: &Device) -> Result<(f64, f64), candle_core::Error> {
+    let (n, reps) = if device.is_cpu() {
+        (2048, 5)
+    } else {
+        (8192, 20)
+    };
+    let a = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    let b = Tensor::randn(0f32, 1.0, (n, n), device)?;
+    a.matmul(&b)?;
+    device.synchronize()?;
+    let start = Instant::now();
+    for _ in 0..reps {
+        std::hint::black_box(a.matmul(&b)?);
+    }
+    device.synchronize()?;
+    let matmul = 2.0 * (n as f64).powi(3) * reps as f64 / start.elapsed().as_secs_f64();
+
+    let len = 1usize << 28; // 1 GiB of f32
+    let x = Tensor::ones(len, DType::F32, device)?;
+    x.sum_all()?.to_scalar::<f32>()?;
+    let start = Instant::now();
+    for _ in 0..5 {
+        std::hint::black_box(x.sum_all()?.to_scalar::<f32>()?);
+    }
+    let bandwidth = 4.0 * len as f64 * 5.0 / start.elapsed().as_secs_f64();
+    Ok((matmul, bandwidth))
 }
 
 fn main() -> Result<(), String> {
@@ -79,16 +165,29 @@ fn main() -> Result<(), String> {
     if args.batches.is_empty() {
         args.batches = vec![32, 128];
     }
+    let device = open_device(&args.device)?;
     let texts = read_corpus(&args.corpus)?;
-    let model = EmbeddingModel::load(&args.model, &Device::Cpu).map_err(|e| e.to_string())?;
-    // Warm-up: page in the weights, grow rayon's and gemm's buffers.
+    let model = EmbeddingModel::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let rates = if args.roofline {
+        let (matmul, bandwidth) = device_rates(&device).map_err(|e| e.to_string())?;
+        println!(
+            "{}: measured f32 matmul {:.1} GFLOP/s, read bandwidth {:.1} GB/s",
+            args.device,
+            matmul / 1e9,
+            bandwidth / 1e9
+        );
+        Some((matmul, bandwidth))
+    } else {
+        None
+    };
+    // Warm-up: page in the weights, grow rayon's and gemm's buffers (or load CUDA modules).
     run(&model, &texts[..texts.len().min(256)], 32)?;
-    println!("{} texts", texts.len());
+    println!("{} texts on {}", texts.len(), args.device);
     for &batch in &args.batches {
         let mut secs = Vec::new();
-        let mut tokens = 0;
+        let mut last = None;
         for _ in 0..args.runs {
-            let (s, cpu, t) = run(&model, &texts, batch)?;
+            let (s, cpu, tokens, cost) = run(&model, &texts, batch)?;
             match cpu {
                 Some(cpu) => println!(
                     "  batch {batch}: {s:.2} s wall, {cpu:.2} s CPU ({:.2} cores busy)",
@@ -97,8 +196,11 @@ fn main() -> Result<(), String> {
                 None => println!("  batch {batch}: {s:.2} s wall"),
             }
             secs.push(s);
-            tokens = t;
+            last = Some((tokens, cost));
         }
+        let Some((tokens, cost)) = last else {
+            continue;
+        };
         secs.sort_by(f64::total_cmp);
         let median = secs[secs.len() / 2];
         let n = texts.len() as f64;
@@ -111,6 +213,22 @@ fn main() -> Result<(), String> {
             n / secs[0],
             tokens as f64 / median,
         );
+        let (flops, bytes) = (cost.flops / median, cost.bytes / median);
+        print!(
+            "batch {batch}: {:.2} GFLOP and {:.2} MB per text; achieved {:.1} GFLOP/s, {:.1} GB/s",
+            cost.flops / n / 1e9,
+            cost.bytes / n / 1e6,
+            flops / 1e9,
+            bytes / 1e9
+        );
+        match rates {
+            Some((matmul, bandwidth)) => println!(
+                " = {:.0}% of the matmul rate, {:.0}% of the bandwidth",
+                100.0 * flops / matmul,
+                100.0 * bytes / bandwidth
+            ),
+            None => println!(),
+        }
     }
     Ok(())
 }

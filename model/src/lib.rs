@@ -47,6 +47,7 @@ pub struct Sequence<'a> {
 
 /// A loaded sentence-embedding model.
 pub struct EmbeddingModel {
+    config: BertConfig,
     bert: bert::Bert,
     tokenizer: Arc<TextTokenizer>,
 }
@@ -89,9 +90,15 @@ impl EmbeddingModel {
         let bert = bert::Bert::load(&st, &config, device)?;
         let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), st_config.max_seq_length)?;
         Ok(Self {
+            config,
             bert,
             tokenizer: Arc::new(tokenizer),
         })
+    }
+
+    /// The encoder's configuration (sizes, for cost models and reports).
+    pub fn config(&self) -> &BertConfig {
+        &self.config
     }
 
     /// Longest input in tokens, special tokens included (256 for all-MiniLM-L6-v2).

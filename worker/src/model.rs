@@ -79,3 +79,23 @@ impl Embedder for ModelEmbedder {
         Box::pin(async move { running.await.map_err(|e| EmbedError(Box::new(e))) })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A CPU-only build asked for a GPU stops at the device, before touching the model files.
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn cuda_device_without_the_feature_is_a_typed_error() {
+        let missing = Path::new("/nonexistent/model");
+        match load(missing, DeviceSpec::Cuda(0)) {
+            Err(ModelLoadError::Device { device, source }) => {
+                assert_eq!(device, DeviceSpec::Cuda(0));
+                assert!(source.to_string().contains("cuda"), "{source}");
+            }
+            Err(other) => panic!("expected a device error, got {other}"),
+            Ok(_) => panic!("a CPU-only build opened a CUDA device"),
+        }
+    }
+}
