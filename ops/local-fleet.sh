@@ -9,35 +9,20 @@ cd "$root"
 cargo build --quiet -p fleet-dispatcher -p fleet-worker -p fleet-client --bins
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-  wait 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+# shellcheck source=ops/lib.sh
+source "$root/ops/lib.sh"
 fail() {
   echo "local fleet failed: $1" >&2
   for log in "$work"/*.log; do echo "--- $log" >&2; tail -n 20 "$log" >&2; done
   exit 1
 }
 
-nats-server -a 127.0.0.1 -p -1 -js -sd "$work/jetstream" >"$work/nats.log" 2>&1 &
-pids+=($!)
-for _ in $(seq 100); do
-  url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/nats.log" | head -n 1)
-  [ -n "$url" ] && break
-  sleep 0.1
-done
-[ -n "${url:-}" ] || fail "nats-server did not start"
+start_nats || fail "nats-server did not start"
 echo "nats-server on $url"
 
 "$bin/fleet" keygen --tenant demo --key-id demo-1 --out "$work/demo-key.toml" >"$work/tenants.toml" 2>/dev/null
-"$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0 >"$work/dispatcher.log" 2>&1 &
-pids+=($!)
-"$bin/worker" --nats-url "$url" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0 >"$work/worker.log" 2>&1 &
-pids+=($!)
+spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
+spawn worker "$bin/worker" --nats-url "$url" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
 
 texts=(
   "NATS JetStream redelivers a job that a worker took and never acknowledged."

@@ -2,15 +2,14 @@
 //! (request-reply) or `submit` (queued, answered at once), and read stored results.
 
 use std::{
-    collections::BTreeMap,
     path::Path,
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
 use async_nats::Client;
 use fleet_schemas::{
-    CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, Task, decode,
-    encode, subject,
+    CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, decode, encode,
+    subject,
 };
 
 /// Largest answer a client accepts (a batch of embeddings is far smaller).
@@ -62,20 +61,7 @@ impl Tenant {
 
     /// An embedding job with a fresh random id, created now.
     pub fn embed_job(&self, model: &str, inputs: Vec<String>) -> Job {
-        Job {
-            job_id: new_job_id(),
-            tenant: self.name.clone(),
-            model: model.to_owned(),
-            task: Task::Embed {
-                inputs,
-                normalize: true,
-                truncate: true,
-            },
-            priority: 0,
-            created_at_ms: now_ms(),
-            deadline_ms: None,
-            meta: BTreeMap::new(),
-        }
+        Job::embed(new_job_id(), self.name.clone(), model, inputs, now_ms())
     }
 
     pub fn sign(&self, job: &Job) -> Result<Vec<u8>, ClientError> {

@@ -1,7 +1,7 @@
 //! Signed jobs validated per second on one core: decode, key lookup, strict Ed25519
 //! verification and every admission check, without NATS.
 
-use std::{collections::BTreeMap, hint::black_box, sync::Arc};
+use std::{hint::black_box, sync::Arc};
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fleet_dispatcher::{
@@ -9,7 +9,7 @@ use fleet_dispatcher::{
     service::now_ms,
     validate::{AdmissionLimits, Validator},
 };
-use fleet_schemas::{Job, SigningKey, Task, encode};
+use fleet_schemas::{Job, SigningKey, encode};
 
 fn validate(c: &mut Criterion) {
     let key = SigningKey::generate("acme-1");
@@ -24,20 +24,13 @@ fn validate(c: &mut Criterion) {
         ["all-minilm-l6-v2".to_string()],
         AdmissionLimits::default(),
     );
-    let job = Job {
-        job_id: "job-0001".into(),
-        tenant: "acme".into(),
-        model: "all-minilm-l6-v2".into(),
-        task: Task::Embed {
-            inputs: vec!["A sentence of ordinary length to embed, about a dozen words.".into()],
-            normalize: true,
-            truncate: true,
-        },
-        priority: 0,
-        created_at_ms: now_ms(),
-        deadline_ms: None,
-        meta: BTreeMap::new(),
-    };
+    let job = Job::embed(
+        "job-0001",
+        "acme",
+        "all-minilm-l6-v2",
+        vec!["A sentence of ordinary length to embed, about a dozen words.".into()],
+        now_ms(),
+    );
     let payload = encode(&key.sign_job(&job).expect("sign")).expect("encode");
     let mut group = c.benchmark_group("admission");
     group.throughput(Throughput::Elements(1));

@@ -1,14 +1,14 @@
 //! Admission as a specification: whatever bytes arrive, the answer is a typed rejection or an
 //! admission, never a panic; only a correctly signed, in-policy job is admitted.
 
-use std::{collections::BTreeMap, sync::Arc};
+use std::sync::Arc;
 
 use fleet_dispatcher::{
     StaticTenants,
     service::now_ms,
     validate::{AdmissionLimits, Validator},
 };
-use fleet_schemas::{ErrorCode, Job, SigningKey, Task, encode};
+use fleet_schemas::{ErrorCode, Job, SigningKey, encode};
 use proptest::prelude::*;
 
 fn validator(key: &SigningKey) -> Validator {
@@ -27,20 +27,7 @@ fn validator(key: &SigningKey) -> Validator {
 }
 
 fn job(inputs: Vec<String>) -> Job {
-    Job {
-        job_id: "j1".into(),
-        tenant: "acme".into(),
-        model: "m".into(),
-        task: Task::Embed {
-            inputs,
-            normalize: true,
-            truncate: true,
-        },
-        priority: 0,
-        created_at_ms: now_ms(),
-        deadline_ms: None,
-        meta: BTreeMap::new(),
-    }
+    Job::embed("j1", "acme", "m", inputs, now_ms())
 }
 
 proptest! {

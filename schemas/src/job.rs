@@ -40,6 +40,33 @@ pub struct Job {
     pub meta: BTreeMap<String, String>,
 }
 
+impl Job {
+    /// An embedding job with the defaults a client usually wants: normalised vectors, inputs
+    /// truncated to the model's maximum, normal priority, no deadline, no annotations.
+    pub fn embed(
+        job_id: impl Into<String>,
+        tenant: impl Into<String>,
+        model: impl Into<String>,
+        inputs: Vec<String>,
+        created_at_ms: u64,
+    ) -> Self {
+        Job {
+            job_id: job_id.into(),
+            tenant: tenant.into(),
+            model: model.into(),
+            task: Task::Embed {
+                inputs,
+                normalize: true,
+                truncate: true,
+            },
+            priority: 0,
+            created_at_ms,
+            deadline_ms: None,
+            meta: BTreeMap::new(),
+        }
+    }
+}
+
 /// What to compute. Tagged by `kind` on the wire, so new kinds can be added.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]

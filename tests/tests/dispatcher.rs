@@ -1,14 +1,14 @@
 //! The dispatcher against a real nats-server: what it admits reaches FLEET_JOBS once; what it
 //! refuses is answered with a typed code on the wire and leaves the queue untouched.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream;
 use fleet_client::now_ms;
 use fleet_dispatcher::{Dispatcher, DispatcherConfig, StartError, StaticTenants};
 use fleet_schemas::{
     ErrorCode, Job, JobResult, ResultStatus, SignedJob, SigningKey, SubmitReply, SubmitStatus,
-    Task, decode, encode, subject,
+    decode, encode, subject,
 };
 use fleet_streams::TopologyError;
 use fleet_tests::{NatsServer, TestTenant};
@@ -117,20 +117,7 @@ impl Fleet {
     }
 
     fn job(&self, tenant: &str, inputs: Vec<String>) -> Job {
-        Job {
-            job_id: fleet_client::new_job_id(),
-            tenant: tenant.into(),
-            model: MODEL.into(),
-            task: Task::Embed {
-                inputs,
-                normalize: true,
-                truncate: true,
-            },
-            priority: 0,
-            created_at_ms: now_ms(),
-            deadline_ms: None,
-            meta: BTreeMap::new(),
-        }
+        Job::embed(fleet_client::new_job_id(), tenant, MODEL, inputs, now_ms())
     }
 
     fn signed(&self, key: &SigningKey, job: &Job) -> Vec<u8> {

@@ -2,7 +2,7 @@
 //! job in the queue turns into (stored result, reply, ack, dead letter, retry), and that
 //! shutdown loses nothing.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::time::Duration;
 
 use async_nats::{
     HeaderMap,
@@ -151,20 +151,8 @@ impl RunningWorker {
 }
 
 fn job(id: &str, inputs: &[&str]) -> Job {
-    Job {
-        job_id: id.to_owned(),
-        tenant: "acme".to_owned(),
-        model: MODEL.to_owned(),
-        task: Task::Embed {
-            inputs: inputs.iter().map(|s| (*s).to_owned()).collect(),
-            normalize: true,
-            truncate: true,
-        },
-        priority: 0,
-        created_at_ms: 0,
-        deadline_ms: None,
-        meta: BTreeMap::new(),
-    }
+    let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
+    Job::embed(id, "acme", MODEL, inputs, 0)
 }
 
 fn fake() -> FakeEmbedder {

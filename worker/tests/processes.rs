@@ -1,12 +1,10 @@
 //! Real `worker` processes on the real model: scaling out by starting another process, failover
 //! by redelivery when a worker dies holding jobs, and a graceful SIGTERM.
 
-use std::{collections::BTreeMap, collections::BTreeSet, time::Duration};
+use std::{collections::BTreeSet, time::Duration};
 
 use async_nats::{HeaderMap, jetstream};
-use fleet_schemas::{
-    Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
-};
+use fleet_schemas::{Job, JobResult, Output, ResultStatus, SigningKey, decode, encode, subject};
 use fleet_tests::{NatsServer, Process, Signal, eventually, model_dir};
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -118,22 +116,12 @@ impl Fleet {
 
 fn jobs(prefix: &str, count: usize) -> Vec<Job> {
     (0..count)
-        .map(|i| Job {
-            job_id: format!("{prefix}-{i}"),
-            tenant: "acme".to_owned(),
-            model: MODEL.to_owned(),
-            task: Task::Embed {
-                inputs: vec![
-                    format!("sentence number {i} about {prefix}"),
-                    "a second input".to_owned(),
-                ],
-                normalize: true,
-                truncate: true,
-            },
-            priority: 0,
-            created_at_ms: 0,
-            deadline_ms: None,
-            meta: BTreeMap::new(),
+        .map(|i| {
+            let inputs = vec![
+                format!("sentence number {i} about {prefix}"),
+                "a second input".to_owned(),
+            ];
+            Job::embed(format!("{prefix}-{i}"), "acme", MODEL, inputs, 0)
         })
         .collect()
 }

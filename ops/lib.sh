@@ -1,0 +1,40 @@
+# Shared by the ops scripts that run a local fleet: a temporary work folder, background
+# processes torn down on exit, and a loopback nats-server with JetStream. Source it.
+
+work=$(mktemp -d)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Starts `name` (its output in $work/name.log) in the background, stopped on exit.
+spawn() {
+  local name=$1
+  shift
+  "$@" >"$work/$name.log" 2>&1 &
+  pids+=($!)
+}
+
+# Starts nats-server on a free loopback port with a temporary store; sets $url.
+start_nats() {
+  spawn nats nats-server -a 127.0.0.1 -p -1 -js -sd "$work/jetstream"
+  url=
+  for _ in $(seq 100); do
+    url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/nats.log" | head -n 1)
+    [ -n "$url" ] && return 0
+    sleep 0.1
+  done
+  echo "nats-server did not start:" >&2
+  tail -n 20 "$work/nats.log" >&2
+  return 1
+}
+
+# A tenant `bench` whose rate limit never binds: its key in $work/key.toml, the tenants file in
+# $work/tenants.toml.
+bench_tenant() {
+  "$bin/fleet" keygen --tenant bench --key-id bench-1 --out "$work/key.toml" 2>/dev/null |
+    sed 's/rate_per_second = 100/rate_per_second = 1000000/; s/burst = 200/burst = 1000000/' >"$work/tenants.toml"
+}
