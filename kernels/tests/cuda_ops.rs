@@ -310,10 +310,7 @@ fn minilm_on_gpu_matches_sentence_transformers() {
         .collect();
     let batch: Vec<fleet_model::Sequence<'_>> = ids
         .iter()
-        .map(|t| fleet_model::Sequence {
-            token_ids: t,
-            normalize: true,
-        })
+        .map(|t| fleet_model::Sequence::normalized(t))
         .collect();
     let got = model.embed(&batch).expect("embed on the GPU");
     assert_eq!(got.len(), fixture.items.len());

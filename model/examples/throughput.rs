@@ -114,13 +114,7 @@ fn run(
     ids.sort_by_key(Vec::len);
     let tokens = ids.iter().map(Vec::len).sum();
     for chunk in ids.chunks(batch) {
-        let seqs: Vec<Sequence<'_>> = chunk
-            .iter()
-            .map(|t| Sequence {
-                token_ids: t,
-                normalize: true,
-            })
-            .collect();
+        let seqs: Vec<Sequence<'_>> = chunk.iter().map(|t| Sequence::normalized(t)).collect();
         let out = model.embed(&seqs).map_err(|e| e.to_string())?;
         std::hint::black_box(out);
     }

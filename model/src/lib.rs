@@ -45,6 +45,17 @@ pub struct Sequence<'a> {
     pub normalize: bool,
 }
 
+impl<'a> Sequence<'a> {
+    /// An input whose vector is L2-normalised (what sentence-transformers gives by default
+    /// with `normalize_embeddings=True`).
+    pub fn normalized(token_ids: &'a [u32]) -> Self {
+        Sequence {
+            token_ids,
+            normalize: true,
+        }
+    }
+}
+
 /// A loaded sentence-embedding model.
 pub struct EmbeddingModel {
     config: BertConfig,

@@ -106,13 +106,7 @@ fn token_counts_match_sentence_transformers() {
 #[test]
 fn embeddings_match_sentence_transformers() {
     let ids = tokenized();
-    let batch: Vec<Sequence<'_>> = ids
-        .iter()
-        .map(|t| Sequence {
-            token_ids: t,
-            normalize: true,
-        })
-        .collect();
+    let batch: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
     let got = model().embed(&batch).expect("embed");
     assert_eq!(got.len(), fixture().items.len());
     for (it, v) in fixture().items.iter().zip(&got) {
@@ -129,13 +123,7 @@ fn embeddings_match_sentence_transformers() {
 #[test]
 fn embedding_does_not_depend_on_batch_companions() {
     let ids = tokenized();
-    let all: Vec<Sequence<'_>> = ids
-        .iter()
-        .map(|t| Sequence {
-            token_ids: t,
-            normalize: true,
-        })
-        .collect();
+    let all: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
     let together = model().embed(&all).expect("batch");
     // Reversed order mixes lengths differently again.
     let reversed: Vec<Sequence<'_>> = all.iter().rev().copied().collect();
@@ -273,13 +261,7 @@ fn runtime_thread_gives_the_same_vectors() {
 #[test]
 fn slice_path_and_tensor_op_path_agree() {
     let ids = tokenized();
-    let batch: Vec<Sequence<'_>> = ids
-        .iter()
-        .map(|t| Sequence {
-            token_ids: t,
-            normalize: true,
-        })
-        .collect();
+    let batch: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
     let a = model().embed(&batch).expect("slices");
     let b = model().embed_with_tensor_ops(&batch).expect("tensor ops");
     for (x, y) in a.iter().zip(&b) {

@@ -568,13 +568,7 @@ fn slice_path_and_tensor_op_path_agree() {
         .iter()
         .map(|t| model.tokenize(t, true).expect("tokenize"))
         .collect();
-    let seqs: Vec<Sequence<'_>> = ids
-        .iter()
-        .map(|t| Sequence {
-            token_ids: t,
-            normalize: true,
-        })
-        .collect();
+    let seqs: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
     let a = model.embed(&seqs).expect("slices");
     let b = model.embed_with_tensor_ops(&seqs).expect("tensor ops");
     for (x, y) in a.iter().zip(&b) {
