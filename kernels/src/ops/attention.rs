@@ -20,12 +20,26 @@ use crate::cuda;
 /// `p_tj = softmax_j(scale * q_t[h] · k_j[h])` over the keys of the same sequence only.
 /// No padding exists, so no row is ever fully masked; empty sequences own no rows.
 ///
-/// A CUDA version is a flash-attention-style varlen kernel (one block per sequence x head x
-/// query tile), or batched gemm + [`crate::cpu::scaled_softmax_row`] semantics per row.
 #[derive(Debug, Clone, Copy)]
 pub struct VarlenAttention {
     pub heads: usize,
     pub scale: f32,
+}
+
+impl VarlenAttention {
+    /// `(tokens, head_dim)`, once the shapes are checked.
+    fn dims(&self, qkv: &Layout, cu: &Layout) -> Result<(usize, usize)> {
+        let (tokens, width) = dims2(self.name(), "qkv", qkv)?;
+        if self.heads == 0 || width % (3 * self.heads) != 0 {
+            bail!(
+                "{}: qkv width {width} is not 3 x {} heads x head_dim",
+                self.name(),
+                self.heads
+            );
+        }
+        dims1(self.name(), "cu_seqlens", cu)?;
+        Ok((tokens, width / (3 * self.heads)))
+    }
 }
 
 impl CustomOp2 for VarlenAttention {
@@ -40,16 +54,7 @@ impl CustomOp2 for VarlenAttention {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (tokens, width) = dims2(self.name(), "qkv", l1)?;
-        if self.heads == 0 || width % (3 * self.heads) != 0 {
-            bail!(
-                "{}: qkv width {width} is not 3 x {} heads x head_dim",
-                self.name(),
-                self.heads
-            );
-        }
-        dims1(self.name(), "cu_seqlens", l2)?;
-        let head_dim = width / (3 * self.heads);
+        let (tokens, head_dim) = self.dims(l1, l2)?;
         let qkv = f32_slice(self.name(), s1, l1)?;
         let cu = u32_slice(self.name(), s2, l2)?;
         let hidden = self.heads * head_dim;
@@ -66,18 +71,9 @@ impl CustomOp2 for VarlenAttention {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (tokens, width) = dims2(self.name(), "qkv", l1)?;
-        if self.heads == 0 || width % (3 * self.heads) != 0 {
-            bail!(
-                "{}: qkv width {width} is not 3 x {} heads x head_dim",
-                self.name(),
-                self.heads
-            );
-        }
-        dims1(self.name(), "cu_seqlens", l2)?;
+        let (tokens, head_dim) = self.dims(l1, l2)?;
         // The kernel reads the rows the offsets name: they are checked on the host first.
         cpu::check_cu_seqlens(&cuda::u32_to_host(self.name(), s2, l2)?, tokens)?;
-        let head_dim = width / (3 * self.heads);
         let hidden = self.heads * head_dim;
         let qkv = cuda::f32_view(self.name(), s1, l1)?;
         let cu = cuda::u32_view(self.name(), s2, l2)?;

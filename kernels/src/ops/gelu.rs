@@ -12,6 +12,20 @@ use crate::cuda;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct BiasGelu;
 
+impl BiasGelu {
+    fn check(&self, x: &Layout, bias: &Layout) -> Result<()> {
+        let n = dims1(self.name(), "bias", bias)?;
+        if x.dims().last() != Some(&n) {
+            bail!(
+                "{}: x {:?} does not end in the bias size {n}",
+                self.name(),
+                x.dims()
+            );
+        }
+        Ok(())
+    }
+}
+
 impl CustomOp2 for BiasGelu {
     fn name(&self) -> &'static str {
         "bias-gelu"
@@ -24,14 +38,7 @@ impl CustomOp2 for BiasGelu {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let n = dims1(self.name(), "bias", l2)?;
-        if l1.dims().last() != Some(&n) {
-            bail!(
-                "{}: x {:?} does not end in the bias size {n}",
-                self.name(),
-                l1.dims()
-            );
-        }
+        self.check(l1, l2)?;
         let x = f32_slice(self.name(), s1, l1)?;
         let bias = f32_slice(self.name(), s2, l2)?;
         let mut out = Vec::new();
@@ -47,14 +54,7 @@ impl CustomOp2 for BiasGelu {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = dims1(self.name(), "bias", l2)?;
-        if l1.dims().last() != Some(&n) {
-            bail!(
-                "{}: x {:?} does not end in the bias size {n}",
-                self.name(),
-                l1.dims()
-            );
-        }
+        self.check(l1, l2)?;
         let x = cuda::f32_view(self.name(), s1, l1)?;
         let bias = cuda::f32_view(self.name(), s2, l2)?;
         let mut out = cuda::alloc_f32(s1, x.len())?;

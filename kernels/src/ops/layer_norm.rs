@@ -20,6 +20,23 @@ pub struct AddLayerNorm {
     pub eps: f32,
 }
 
+impl AddLayerNorm {
+    /// The normalised width `n`, once the shapes are checked.
+    fn hidden_size(&self, x: &Layout, residual: &Layout, params: &Layout) -> Result<usize> {
+        let (two, n) = dims2(self.name(), "params", params)?;
+        if two != 2 || x.dims().last() != Some(&n) || x.dims() != residual.dims() {
+            bail!(
+                "{}: x {:?}, residual {:?}, params {:?}: need x = residual = [.., n], params [2, n]",
+                self.name(),
+                x.dims(),
+                residual.dims(),
+                params.dims()
+            );
+        }
+        Ok(n)
+    }
+}
+
 impl CustomOp3 for AddLayerNorm {
     fn name(&self) -> &'static str {
         "add-layer-norm"
@@ -34,16 +51,7 @@ impl CustomOp3 for AddLayerNorm {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (two, n) = dims2(self.name(), "params", l3)?;
-        if two != 2 || l1.dims().last() != Some(&n) || l1.dims() != l2.dims() {
-            bail!(
-                "{}: x {:?}, residual {:?}, params {:?}: need x = residual = [.., n], params [2, n]",
-                self.name(),
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
+        let n = self.hidden_size(l1, l2, l3)?;
         let x = f32_slice(self.name(), s1, l1)?;
         let residual = f32_slice(self.name(), s2, l2)?;
         let (weight, bias) = f32_slice(self.name(), s3, l3)?.split_at(n);
@@ -62,16 +70,7 @@ impl CustomOp3 for AddLayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (two, n) = dims2(self.name(), "params", l3)?;
-        if two != 2 || l1.dims().last() != Some(&n) || l1.dims() != l2.dims() {
-            bail!(
-                "{}: x {:?}, residual {:?}, params {:?}: need x = residual = [.., n], params [2, n]",
-                self.name(),
-                l1.dims(),
-                l2.dims(),
-                l3.dims()
-            );
-        }
+        let n = self.hidden_size(l1, l2, l3)?;
         let x = cuda::f32_view(self.name(), s1, l1)?;
         let residual = cuda::f32_view(self.name(), s2, l2)?;
         let params = cuda::f32_view(self.name(), s3, l3)?;

@@ -19,6 +19,19 @@ use crate::cuda;
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MeanPoolNormalize;
 
+impl MeanPoolNormalize {
+    /// `(rows, dim, batch)`, once the shapes are checked.
+    fn dims(&self, hidden: &Layout, cu: &Layout, flags: &Layout) -> Result<(usize, usize, usize)> {
+        let (rows, dim) = dims2(self.name(), "hidden", hidden)?;
+        let cu_len = dims1(self.name(), "cu_seqlens", cu)?;
+        let batch = dims1(self.name(), "normalize", flags)?;
+        if cu_len != batch + 1 {
+            bail!("{}: {cu_len} offsets for {batch} sequences", self.name());
+        }
+        Ok((rows, dim, batch))
+    }
+}
+
 impl CustomOp3 for MeanPoolNormalize {
     fn name(&self) -> &'static str {
         "mean-pool-normalize"
@@ -33,12 +46,7 @@ impl CustomOp3 for MeanPoolNormalize {
         s3: &CpuStorage,
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (_, dim) = dims2(self.name(), "hidden", l1)?;
-        let cu_len = dims1(self.name(), "cu_seqlens", l2)?;
-        let batch = dims1(self.name(), "normalize", l3)?;
-        if cu_len != batch + 1 {
-            bail!("{}: {cu_len} offsets for {batch} sequences", self.name());
-        }
+        let (_, dim, batch) = self.dims(l1, l2, l3)?;
         let hidden = f32_slice(self.name(), s1, l1)?;
         let cu = u32_slice(self.name(), s2, l2)?;
         let flags = u32_slice(self.name(), s3, l3)?;
@@ -57,12 +65,7 @@ impl CustomOp3 for MeanPoolNormalize {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let (rows, dim) = dims2(self.name(), "hidden", l1)?;
-        let cu_len = dims1(self.name(), "cu_seqlens", l2)?;
-        let batch = dims1(self.name(), "normalize", l3)?;
-        if cu_len != batch + 1 {
-            bail!("{}: {cu_len} offsets for {batch} sequences", self.name());
-        }
+        let (rows, dim, batch) = self.dims(l1, l2, l3)?;
         // The kernel reads the rows the offsets name: they are checked on the host first.
         cpu::check_cu_seqlens(&cuda::u32_to_host(self.name(), s2, l2)?, rows)?;
         let hidden = cuda::f32_view(self.name(), s1, l1)?;

@@ -23,6 +23,25 @@ pub struct ScaledMaskedSoftmax {
     pub scale: f32,
 }
 
+impl ScaledMaskedSoftmax {
+    /// `[batch, heads, q_len, k_len]`, once the shapes are checked.
+    fn dims(&self, scores: &Layout, lengths: &Layout) -> Result<[usize; 4]> {
+        let dims: [usize; 4] = match scores.dims() {
+            &[b, h, q, k] => [b, h, q, k],
+            d => bail!("{}: scores must be rank 4, got {d:?}", self.name()),
+        };
+        if dims1(self.name(), "lengths", lengths)? != dims[0] {
+            bail!(
+                "{}: lengths {:?} for batch {}",
+                self.name(),
+                lengths.dims(),
+                dims[0]
+            );
+        }
+        Ok(dims)
+    }
+}
+
 impl CustomOp2 for ScaledMaskedSoftmax {
     fn name(&self) -> &'static str {
         "scaled-masked-softmax"
@@ -35,18 +54,7 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let dims: [usize; 4] = match l1.dims() {
-            &[b, h, q, k] => [b, h, q, k],
-            d => bail!("{}: scores must be rank 4, got {d:?}", self.name()),
-        };
-        if dims1(self.name(), "lengths", l2)? != dims[0] {
-            bail!(
-                "{}: lengths {:?} for batch {}",
-                self.name(),
-                l2.dims(),
-                dims[0]
-            );
-        }
+        let dims = self.dims(l1, l2)?;
         let scores = f32_slice(self.name(), s1, l1)?;
         let lengths = u32_slice(self.name(), s2, l2)?;
         let mut out = Vec::new();
@@ -62,18 +70,7 @@ impl CustomOp2 for ScaledMaskedSoftmax {
         s2: &candle_core::CudaStorage,
         l2: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let dims: [usize; 4] = match l1.dims() {
-            &[b, h, q, k] => [b, h, q, k],
-            d => bail!("{}: scores must be rank 4, got {d:?}", self.name()),
-        };
-        if dims1(self.name(), "lengths", l2)? != dims[0] {
-            bail!(
-                "{}: lengths {:?} for batch {}",
-                self.name(),
-                l2.dims(),
-                dims[0]
-            );
-        }
+        let dims = self.dims(l1, l2)?;
         // The CPU op refuses a length above k_len; the same check needs the (batch-sized)
         // lengths on the host.
         if cuda::u32_to_host(self.name(), s2, l2)?
