@@ -22,10 +22,11 @@ export CUDA_COMPUTE_CAP="${CUDA_COMPUTE_CAP:-80}"
 export FLEET_CUDA_COMPUTE_CAPS="${FLEET_CUDA_COMPUTE_CAPS:-80,90}"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$repo/target/cuda}"
 
+# One cargo invocation for everything: features are resolved per invocation, and a second one
+# with another package set could resolve candle's differently and compile its CUDA kernels again.
+build=(cargo build -p fleet-kernels -p fleet-model -p fleet-worker --features fleet-worker/cuda --all-targets)
 start=$(date +%s)
-cargo build -p fleet-kernels --features cuda --all-targets "$@"
-cargo build -p fleet-worker --features cuda --bin worker "$@"
-cargo build -p fleet-model --features cuda --example throughput "$@"
+"${build[@]}" "$@"
 echo "cuda build finished in $(( $(date +%s) - start ))s (CARGO_TARGET_DIR=$CARGO_TARGET_DIR)" >&2
 
 # The GPU test and bench executables, copied to one folder that ops/gpu-check.sh runs on a GPU
@@ -34,10 +35,10 @@ echo "cuda build finished in $(( $(date +%s) - start ))s (CARGO_TARGET_DIR=$CARG
 bundle="$CARGO_TARGET_DIR/gpu-bundle"
 rm -rf "$bundle"
 mkdir -p "$bundle"
-cargo build -p fleet-kernels --features cuda --all-targets --message-format=json "$@" |
+"${build[@]}" --message-format=json "$@" |
   python3 -c '
 import json, shutil, sys
-wanted = {("test", "cuda_ops"), ("bench", "cuda_fused")}
+wanted = {("test", "cuda_ops"), ("bench", "cuda_fused"), ("bin", "worker"), ("example", "throughput")}
 for line in sys.stdin:
     try:
         m = json.loads(line)
@@ -45,20 +46,19 @@ for line in sys.stdin:
         continue
     t = m.get("target") or {}
     kinds = t.get("kind") or []
+    # --all-targets also builds each binary as a unit-test harness: skip that one.
+    if kinds in (["bin"], ["example"]) and (m.get("profile") or {}).get("test"):
+        continue
     for kind in kinds:
         if (kind, t.get("name")) in wanted and m.get("executable"):
             shutil.copy2(m["executable"], sys.argv[1] + "/" + t["name"])
             print("bundled", m["executable"], file=sys.stderr)
 ' "$bundle"
-for exe in cuda_ops cuda_fused; do
+for exe in cuda_ops cuda_fused worker throughput; do
   if [[ ! -x "$bundle/$exe" ]]; then
     echo "error: $exe was not built" >&2
     exit 1
   fi
 done
-profile=debug
-[[ " $* " == *" --release "* ]] && profile=release
-cp "$CARGO_TARGET_DIR/$profile/worker" "$bundle/worker"
-cp "$CARGO_TARGET_DIR/$profile/examples/throughput" "$bundle/throughput"
 cp "$repo/ops/gpu-check.sh" "$bundle/"
 echo "GPU bundle: $bundle (copy it, the model and the fixture to a GPU machine; see ops/gpu-check.sh)" >&2

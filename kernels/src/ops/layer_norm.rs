@@ -70,7 +70,7 @@ impl CustomOp3 for AddLayerNorm {
         s3: &candle_core::CudaStorage,
         l3: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        let n = self.hidden_size(l1, l2, l3)?;
+        self.hidden_size(l1, l2, l3)?;
         let x = cuda::f32_view(self.name(), s1, l1)?;
         let residual = cuda::f32_view(self.name(), s2, l2)?;
         let params = cuda::f32_view(self.name(), s3, l3)?;
