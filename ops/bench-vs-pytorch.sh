@@ -21,7 +21,7 @@ cargo build --quiet --release -p fleet-model --example throughput
 bin="${CARGO_TARGET_DIR:-$root/target}/release/examples/throughput"
 for batch in "${batches[@]}"; do
   echo "fleet-model:"
-  "$bin" --model "$model" --corpus "$corpus" --batch "$batch" --runs 3
+  "$bin" --model "$model" --corpus "$corpus" --batch "$batch" --runs 3 --roofline
   echo "sentence-transformers:"
   OMP_NUM_THREADS=$(nproc) "$venv/bin/python" "$root/ops/bench/sentence_transformers_encode.py" "$model" "$corpus" "$batch" 3 2>&1 |
     grep -v -e "Loading weights" -e Warning
