@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# Installs what Fleet needs at run and test time on a Debian machine: nats-server, and the model.
+# Installs what Fleet needs at run and test time on a Debian machine: nats-server, Python's pip
+# and venv (the model download and the wire check use them), and the model.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
-if ! command -v nats-server >/dev/null 2>&1; then
+missing=()
+command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
   $sudo apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq nats-server >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 "$root/ops/fetch-model.sh"
