@@ -285,7 +285,10 @@ impl Dispatcher {
                     reason = %rejection.error.message, "job rejected");
                 let mut headers = HeaderMap::new();
                 headers.insert(subject::SERVICE_ERROR_CODE, rejection.code().as_str());
-                headers.insert(subject::SERVICE_ERROR, rejection.error.message.as_str());
+                headers.insert(
+                    subject::SERVICE_ERROR,
+                    subject::header_text(&rejection.error.message).as_ref(),
+                );
                 let body = if reply_to_job {
                     encode(&JobResult {
                         job_id: rejection.job_id,

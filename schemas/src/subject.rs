@@ -24,6 +24,17 @@ pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 /// Why a job went to the dead-letter stream.
 pub const DLQ_REASON: &str = "Fleet-Dlq-Reason";
 
+/// `text` made fit for a header value: a header cannot hold a line break (the NATS protocol
+/// is line-based, and clients refuse or panic on one), while error messages may quote input
+/// or span lines. Line breaks become spaces; other text is kept as is.
+pub fn header_text(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains(['\r', '\n']) {
+        text.replace(['\r', '\n'], " ").into()
+    } else {
+        text.into()
+    }
+}
+
 pub fn infer(model: &str) -> String {
     format!("fleet.infer.{model}")
 }
@@ -67,6 +78,15 @@ pub fn parse_ingress(subject: &str) -> Option<Ingress<'_>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn header_text_has_no_line_breaks() {
+        assert_eq!(super::header_text("plain: text"), "plain: text");
+        assert_eq!(
+            super::header_text("unknown field `x\r\ny`\nat line 2"),
+            "unknown field `x  y` at line 2"
+        );
+    }
+
     use super::*;
 
     #[test]

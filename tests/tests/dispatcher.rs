@@ -188,6 +188,25 @@ async fn every_rejection_is_typed_and_queues_nothing() {
     )
     .await;
 
+    // The decode error quotes a field name with a line break; headers cannot carry one.
+    #[derive(serde::Serialize)]
+    struct OddEnvelope {
+        v: u8,
+        #[serde(rename = "x\r\ny")]
+        odd: u8,
+    }
+    let (reply, message) = fleet
+        .submit(encode(&OddEnvelope { v: 1, odd: 0 }).unwrap())
+        .await;
+    assert_eq!(reply.error.map(|e| e.code), Some(ErrorCode::Malformed));
+    let reason = message
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(subject::SERVICE_ERROR))
+        .map(|v| v.as_str().to_owned())
+        .unwrap_or_default();
+    assert!(reason.contains("`x  y`"), "{reason}");
+
     let mut envelope = acme.sign_job(&ok_job).unwrap();
     envelope.v = 2;
     assert_submit_rejected(

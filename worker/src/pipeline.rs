@@ -9,7 +9,10 @@ use std::{
 };
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use fleet_schemas::{ErrorCode, Job, SignedJob, Task, Timings, decode, subject};
+use fleet_schemas::{
+    CodecError, ErrorCode, InvalidName, Job, SignedJob, Task, Timings, decode, subject,
+    validate_name,
+};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Semaphore, mpsc};
 
@@ -248,7 +251,7 @@ impl<E: Embedder> Intake<'_, E> {
                 let responder = self.responder.clone();
                 tokio::spawn(async move {
                     responder
-                        .dead_letter(held, None, ErrorCode::Malformed, reason)
+                        .dead_letter(held, None, ErrorCode::Malformed, reason.to_string())
                         .await
                 });
                 return;
@@ -309,18 +312,35 @@ impl<E: Embedder> Intake<'_, E> {
         }
     }
 
-    fn read_job(&self, payload: &[u8]) -> Result<Job, String> {
+    fn read_job(&self, payload: &[u8]) -> Result<Job, ReadJobError> {
         let max = self.config.max_job_bytes;
-        let envelope: SignedJob = decode(payload, max).map_err(|e| format!("bad envelope: {e}"))?;
-        let job: Job = decode(&envelope.body, max).map_err(|e| format!("bad job: {e}"))?;
+        let envelope: SignedJob = decode(payload, max).map_err(ReadJobError::Envelope)?;
+        let job: Job = decode(&envelope.body, max).map_err(ReadJobError::Body)?;
+        // The dispatcher checked these, but anything with publish rights on the queue can put
+        // a job there, and both names become subject tokens and header values.
+        validate_name("job_id", &job.job_id)?;
+        validate_name("tenant", &job.tenant)?;
         if job.model != self.config.model {
-            return Err(format!(
-                "job for model {:?} on the queue of {:?}",
-                job.model, self.config.model
-            ));
+            return Err(ReadJobError::WrongModel {
+                job: job.model,
+                queue: self.config.model.clone(),
+            });
         }
         Ok(job)
     }
+}
+
+/// Why a message on the queue is not a job this worker can run (it is dead-lettered).
+#[derive(Debug, thiserror::Error)]
+enum ReadJobError {
+    #[error("bad envelope: {0}")]
+    Envelope(CodecError),
+    #[error("bad job: {0}")]
+    Body(CodecError),
+    #[error("bad job: {0}")]
+    Name(#[from] InvalidName),
+    #[error("job for model {job:?} on the queue of {queue:?}")]
+    WrongModel { job: String, queue: String },
 }
 
 fn now_ms() -> u64 {

@@ -189,7 +189,7 @@ impl Responder {
     ) {
         let dlq_subject = subject::dlq(&self.model);
         let mut headers = HeaderMap::new();
-        headers.insert(subject::DLQ_REASON, reason.as_str());
+        headers.insert(subject::DLQ_REASON, subject::header_text(&reason).as_ref());
         if let Some(job) = job {
             headers.insert(subject::MSG_ID, job.job_id.as_str());
         }
@@ -276,7 +276,10 @@ impl Responder {
         let mut headers = HeaderMap::new();
         if let Some(error) = &result.error {
             headers.insert(subject::SERVICE_ERROR_CODE, error.code.as_str());
-            headers.insert(subject::SERVICE_ERROR, error.message.as_str());
+            headers.insert(
+                subject::SERVICE_ERROR,
+                subject::header_text(&error.message).as_ref(),
+            );
         }
         if let Some(job) = job {
             let mut store_headers = headers.clone();

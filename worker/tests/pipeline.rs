@@ -300,9 +300,17 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     let stored = fleet.wait_result(&too_long).await;
     assert_eq!(stored.error_code(), Some(ErrorCode::InputTooLong));
 
+    // Past the dispatcher (straight onto the queue), with an id that cannot be a subject token
+    // or a header value, and an error that quotes it.
+    let bad_id = job("bad\r\nid", &["text"]);
+    let envelope = SigningKey::generate("k").sign_job(&bad_id).expect("sign");
+    fleet
+        .enqueue_raw(encode(&envelope).expect("encode"), HeaderMap::new())
+        .await;
+
     let dlq = fleet.stream(subject::DLQ_STREAM).await;
-    eventually(WAIT, "two dead letters", || async {
-        (fleet.messages_in(subject::DLQ_STREAM).await == 2).then_some(())
+    eventually(WAIT, "three dead letters", || async {
+        (fleet.messages_in(subject::DLQ_STREAM).await == 3).then_some(())
     })
     .await;
     let first = dlq.get_raw_message(1).await.expect("first dead letter");
@@ -316,18 +324,21 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     let second = dlq.get_raw_message(2).await.expect("second dead letter");
     let reason = second.headers.get(subject::DLQ_REASON).expect("reason");
     assert!(reason.as_str().contains("input 1"), "{reason}");
+    let third = dlq.get_raw_message(3).await.expect("third dead letter");
+    let reason = third.headers.get(subject::DLQ_REASON).expect("reason");
+    assert!(reason.as_str().contains("job_id \"bad"), "{reason}");
 
     // Terminated, not left to time out: nothing comes back after the ack wait.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let info = fleet.consumer_info().await;
     assert_eq!(info.num_ack_pending, 0);
     assert_eq!(info.num_redelivered, 0);
-    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 2);
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 3);
     assert!(
         embedder.batches().is_empty(),
         "poison never reaches the model"
     );
-    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 2);
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 3);
     worker.stop().await.expect("clean stop");
 }
 
