@@ -93,7 +93,9 @@ pub enum ConfigError {
 impl DispatcherConfig {
     /// Checks settings that are only valid together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let replay = self.max_job_age_secs + self.max_clock_skew_secs;
+        let replay = self
+            .max_job_age_secs
+            .saturating_add(self.max_clock_skew_secs);
         if replay > self.duplicate_window_secs {
             return Err(ConfigError::ReplayWindow(
                 replay,
@@ -149,6 +151,12 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(matches!(err, ConfigError::ReplayWindow(230, 120)));
+        // A sum past u64 must not wrap around into a small, accepted window.
+        let huge = u64::MAX.to_string();
+        let err = parse(&["--max-job-age-secs", &huge])
+            .validate()
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::ReplayWindow(u64::MAX, 120)));
         assert!(matches!(
             parse(&["--models", "a.b"]).validate(),
             Err(ConfigError::BadModelName(_))

@@ -144,7 +144,10 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     match unit {
         "ms" => Ok(Duration::from_millis(n)),
         "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
+        "m" => n
+            .checked_mul(60)
+            .map(Duration::from_secs)
+            .ok_or_else(|| format!("{s:?} is too long")),
         _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
     }
 }
@@ -155,6 +158,8 @@ pub enum ConfigError {
     Name(#[from] InvalidName),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0} must be at most {1}")]
+    TooLarge(&'static str, u32),
     #[error(
         "--backoff starts with {first:?} but --ack-wait is {ack_wait:?}; the server makes the first backoff the ack wait, so they must agree"
     )]
@@ -202,6 +207,15 @@ impl WorkerConfig {
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        // In-flight jobs are counted with a semaphore taken whole (u32 permits) at shutdown.
+        for (name, value) in [
+            ("--max-in-flight", args.max_in_flight),
+            ("--fetch-batch", args.fetch_batch),
+        ] {
+            if value > u32::MAX as usize {
+                return Err(ConfigError::TooLarge(name, u32::MAX));
             }
         }
         if let Some(first) = args.backoff.first()
@@ -315,10 +329,18 @@ mod tests {
         );
         assert!(WorkerArgs::try_parse_from(["worker", "--device", "tpu"]).is_err());
         assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", "3 weeks"]).is_err());
+        let minutes = format!("{}m", u64::MAX);
+        assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", &minutes]).is_err());
     }
 
     #[test]
     fn inconsistent_settings_are_refused_with_the_reason() {
+        let too_many = (u64::from(u32::MAX) + 1).to_string();
+        let err = WorkerConfig::from_args(parse(&["--max-in-flight", &too_many])).unwrap_err();
+        assert!(
+            matches!(err, ConfigError::TooLarge("--max-in-flight", _)),
+            "{err}"
+        );
         let err = WorkerConfig::from_args(parse(&["--backoff", "1s"])).unwrap_err();
         assert!(matches!(err, ConfigError::BackoffAckWait { .. }), "{err}");
         let err = WorkerConfig::from_args(parse(&[
