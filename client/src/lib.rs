@@ -1,5 +1,6 @@
 //! Talking to a Fleet from Rust: load a tenant key, build and sign jobs, call `infer`
-//! (request-reply) or `submit` (queued, answered at once), and read stored results.
+//! (request-reply) or `submit` (queued, answered at once; the result is stored on
+//! `fleet.results.<tenant>.<job_id>` in `FLEET_RESULTS`).
 
 use std::{
     path::Path,

@@ -29,8 +29,8 @@ impl TenantPolicy {
     }
 }
 
-/// Where the dispatcher looks up keys and tenants. The TOML file is the default source; a
-/// Vault-backed one implements the same lookups.
+/// Where the dispatcher looks up keys and tenants. The TOML file is the default (and so far
+/// only) source; a Vault-backed store would implement the same lookups.
 pub trait TenantStore: Send + Sync + 'static {
     fn key(&self, key_id: &str) -> Option<&TenantKey>;
     fn policy(&self, tenant: &str) -> Option<&TenantPolicy>;

@@ -92,14 +92,6 @@ impl Validator {
         }
     }
 
-    pub fn limits(&self) -> &AdmissionLimits {
-        &self.limits
-    }
-
-    pub fn tenants(&self) -> &Arc<dyn TenantStore> {
-        &self.tenants
-    }
-
     /// Checks an envelope that arrived on the subject of `subject_model`, at `now_ms`.
     pub fn admit(
         &self,

@@ -23,11 +23,13 @@ use serde::Deserialize;
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version)]
 struct Cli {
+    /// NATS server of the fleet under test.
     #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
     nats_url: String,
     /// The tenant's secret key file.
     #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
     key: PathBuf,
+    /// Model the jobs are for.
     #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
     model: String,
     /// Requests in flight at once.
@@ -42,10 +44,10 @@ enum Command {
     /// Dispatcher intake against raw JetStream publishing.
     Dispatch {
         /// Jobs per phase.
-        #[arg(long, default_value_t = 20_000)]
+        #[arg(long, env = "LOADTEST_JOBS", default_value_t = 20_000)]
         jobs: usize,
         /// Rounds; each round runs both phases, alternating which goes first.
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, env = "LOADTEST_ROUNDS", default_value_t = 3)]
         rounds: usize,
     },
     /// A corpus (`{"id", "text"}` per line) through the fleet by request-reply.
@@ -54,16 +56,17 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct EmbedArgs {
-    #[arg(long)]
+    /// JSONL corpus, one `{"id", "text"}` object per line.
+    #[arg(long, env = "LOADTEST_CORPUS")]
     corpus: PathBuf,
     /// Texts per job.
-    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "LOADTEST_TEXTS_PER_JOB", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     texts_per_job: u16,
     /// Most texts taken from the corpus (0: all).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, env = "LOADTEST_LIMIT", default_value_t = 0)]
     limit: usize,
     /// Seconds to wait for one answer.
-    #[arg(long, default_value_t = 120)]
+    #[arg(long, env = "LOADTEST_TIMEOUT_SECS", default_value_t = 120)]
     timeout_secs: u64,
 }
 

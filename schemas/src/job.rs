@@ -27,7 +27,7 @@ pub struct Job {
     pub tenant: String,
     pub model: String,
     pub task: Task,
-    /// 0 is normal; higher runs first where a worker has a choice.
+    /// 0 is normal. Reserved for ordering: workers do not yet order by it.
     #[serde(default)]
     pub priority: u8,
     /// When the client made the job, Unix milliseconds; bounds replay.
@@ -35,7 +35,7 @@ pub struct Job {
     /// After this instant (Unix milliseconds) the job is answered `expired`, not run.
     #[serde(default)]
     pub deadline_ms: Option<u64>,
-    /// Free-form client annotations, returned untouched.
+    /// Free-form client annotations, signed and queued with the job (not copied into the result).
     #[serde(default)]
     pub meta: BTreeMap<String, String>,
 }

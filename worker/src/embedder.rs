@@ -36,8 +36,6 @@ pub struct EmbedError(#[source] pub Box<dyn std::error::Error + Send + Sync>);
 pub trait Embedder: Clone + Send + Sync + 'static {
     /// Longest sequence the model takes, in tokens.
     fn max_tokens(&self) -> usize;
-    /// Length of every output vector.
-    fn dimension(&self) -> usize;
     /// Tokens of `text`; `truncate` cuts an over-long input instead of failing with `TooLong`.
     fn tokenize(&self, text: &str, truncate: bool) -> Result<Vec<u32>, TokenizeError>;
     /// One vector per input, in batch order. Owned input, because the model runs on a thread
@@ -133,10 +131,6 @@ fn word_ids(text: &str) -> Vec<u32> {
 impl Embedder for FakeEmbedder {
     fn max_tokens(&self) -> usize {
         self.inner.max_tokens
-    }
-
-    fn dimension(&self) -> usize {
-        self.inner.dimension
     }
 
     fn tokenize(&self, text: &str, truncate: bool) -> Result<Vec<u32>, TokenizeError> {

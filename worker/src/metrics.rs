@@ -16,8 +16,6 @@ use prometheus_client::{
 pub enum Outcome {
     /// Answered with vectors.
     Ok,
-    /// Answered with an error (bad input).
-    Failed,
     /// Answered `expired` without inference.
     Expired,
     /// Sent to the dead-letter stream.

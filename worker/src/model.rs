@@ -51,10 +51,6 @@ impl Embedder for ModelEmbedder {
         self.0.max_tokens()
     }
 
-    fn dimension(&self) -> usize {
-        self.0.dimension()
-    }
-
     fn tokenize(&self, text: &str, truncate: bool) -> Result<Vec<u32>, TokenizeError> {
         self.0
             .tokenize(text, truncate)

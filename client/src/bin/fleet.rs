@@ -24,7 +24,7 @@ enum Command {
         #[arg(long, env = "FLEET_TENANT")]
         tenant: String,
         /// Key id (default: <tenant>-<random>).
-        #[arg(long)]
+        #[arg(long, env = "FLEET_KEY_ID")]
         key_id: Option<String>,
         /// Where to write the secret key.
         #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
@@ -32,15 +32,17 @@ enum Command {
     },
     /// Embeds texts through request-reply and prints the result as JSON.
     Infer {
+        /// NATS server to send the job through.
         #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
         nats_url: String,
         /// The tenant's secret key file.
         #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
         key: PathBuf,
+        /// Model to run (`fleet.infer.<model>`).
         #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
         model: String,
-        /// A text to embed (repeat for several).
-        #[arg(long = "text", required = true)]
+        /// A text to embed (repeat for several; the environment holds one).
+        #[arg(long = "text", env = "FLEET_TEXT", required = true)]
         texts: Vec<String>,
         /// How long to wait for the answer, in seconds.
         #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30)]
