@@ -145,6 +145,9 @@ pub fn results_stream(limits: &StreamLimits) -> stream::Config {
         max_messages: UNLIMITED,
         max_bytes: UNLIMITED,
         duplicate_window: limits.duplicate_window,
+        // One result per job for good: a redelivery that comes after the duplicate window
+        // (long ack waits and backoffs) replaces the earlier copy instead of adding one.
+        max_messages_per_subject: 1,
         // Results are read by subject (`fleet.results.<tenant>.<job_id>`), one message each.
         allow_direct: true,
         ..Default::default()
@@ -165,6 +168,11 @@ pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
     }
 }
 
+/// The server reports "no per-subject limit" as -1 whether it was asked for with 0 or -1.
+fn per_subject(limit: i64) -> i64 {
+    if limit <= 0 { UNLIMITED } else { limit }
+}
+
 /// The settings Fleet defines that differ between `wanted` and `found`.
 pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Difference> {
     Comparison::default()
@@ -175,6 +183,11 @@ pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Diffe
         .field("max_messages", &wanted.max_messages, &found.max_messages)
         .field("max_bytes", &wanted.max_bytes, &found.max_bytes)
         .field("max_age", &wanted.max_age, &found.max_age)
+        .field(
+            "max_messages_per_subject",
+            &per_subject(wanted.max_messages_per_subject),
+            &per_subject(found.max_messages_per_subject),
+        )
         .field(
             "duplicate_window",
             &wanted.duplicate_window,

@@ -1,7 +1,7 @@
 //! Answering a job and settling its message, in the one order that survives crashes: store the
 //! result (deduplicated by job id), answer the synchronous caller, and only then acknowledge,
-//! with a confirmed ack. A failure before the ack leaves the job to be redelivered; the store's
-//! deduplication keeps one result.
+//! with a confirmed ack. A failure before the ack leaves the job to be redelivered; the store
+//! keeps one result per job (deduplicated by job id, and one message per result subject).
 
 use std::time::Duration;
 

@@ -264,6 +264,29 @@ async fn a_job_delivered_twice_yields_one_stored_result() {
 }
 
 #[tokio::test]
+async fn the_results_stream_keeps_one_result_per_job_even_past_the_duplicate_window() {
+    let fleet = Fleet::start().await;
+    let job = job("job-twice", &["text"]);
+    // Two different message ids stand for a redelivery answered after the window passed.
+    for attempt in ["first", "second"] {
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::MSG_ID, attempt);
+        fleet
+            .js
+            .publish_with_headers(
+                subject::results(&job.tenant, &job.job_id),
+                headers,
+                attempt.into(),
+            )
+            .await
+            .expect("publish")
+            .await
+            .expect("stored");
+    }
+    assert_eq!(fleet.messages_in(subject::RESULTS_STREAM).await, 1);
+}
+
+#[tokio::test]
 async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     let fleet = Fleet::start().await;
     let embedder = fake();
