@@ -6,6 +6,7 @@ pub mod batcher;
 pub mod config;
 pub mod consumer;
 pub mod embedder;
+mod exhausted;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;

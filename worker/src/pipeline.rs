@@ -21,6 +21,7 @@ use crate::{
     config::WorkerConfig,
     consumer::{self, ConsumerSetupError},
     embedder::{EmbedError, Embedder, TokenizeError, TokenizedInput},
+    exhausted,
     metrics::{Metrics, Outcome},
     respond::{Held, InFlightPermit, ProgressGuard, Responder},
 };
@@ -43,6 +44,8 @@ pub enum PipelineError {
         max_batch_tokens: usize,
         max_tokens: usize,
     },
+    #[error("cannot watch for jobs out of deliveries: {0}")]
+    Advisories(#[from] async_nats::SubscribeError),
     #[error("shutdown: {left} jobs still in flight after {waited:?}; they will be redelivered")]
     DrainTimeout { left: usize, waited: Duration },
 }
@@ -91,6 +94,7 @@ pub async fn run<E: Embedder>(
         worker = %config.worker_name,
         "bound consumer; pulling jobs"
     );
+    let advisories = exhausted::subscribe(&client, &config.consumer.durable_name).await?;
     let responder = Arc::new(Responder {
         client,
         js: js.clone(),
@@ -100,6 +104,7 @@ pub async fn run<E: Embedder>(
         retry_delay: config.retry_delay,
         metrics: metrics.clone(),
     });
+    let watcher = tokio::spawn(exhausted::watch(advisories, responder.clone()));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let (to_batcher, from_puller) = mpsc::channel(config.max_in_flight);
     let batcher = tokio::spawn(batch_loop(
@@ -126,6 +131,7 @@ pub async fn run<E: Embedder>(
         let _all = in_flight.acquire_many(all).await;
     })
     .await;
+    watcher.abort();
     if drained.is_err() {
         batcher.abort();
         return Err(PipelineError::DrainTimeout {

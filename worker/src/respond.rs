@@ -10,8 +10,8 @@ use async_nats::{
     jetstream::{self, AckKind, context::PublishError},
 };
 use fleet_schemas::{
-    CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, Timings, encode,
-    subject,
+    CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, SignedJob, Timings,
+    decode, encode, subject, validate_name,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
@@ -218,7 +218,10 @@ impl Responder {
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), %code, %reason, "job dead-lettered");
         let result = self.failed_result(job, code, reason);
-        if let Err(error) = self.publish_result(&held, job, &result).await {
+        if let Err(error) = self
+            .publish_result(held.reply_to.as_deref(), job, &result)
+            .await
+        {
             tracing::warn!(%error, "dead-lettered job's caller not answered");
         }
         drop(held.progress);
@@ -226,6 +229,77 @@ impl Responder {
             Ok(()) => self.metrics.job(Outcome::DeadLettered),
             Err(error) => {
                 tracing::warn!(error = %AnswerError::Settle(error), "dead-lettered job not terminated; a redelivery dead-letters it again")
+            }
+        }
+    }
+
+    /// A job whose last delivery was never settled (its worker stopped, or the ack wait ran out
+    /// on every delivery): the server will not deliver it again, but the work queue keeps it.
+    /// Keeps it on the dead-letter stream with the reason, answers its caller where the job
+    /// can be read, and only then deletes it from the queue.
+    pub async fn dead_letter_exhausted(&self, sequence: u64, deliveries: u64) {
+        let jobs = match self.js.get_stream(subject::JOBS_STREAM).await {
+            Ok(jobs) => jobs,
+            Err(error) => {
+                tracing::error!(sequence, %error, "exhausted job not dead-lettered");
+                return;
+            }
+        };
+        let message = match jobs.get_raw_message(sequence).await {
+            Ok(message) => message,
+            // Settled meanwhile (a late ack), or taken by another worker's handler.
+            Err(error) => {
+                tracing::debug!(sequence, %error, "exhausted job no longer queued");
+                return;
+            }
+        };
+        let reason = format!(
+            "delivered {deliveries} times and never settled (its worker stopped or ran out of time)"
+        );
+        let dlq_subject = subject::dlq(&self.model);
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::DLQ_REASON, reason.as_str());
+        if let Some(id) = message.headers.get(subject::MSG_ID) {
+            headers.insert(subject::MSG_ID, id.clone());
+        }
+        let stored = async {
+            self.js
+                .publish_with_headers(dlq_subject.clone(), headers, message.payload.clone())
+                .await?
+                .await
+        }
+        .await;
+        if let Err(source) = stored {
+            let error = AnswerError::DeadLetter {
+                subject: dlq_subject,
+                source,
+            };
+            tracing::error!(sequence, %error, "exhausted job stays on the queue");
+            return;
+        }
+        let job = decode::<SignedJob>(&message.payload, usize::MAX)
+            .and_then(|envelope| decode::<Job>(&envelope.body, usize::MAX))
+            .ok()
+            .filter(|job| {
+                validate_name("job_id", &job.job_id).is_ok()
+                    && validate_name("tenant", &job.tenant).is_ok()
+            });
+        tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "exhausted job dead-lettered");
+        let reply_to = message
+            .headers
+            .get(subject::REPLY_TO)
+            .map(|v| v.as_str().to_owned());
+        let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason);
+        if let Err(error) = self
+            .publish_result(reply_to.as_deref(), job.as_ref(), &result)
+            .await
+        {
+            tracing::warn!(%error, "exhausted job's caller not answered");
+        }
+        match jobs.delete_message(sequence).await {
+            Ok(_) => self.metrics.job(Outcome::DeadLettered),
+            Err(error) => {
+                tracing::warn!(sequence, %error, "exhausted job dead-lettered but still queued")
             }
         }
     }
@@ -250,7 +324,10 @@ impl Responder {
         result: JobResult,
         outcome: Outcome,
     ) {
-        if let Err(error) = self.publish_result(&held, job, &result).await {
+        if let Err(error) = self
+            .publish_result(held.reply_to.as_deref(), job, &result)
+            .await
+        {
             self.retry(held, job, error.to_string()).await;
             return;
         }
@@ -268,7 +345,7 @@ impl Responder {
     /// the synchronous caller, if any.
     async fn publish_result(
         &self,
-        held: &Held,
+        reply_to: Option<&str>,
         job: Option<&Job>,
         result: &JobResult,
     ) -> Result<(), AnswerError> {
@@ -297,10 +374,10 @@ impl Responder {
                 source,
             })?;
         }
-        if let Some(reply_to) = &held.reply_to
+        if let Some(reply_to) = reply_to
             && let Err(error) = self
                 .client
-                .publish_with_headers(reply_to.clone(), headers, payload)
+                .publish_with_headers(reply_to.to_owned(), headers, payload)
                 .await
         {
             // The stored result is the record; a caller that misses this reply can read it there.

@@ -264,6 +264,59 @@ async fn a_job_delivered_twice_yields_one_stored_result() {
 }
 
 #[tokio::test]
+async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answered() {
+    let fleet = Fleet::start().await;
+    let config = config(&fleet, &["--max-deliver", "1"]);
+    let mut inbox = fleet
+        .client
+        .subscribe("caller.exhausted")
+        .await
+        .expect("sub");
+    let job = job("job-exhausted", &["text"]);
+    fleet.enqueue(&job, Some("caller.exhausted")).await;
+    // Another holder of the shared consumer takes the job's only delivery and never settles it,
+    // as a worker killed mid-batch would.
+    let holder = consumer::bind(&fleet.js, &config.consumer)
+        .await
+        .expect("bind");
+    let mut delivery = holder
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    let _taken = delivery.next().await.expect("a delivery").expect("message");
+
+    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    eventually(WAIT, "the exhausted job dead-lettered", || async {
+        (fleet.messages_in(subject::DLQ_STREAM).await == 1).then_some(())
+    })
+    .await;
+    let dead = fleet
+        .stream(subject::DLQ_STREAM)
+        .await
+        .get_raw_message(1)
+        .await
+        .expect("dead letter");
+    let reason = dead.headers.get(subject::DLQ_REASON).expect("reason");
+    assert!(reason.as_str().contains("delivered 1 times"), "{reason}");
+    let stored = fleet.wait_result(&job).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
+    let reply = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .expect("reply in time")
+        .expect("reply");
+    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    assert_eq!(answered.status, ResultStatus::Failed);
+    eventually(WAIT, "the queue emptied", || async {
+        (fleet.messages_in(subject::JOBS_STREAM).await == 0).then_some(())
+    })
+    .await;
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn the_results_stream_keeps_one_result_per_job_even_past_the_duplicate_window() {
     let fleet = Fleet::start().await;
     let job = job("job-twice", &["text"]);
