@@ -187,24 +187,11 @@ impl Responder {
         code: ErrorCode,
         reason: String,
     ) {
-        let dlq_subject = subject::dlq(&self.model);
-        let mut headers = HeaderMap::new();
-        headers.insert(subject::DLQ_REASON, subject::header_text(&reason).as_ref());
-        if let Some(job) = job {
-            headers.insert(subject::MSG_ID, job.job_id.as_str());
-        }
-        let stored = async {
-            self.js
-                .publish_with_headers(dlq_subject.clone(), headers, held.msg.payload.clone())
-                .await?
-                .await
-        }
-        .await;
-        if let Err(source) = stored {
-            let error = AnswerError::DeadLetter {
-                subject: dlq_subject,
-                source,
-            };
+        let msg_id = job.map(|j| j.job_id.as_str());
+        let stored = self
+            .store_dead_letter(&reason, msg_id, held.msg.payload.clone())
+            .await;
+        if let Err(error) = stored {
             tracing::error!(%error, "job stays queued");
             drop(held.progress);
             if let Err(error) = held
@@ -233,6 +220,32 @@ impl Responder {
         }
     }
 
+    /// Keeps a job's original message on `fleet.dlq.<model>` with the reason, once (by job id).
+    async fn store_dead_letter(
+        &self,
+        reason: &str,
+        msg_id: Option<&str>,
+        payload: bytes::Bytes,
+    ) -> Result<(), AnswerError> {
+        let dlq_subject = subject::dlq(&self.model);
+        let mut headers = HeaderMap::new();
+        headers.insert(subject::DLQ_REASON, subject::header_text(reason).as_ref());
+        if let Some(id) = msg_id {
+            headers.insert(subject::MSG_ID, id);
+        }
+        let stored = async {
+            self.js
+                .publish_with_headers(dlq_subject.clone(), headers, payload)
+                .await?
+                .await
+        }
+        .await;
+        stored.map(drop).map_err(|source| AnswerError::DeadLetter {
+            subject: dlq_subject,
+            source,
+        })
+    }
+
     /// A job whose last delivery was never settled (its worker stopped, or the ack wait ran out
     /// on every delivery): the server will not deliver it again, but the work queue keeps it.
     /// Keeps it on the dead-letter stream with the reason, answers its caller where the job
@@ -256,24 +269,11 @@ impl Responder {
         let reason = format!(
             "delivered {deliveries} times and never settled (its worker stopped or ran out of time)"
         );
-        let dlq_subject = subject::dlq(&self.model);
-        let mut headers = HeaderMap::new();
-        headers.insert(subject::DLQ_REASON, reason.as_str());
-        if let Some(id) = message.headers.get(subject::MSG_ID) {
-            headers.insert(subject::MSG_ID, id.clone());
-        }
-        let stored = async {
-            self.js
-                .publish_with_headers(dlq_subject.clone(), headers, message.payload.clone())
-                .await?
-                .await
-        }
-        .await;
-        if let Err(source) = stored {
-            let error = AnswerError::DeadLetter {
-                subject: dlq_subject,
-                source,
-            };
+        let msg_id = message.headers.get(subject::MSG_ID).map(|v| v.as_str());
+        let stored = self
+            .store_dead_letter(&reason, msg_id, message.payload.clone())
+            .await;
+        if let Err(error) = stored {
             tracing::error!(sequence, %error, "exhausted job stays on the queue");
             return;
         }

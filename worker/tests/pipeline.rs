@@ -41,6 +41,16 @@ impl Fleet {
         Fleet { server, js, client }
     }
 
+    /// Waits until every job has been settled and left the work queue.
+    async fn wait_queue_empty(&self) {
+        eventually(
+            WAIT,
+            "jobs settled and gone from the work queue",
+            || async { (self.messages_in(subject::JOBS_STREAM).await == 0).then_some(()) },
+        )
+        .await;
+    }
+
     async fn stream(&self, name: &str) -> Stream {
         self.js.get_stream(name).await.expect("stream exists")
     }
@@ -155,6 +165,16 @@ fn job(id: &str, inputs: &[&str]) -> Job {
     Job::embed(id, "acme", MODEL, inputs, 0)
 }
 
+/// The next answer on a caller's inbox, decoded, with the message it came in.
+async fn answer(inbox: &mut async_nats::Subscriber) -> (JobResult, async_nats::Message) {
+    let reply = tokio::time::timeout(WAIT, inbox.next())
+        .await
+        .expect("reply in time")
+        .expect("reply");
+    let answered = decode(&reply.payload, 1 << 20).expect("JobResult");
+    (answered, reply)
+}
+
 fn fake() -> FakeEmbedder {
     FakeEmbedder::new(16, 64)
 }
@@ -176,11 +196,7 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
     let job = job("job-1", &texts);
     fleet.enqueue(&job, Some("caller.inbox.1")).await;
 
-    let reply = tokio::time::timeout(WAIT, inbox.next())
-        .await
-        .expect("reply in time")
-        .expect("reply");
-    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    let (answered, _) = answer(&mut inbox).await;
     assert_eq!(answered.status, ResultStatus::Ok);
     assert_eq!(answered.job_id, "job-1");
     let expected: Vec<Vec<f32>> = texts
@@ -193,10 +209,7 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
         "one vector per input, in input order"
     );
     assert_eq!(fleet.wait_result(&job).await, answered);
-    eventually(WAIT, "job acked and gone from the work queue", || async {
-        (fleet.messages_in(subject::JOBS_STREAM).await == 0).then_some(())
-    })
-    .await;
+    fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.jobs(Outcome::Ok), 1);
     worker.stop().await.expect("clean stop");
 }
@@ -302,16 +315,9 @@ async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answere
     assert!(reason.as_str().contains("delivered 1 times"), "{reason}");
     let stored = fleet.wait_result(&job).await;
     assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
-    let reply = tokio::time::timeout(WAIT, inbox.next())
-        .await
-        .expect("reply in time")
-        .expect("reply");
-    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    let (answered, _) = answer(&mut inbox).await;
     assert_eq!(answered.status, ResultStatus::Failed);
-    eventually(WAIT, "the queue emptied", || async {
-        (fleet.messages_in(subject::JOBS_STREAM).await == 0).then_some(())
-    })
-    .await;
+    fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 1);
     worker.stop().await.expect("clean stop");
 }
@@ -351,11 +357,7 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     fleet
         .enqueue_raw(b"not messagepack".to_vec(), headers)
         .await;
-    let reply = tokio::time::timeout(WAIT, inbox.next())
-        .await
-        .expect("reply in time")
-        .expect("reply");
-    let answered: JobResult = decode(&reply.payload, 1 << 20).expect("JobResult");
+    let (answered, reply) = answer(&mut inbox).await;
     assert_eq!(answered.status, ResultStatus::Failed);
     assert_eq!(answered.error_code(), Some(ErrorCode::Malformed));
     let reply_headers = reply.headers.expect("error headers");
