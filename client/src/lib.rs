@@ -3,7 +3,7 @@
 //! `fleet.results.<tenant>.<job_id>` in `FLEET_RESULTS`).
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
@@ -34,6 +34,39 @@ pub enum ClientError {
     Codec(#[from] CodecError),
     #[error("request failed: {0}")]
     Request(#[from] async_nats::RequestError),
+    #[error("cannot connect to {url}: {source}")]
+    Connect {
+        url: String,
+        source: async_nats::ConnectError,
+    },
+}
+
+/// Who calls the fleet, where and for which model: the flags every Fleet client program takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CallerArgs {
+    /// NATS server of the fleet.
+    #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
+    pub nats_url: String,
+    /// The tenant's secret key file.
+    #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
+    pub key: PathBuf,
+    /// Model the jobs are for (`fleet.infer.<model>`, `fleet.submit.<model>`).
+    #[arg(long, env = "FLEET_MODEL", default_value = fleet_schemas::DEFAULT_MODEL)]
+    pub model: String,
+}
+
+impl CallerArgs {
+    /// Loads the tenant's key, then connects to NATS.
+    pub async fn connect(&self) -> Result<(Tenant, Client), ClientError> {
+        let tenant = Tenant::from_key_file(&self.key)?;
+        let client = async_nats::connect(&self.nats_url)
+            .await
+            .map_err(|source| ClientError::Connect {
+                url: self.nats_url.clone(),
+                source,
+            })?;
+        Ok((tenant, client))
+    }
 }
 
 /// A tenant's identity: its name and signing key.
@@ -89,14 +122,7 @@ pub async fn infer(
     job: &Job,
     timeout: Duration,
 ) -> Result<JobResult, ClientError> {
-    let payload = tenant.sign(job)?;
-    let request = async_nats::Request::new()
-        .payload(payload.into())
-        .timeout(Some(timeout));
-    let answer = client
-        .send_request(subject::infer(&job.model), request)
-        .await?;
-    Ok(decode(&answer.payload, MAX_ANSWER_BYTES)?)
+    request(client, tenant, job, subject::infer(&job.model), timeout).await
 }
 
 /// Sends a job on `fleet.submit.<model>`; the answer says whether it was queued.
@@ -106,12 +132,20 @@ pub async fn submit(
     job: &Job,
     timeout: Duration,
 ) -> Result<SubmitReply, ClientError> {
-    let payload = tenant.sign(job)?;
+    request(client, tenant, job, subject::submit(&job.model), timeout).await
+}
+
+/// Signs `job`, sends it as a request on `subject` and decodes the answer.
+async fn request<T: serde::de::DeserializeOwned>(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    subject: String,
+    timeout: Duration,
+) -> Result<T, ClientError> {
     let request = async_nats::Request::new()
-        .payload(payload.into())
+        .payload(tenant.sign(job)?.into())
         .timeout(Some(timeout));
-    let answer = client
-        .send_request(subject::submit(&job.model), request)
-        .await?;
+    let answer = client.send_request(subject, request).await?;
     Ok(decode(&answer.payload, MAX_ANSWER_BYTES)?)
 }

@@ -16,7 +16,7 @@ pub struct DispatcherConfig {
     #[arg(long, env = "FLEET_CONFIG")]
     pub config: Option<PathBuf>,
     /// NATS server to connect to.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
     pub nats_url: String,
     /// Tenants, their public keys, models and rates (TOML).
     #[arg(long, env = "FLEET_TENANTS", default_value = "tenants.toml")]
@@ -26,7 +26,7 @@ pub struct DispatcherConfig {
         long,
         env = "FLEET_MODELS",
         value_delimiter = ',',
-        default_value = "all-minilm-l6-v2"
+        default_value = fleet_schemas::DEFAULT_MODEL
     )]
     pub models: Vec<String>,
     /// Name reported in rejections and logs.

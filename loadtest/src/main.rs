@@ -14,7 +14,7 @@ use std::{
 use anyhow::{Context, bail};
 use async_nats::{HeaderMap, jetstream};
 use clap::{Parser, Subcommand};
-use fleet_client::Tenant;
+use fleet_client::{CallerArgs, Tenant};
 use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
 use futures::{StreamExt, stream};
 use serde::Deserialize;
@@ -23,15 +23,8 @@ use serde::Deserialize;
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version)]
 struct Cli {
-    /// NATS server of the fleet under test.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-    nats_url: String,
-    /// The tenant's secret key file.
-    #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
-    key: PathBuf,
-    /// Model the jobs are for.
-    #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
-    model: String,
+    #[command(flatten)]
+    caller: CallerArgs,
     /// Requests in flight at once.
     #[arg(long, env = "LOADTEST_IN_FLIGHT", default_value_t = 256)]
     in_flight: usize,
@@ -73,15 +66,13 @@ struct EmbedArgs {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let tenant = Tenant::from_key_file(&cli.key)?;
-    let client = async_nats::connect(&cli.nats_url)
-        .await
-        .with_context(|| format!("cannot connect to {}", cli.nats_url))?;
+    let (tenant, client) = cli.caller.connect().await?;
+    let model = &cli.caller.model;
     match cli.command {
         Command::Dispatch { jobs, rounds } => {
-            dispatch(&client, &tenant, &cli.model, cli.in_flight, jobs, rounds).await
+            dispatch(&client, &tenant, model, cli.in_flight, jobs, rounds).await
         }
-        Command::Embed(ref args) => embed(&client, &tenant, &cli.model, cli.in_flight, args).await,
+        Command::Embed(ref args) => embed(&client, &tenant, model, cli.in_flight, args).await,
     }
 }
 

@@ -16,3 +16,8 @@ pub use job::{ENVELOPE_VERSION, Job, SignedJob, Task};
 pub use name::{InvalidName, validate_name};
 pub use result::{ErrorBody, JobResult, Output, ResultStatus, SubmitReply, SubmitStatus, Timings};
 pub use signing::{KeyError, SecretKeyFile, SigningKey, VerifyError, VerifyingKey};
+
+/// The NATS server every Fleet program talks to unless told otherwise.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+/// The model every Fleet program serves or asks for unless told otherwise (as named in subjects).
+pub const DEFAULT_MODEL: &str = "all-minilm-l6-v2";

@@ -19,11 +19,11 @@ pub struct WorkerArgs {
     pub config: Option<PathBuf>,
 
     /// NATS server to connect to.
-    #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
+    #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
     pub nats_url: String,
 
     /// Model served, as named in subjects (`fleet.jobs.<model>`).
-    #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
+    #[arg(long, env = "FLEET_MODEL", default_value = fleet_schemas::DEFAULT_MODEL)]
     pub model: String,
 
     /// Directory of the model's files (safetensors weights, tokenizer.json, config.json).

@@ -76,12 +76,12 @@ impl Embedder for ModelEmbedder {
     }
 }
 
-#[cfg(test)]
+/// Only a CPU-only build has something to check here without a GPU.
+#[cfg(all(test, not(feature = "cuda")))]
 mod tests {
     use super::*;
 
     /// A CPU-only build asked for a GPU stops at the device, before touching the model files.
-    #[cfg(not(feature = "cuda"))]
     #[test]
     fn cuda_device_without_the_feature_is_a_typed_error() {
         let missing = Path::new("/nonexistent/model");

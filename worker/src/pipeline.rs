@@ -319,13 +319,7 @@ impl<E: Embedder> Intake<'_, E> {
     }
 
     fn read_job(&self, payload: &[u8]) -> Result<Job, ReadJobError> {
-        let max = self.config.max_job_bytes;
-        let envelope: SignedJob = decode(payload, max).map_err(ReadJobError::Envelope)?;
-        let job: Job = decode(&envelope.body, max).map_err(ReadJobError::Body)?;
-        // The dispatcher checked these, but anything with publish rights on the queue can put
-        // a job there, and both names become subject tokens and header values.
-        validate_name("job_id", &job.job_id)?;
-        validate_name("tenant", &job.tenant)?;
+        let job = decode_job(payload, self.config.max_job_bytes)?;
         if job.model != self.config.model {
             return Err(ReadJobError::WrongModel {
                 job: job.model,
@@ -336,9 +330,20 @@ impl<E: Embedder> Intake<'_, E> {
     }
 }
 
+/// The job in a queued message, with the names that become subject tokens and header values
+/// checked: the dispatcher checked them, but anything with publish rights on the queue can put
+/// a job there.
+pub(crate) fn decode_job(payload: &[u8], max_bytes: usize) -> Result<Job, ReadJobError> {
+    let envelope: SignedJob = decode(payload, max_bytes).map_err(ReadJobError::Envelope)?;
+    let job: Job = decode(&envelope.body, max_bytes).map_err(ReadJobError::Body)?;
+    validate_name("job_id", &job.job_id)?;
+    validate_name("tenant", &job.tenant)?;
+    Ok(job)
+}
+
 /// Why a message on the queue is not a job this worker can run (it is dead-lettered).
 #[derive(Debug, thiserror::Error)]
-enum ReadJobError {
+pub(crate) enum ReadJobError {
     #[error("bad envelope: {0}")]
     Envelope(CodecError),
     #[error("bad job: {0}")]

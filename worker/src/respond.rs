@@ -10,13 +10,16 @@ use async_nats::{
     jetstream::{self, AckKind, context::PublishError},
 };
 use fleet_schemas::{
-    CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, SignedJob, Timings,
-    decode, encode, subject, validate_name,
+    CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, Timings, encode,
+    subject,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::metrics::{Metrics, Outcome};
+use crate::{
+    metrics::{Metrics, Outcome},
+    pipeline::decode_job,
+};
 
 /// A job message this worker holds: it must end in exactly one ack, nak or term.
 pub struct Held {
@@ -277,13 +280,8 @@ impl Responder {
             tracing::error!(sequence, %error, "exhausted job stays on the queue");
             return;
         }
-        let job = decode::<SignedJob>(&message.payload, usize::MAX)
-            .and_then(|envelope| decode::<Job>(&envelope.body, usize::MAX))
-            .ok()
-            .filter(|job| {
-                validate_name("job_id", &job.job_id).is_ok()
-                    && validate_name("tenant", &job.tenant).is_ok()
-            });
+        // Already stored on the queue, so within the server's size limit.
+        let job = decode_job(&message.payload, usize::MAX).ok();
         tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "exhausted job dead-lettered");
         let reply_to = message
             .headers

@@ -5,7 +5,7 @@ use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use fleet_client::{Tenant, infer};
+use fleet_client::{CallerArgs, infer};
 use fleet_schemas::{SecretKeyFile, SigningKey, validate_name};
 
 /// Fleet's command-line client.
@@ -32,15 +32,8 @@ enum Command {
     },
     /// Embeds texts through request-reply and prints the result as JSON.
     Infer {
-        /// NATS server to send the job through.
-        #[arg(long, env = "NATS_URL", default_value = "nats://127.0.0.1:4222")]
-        nats_url: String,
-        /// The tenant's secret key file.
-        #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
-        key: PathBuf,
-        /// Model to run (`fleet.infer.<model>`).
-        #[arg(long, env = "FLEET_MODEL", default_value = "all-minilm-l6-v2")]
-        model: String,
+        #[command(flatten)]
+        caller: CallerArgs,
         /// A text to embed (repeat for several; the environment holds one).
         #[arg(long = "text", env = "FLEET_TEXT", required = true)]
         texts: Vec<String>,
@@ -59,17 +52,12 @@ async fn main() -> anyhow::Result<()> {
             out,
         } => keygen(tenant, key_id, out),
         Command::Infer {
-            nats_url,
-            key,
-            model,
+            caller,
             texts,
             timeout_secs,
         } => {
-            let tenant = Tenant::from_key_file(&key)?;
-            let client = async_nats::connect(&nats_url)
-                .await
-                .with_context(|| format!("cannot connect to {nats_url}"))?;
-            let job = tenant.embed_job(&model, texts);
+            let (tenant, client) = caller.connect().await?;
+            let job = tenant.embed_job(&caller.model, texts);
             let result = infer(&client, &tenant, &job, Duration::from_secs(timeout_secs)).await?;
             println!("{}", serde_json::to_string(&result)?);
             if result.error.is_some() {

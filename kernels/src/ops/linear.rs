@@ -16,6 +16,22 @@ use crate::cpu;
 pub struct Linear;
 
 impl Linear {
+    /// `(rows, in_dim, out_dim)`, once the shapes of `x`, `weight` and the bias are checked.
+    fn dims(&self, x: &Layout, w: &Layout, bias: Option<&Layout>) -> Result<(usize, usize, usize)> {
+        let name = "linear";
+        let (rows, in_dim) = dims2(name, "x", x)?;
+        let (out_dim, w_in) = dims2(name, "weight", w)?;
+        if w_in != in_dim {
+            bail!("{name}: x is [{rows}, {in_dim}] but weight is [{out_dim}, {w_in}]");
+        }
+        if let Some(l) = bias
+            && dims1(name, "bias", l)? != out_dim
+        {
+            bail!("{name}: bias {:?} for {out_dim} outputs", l.dims());
+        }
+        Ok((rows, in_dim, out_dim))
+    }
+
     fn run(
         &self,
         x: (&CpuStorage, &Layout),
@@ -23,20 +39,8 @@ impl Linear {
         bias: Option<(&CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let name = "linear";
-        let (rows, in_dim) = dims2(name, "x", x.1)?;
-        let (out_dim, w_in) = dims2(name, "weight", w.1)?;
-        if w_in != in_dim {
-            bail!("{name}: x is [{rows}, {in_dim}] but weight is [{out_dim}, {w_in}]");
-        }
-        let bias = match bias {
-            Some((s, l)) => {
-                if dims1(name, "bias", l)? != out_dim {
-                    bail!("{name}: bias {:?} for {out_dim} outputs", l.dims());
-                }
-                Some(f32_slice(name, s, l)?)
-            }
-            None => None,
-        };
+        let (rows, in_dim, out_dim) = self.dims(x.1, w.1, bias.map(|(_, l)| l))?;
+        let bias = bias.map(|(s, l)| f32_slice(name, s, l)).transpose()?;
         let xs = f32_slice(name, x.0, x.1)?;
         let ws = f32_slice(name, w.0, w.1)?;
         let mut out = Vec::new();
@@ -55,26 +59,16 @@ impl Linear {
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         use candle_core::backend::BackendStorage;
 
-        let name = "linear";
-        let (rows, in_dim) = dims2(name, "x", x.1)?;
-        let (out_dim, w_in) = dims2(name, "weight", w.1)?;
-        if w_in != in_dim {
-            bail!("{name}: x is [{rows}, {in_dim}] but weight is [{out_dim}, {w_in}]");
-        }
+        let (rows, in_dim, out_dim) = self.dims(x.1, w.1, bias.map(|(_, l)| l))?;
         let wt = w.1.transpose(0, 1)?;
         let product = x.0.matmul(w.0, (1, rows, out_dim, in_dim), x.1, &wt)?;
         let shape = Shape::from((rows, out_dim));
         let out = match bias {
-            Some((s, l)) => {
-                if dims1(name, "bias", l)? != out_dim {
-                    bail!("{name}: bias {:?} for {out_dim} outputs", l.dims());
-                }
-                product.binary_impl::<candle_core::op::Add>(
-                    s,
-                    &Layout::contiguous(&shape),
-                    &l.broadcast_as(shape.clone())?,
-                )?
-            }
+            Some((s, l)) => product.binary_impl::<candle_core::op::Add>(
+                s,
+                &Layout::contiguous(&shape),
+                &l.broadcast_as(shape.clone())?,
+            )?,
             None => product,
         };
         Ok((out, shape))
