@@ -66,6 +66,19 @@ if [[ "${1:-}" == "--env" ]]; then
   exit 0
 fi
 
+# From Debian's packages: pip for the wheels below (CI runs this before the test script's own
+# installs), libclang for bindgen.
+missing=()
+python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
+ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "installing ${missing[*]}" >&2
+  sudo_cmd=()
+  if [[ "$(id -u)" != 0 ]]; then sudo_cmd=(sudo); fi
+  "${sudo_cmd[@]}" apt-get update -qq
+  "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+fi
+
 if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" && -x "$cu/bin/nvcc" ]]; then
   echo "CUDA toolchain already installed at $dir" >&2
 else
@@ -115,14 +128,6 @@ if [[ ! -e "$cu/lib/libcudart.so" ]]; then
     exit 1
   fi
   ln -s "$soname" "$cu/lib/libcudart.so"
-fi
-
-if ! ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1; then
-  echo "installing libclang-dev for bindgen" >&2
-  sudo_cmd=()
-  if [[ "$(id -u)" != 0 ]]; then sudo_cmd=(sudo); fi
-  "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" apt-get install -y -qq libclang-dev
 fi
 
 "$cu/bin/nvcc" --version | tail -n 2 >&2
