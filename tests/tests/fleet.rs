@@ -8,7 +8,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use fleet_client::Tenant;
 use fleet_schemas::{JobResult, Output, ResultStatus, SubmitStatus, decode, subject};
-use fleet_tests::{NatsServer, Process, TestTenant, eventually, model_dir};
+use fleet_tests::{NatsServer, Process, TestTenant, binary, eventually, model_dir};
 use serde::Deserialize;
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -171,4 +171,28 @@ async fn request_reply_and_async_submit_through_the_whole_fleet() {
     assert_eq!(stored.job_id, job.job_id);
     let vectors = embeddings(&stored);
     assert!(cosine(&vectors[0], &reference[5].embedding) >= 0.9999);
+
+    // The user's command: `fleet infer` prints the JobResult as JSON.
+    let key_file = fleet._dir.path().join("demo-key.toml");
+    std::fs::write(
+        &key_file,
+        format!(
+            "tenant = \"{}\"\nkey_id = \"{}\"\nsecret_key = \"{}\"\n",
+            fleet.tenant.name,
+            fleet.tenant.key.key_id,
+            fleet.tenant.key.secret_hex()
+        ),
+    )
+    .expect("key file");
+    let output = std::process::Command::new(binary("fleet"))
+        .arg("infer")
+        .args(["--nats-url", fleet.nats.url(), "--model", MODEL])
+        .arg("--key")
+        .arg(&key_file)
+        .args(["--text", &reference[6].text])
+        .output()
+        .expect("fleet runs");
+    assert!(output.status.success(), "{output:?}");
+    let printed: JobResult = serde_json::from_slice(&output.stdout).expect("JSON JobResult");
+    assert!(cosine(&embeddings(&printed)[0], &reference[6].embedding) >= 0.9999);
 }
