@@ -85,7 +85,7 @@ else
   echo "installing ${pins[*]} into $dir" >&2
   rm -rf "$dir"
   mkdir -p "$dir"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$dir" "${pins[@]}"
+  python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target "$dir" "${pins[@]}"
   echo "${pins[*]}" >"$stamp"
 fi
 
@@ -97,7 +97,7 @@ else
   echo "installing ${link_pins[*]} into $link_dir" >&2
   rm -rf "$link_dir"
   mkdir -p "$link_dir"
-  python3 -m pip install --quiet --disable-pip-version-check --no-deps --target "$link_dir" \
+  python3 -m pip install --quiet --disable-pip-version-check --no-cache-dir --no-deps --target "$link_dir" \
     "${link_pins[@]}"
   echo "${link_pins[*]}" >"$link_stamp"
 fi

@@ -53,6 +53,9 @@ pub struct DispatcherConfig {
     /// How long a job may wait for a publish slot or its ack before `overloaded`, in ms.
     #[arg(long, env = "FLEET_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
+    /// How long an `infer` repeating a queued job id waits for that job's stored result, in ms.
+    #[arg(long, env = "FLEET_RELAY_WAIT_MS", default_value_t = 60_000)]
+    pub relay_wait_ms: u64,
     /// Most jobs held in FLEET_JOBS; past it new jobs are answered `overloaded`.
     #[arg(long, env = "FLEET_JOBS_MAX_MSGS", default_value_t = 1_000_000)]
     pub jobs_max_msgs: i64,
@@ -133,6 +136,10 @@ impl DispatcherConfig {
 
     pub fn publish_timeout(&self) -> Duration {
         Duration::from_millis(self.publish_timeout_ms)
+    }
+
+    pub fn relay_wait(&self) -> Duration {
+        Duration::from_millis(self.relay_wait_ms)
     }
 }
 

@@ -52,7 +52,7 @@ impl Dispatcher {
                 source,
             })?;
         let jetstream = jetstream::new(client.clone());
-        fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
+        let streams = fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
         let rate_limits = rate::TenantRateLimits::new(tenants.tenants());
         let validator =
             validate::Validator::new(tenants, config.models.clone(), config.admission_limits());
@@ -67,6 +67,8 @@ impl Dispatcher {
             publish_slots: Arc::new(Semaphore::new(capacity as usize)),
             publish_slots_capacity: capacity,
             publish_timeout: config.publish_timeout(),
+            results: streams.results,
+            relay_wait: config.relay_wait(),
         }))
     }
 }

@@ -14,6 +14,7 @@ pub struct CodeLabel {
 pub struct DispatcherMetrics {
     pub accepted: Counter,
     pub duplicates: Counter,
+    pub relayed: Counter,
     pub rejected: Family<CodeLabel, Counter>,
     pub publish_seconds: Histogram,
 }
@@ -23,6 +24,7 @@ impl DispatcherMetrics {
         let metrics = DispatcherMetrics {
             accepted: Counter::default(),
             duplicates: Counter::default(),
+            relayed: Counter::default(),
             rejected: Family::default(),
             publish_seconds: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
@@ -38,6 +40,11 @@ impl DispatcherMetrics {
             "jobs_duplicate",
             "Jobs whose id was already queued within the duplicate window",
             metrics.duplicates.clone(),
+        );
+        fleet.register(
+            "results_relayed",
+            "Stored results sent to an infer call that repeated a queued job id",
+            metrics.relayed.clone(),
         );
         fleet.register(
             "jobs_rejected",

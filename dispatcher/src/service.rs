@@ -3,16 +3,16 @@
 
 use std::{
     sync::Arc,
-    time::{Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use async_nats::{
     HeaderMap, Message, Subject,
-    jetstream::{self, context::PublishErrorKind},
+    jetstream::{self, context::PublishErrorKind, stream::LastRawMessageErrorKind},
 };
 use bytes::Bytes;
 use fleet_schemas::{
-    ErrorBody, ErrorCode, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
+    ErrorBody, ErrorCode, Job, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
     subject::{self, Ingress},
 };
 use futures::StreamExt;
@@ -46,8 +46,16 @@ pub struct Dispatcher {
     /// Bounds publishes awaiting their JetStream ack.
     pub publish_slots: Arc<Semaphore>,
     pub publish_slots_capacity: u32,
-    pub publish_timeout: std::time::Duration,
+    pub publish_timeout: Duration,
+    /// FLEET_RESULTS, where a repeated `infer` finds the result of the job it repeats.
+    pub results: jetstream::stream::Stream,
+    /// How long a repeated `infer` waits for that result to be stored.
+    pub relay_wait: Duration,
 }
+
+/// How often a repeated `infer` looks the result up again while it also listens for it: the
+/// listening subscription alone could miss a result stored just before it was registered.
+const RELAY_LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
 
 /// A dispatcher subscribed to its subjects.
 pub struct Listening {
@@ -169,13 +177,85 @@ impl Dispatcher {
             }
         };
         tokio::spawn(async move {
-            let outcome = match self.admit(&model, &message.payload) {
-                Ok(admitted) => self.publish(&message, &admitted, reply_to_job).await,
-                Err(rejection) => Outcome::Rejected(rejection),
+            let admitted = match self.admit(&model, &message.payload) {
+                Ok(admitted) => admitted,
+                Err(rejection) => {
+                    self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
+                        .await;
+                    return;
+                }
             };
+            let outcome = self.publish(&message, &admitted, reply_to_job).await;
+            if reply_to_job
+                && matches!(
+                    outcome,
+                    Outcome::Queued {
+                        duplicate: true,
+                        ..
+                    }
+                )
+            {
+                // The relay may wait long; it holds no publish slot.
+                drop(slot);
+                self.relay_result(&message, &admitted.job).await;
+                return;
+            }
             self.answer(&message, &model, reply_to_job, outcome).await;
             drop(slot);
         });
+    }
+
+    /// A synchronous call repeating a job id already queued (a retry after a timeout or an
+    /// `overloaded` whose job was stored after all): the queue holds the job once, and its
+    /// worker answers the first caller's inbox only. This caller gets the job's stored result,
+    /// at once or when it lands, within `relay_wait`; past that it is left to its own timeout
+    /// (the result stays readable on FLEET_RESULTS).
+    async fn relay_result(&self, message: &Message, job: &Job) {
+        let Some(reply) = message.reply.clone() else {
+            return;
+        };
+        let results_subject = subject::results(&job.tenant, &job.job_id);
+        // Listen before looking, so a result stored in between is not missed.
+        let mut landing = match self.client.subscribe(results_subject.clone()).await {
+            Ok(landing) => landing,
+            Err(error) => {
+                tracing::warn!(%error, job_id = %job.job_id, "repeated infer not answered");
+                return;
+            }
+        };
+        let give_up = tokio::time::sleep(self.relay_wait);
+        tokio::pin!(give_up);
+        let mut lookups = tokio::time::interval(RELAY_LOOKUP_INTERVAL);
+        let (stored_headers, payload) = loop {
+            tokio::select! {
+                Some(landed) = landing.next() => {
+                    break (landed.headers.unwrap_or_default(), landed.payload);
+                }
+                _ = lookups.tick() => {
+                    match self.results.get_last_raw_message_by_subject(&results_subject).await {
+                        Ok(stored) => break (stored.headers, stored.payload),
+                        Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {}
+                        Err(error) => {
+                            tracing::warn!(%error, job_id = %job.job_id, "cannot look up a stored result");
+                        }
+                    }
+                }
+                _ = &mut give_up => {
+                    tracing::info!(job_id = %job.job_id, tenant = %job.tenant,
+                        "repeated infer not answered: no result stored in time");
+                    return;
+                }
+            }
+        };
+        // The caller sees what the first caller saw: the result and its error headers.
+        let mut headers = HeaderMap::new();
+        for name in [subject::SERVICE_ERROR_CODE, subject::SERVICE_ERROR] {
+            if let Some(value) = stored_headers.get(name) {
+                headers.insert(name, value.clone());
+            }
+        }
+        self.metrics.relayed.inc();
+        self.send(reply, headers, payload).await;
     }
 
     /// Every stateless check, then the tenant's rate limit (last, so refused jobs spend no
@@ -199,7 +279,10 @@ impl Dispatcher {
     async fn publish(&self, message: &Message, admitted: &Admitted, reply_to_job: bool) -> Outcome {
         let job = &admitted.job;
         let mut headers = HeaderMap::new();
-        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        headers.insert(
+            subject::MSG_ID,
+            subject::msg_id(&job.tenant, &job.job_id).as_str(),
+        );
         if reply_to_job && let Some(reply) = &message.reply {
             headers.insert(subject::REPLY_TO, reply.as_str());
         }

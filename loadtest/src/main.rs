@@ -77,6 +77,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Signed envelopes of one-text jobs, made before timing so signing is not measured.
+/// `count` signed jobs, each with the `Nats-Msg-Id` the dispatcher would queue it under.
 fn signed_jobs(
     tenant: &Tenant,
     model: &str,
@@ -86,7 +87,10 @@ fn signed_jobs(
     (0..count)
         .map(|_| {
             let job = tenant.embed_job(model, vec![text.to_owned()]);
-            Ok((job.job_id.clone(), tenant.sign(&job)?))
+            Ok((
+                subject::msg_id(&job.tenant, &job.job_id),
+                tenant.sign(&job)?,
+            ))
         })
         .collect()
 }
@@ -161,11 +165,11 @@ async fn raw_publish(
 ) -> anyhow::Result<()> {
     let target = subject::jobs(model);
     let results: Vec<anyhow::Result<()>> = stream::iter(payloads)
-        .map(|(job_id, payload)| {
+        .map(|(msg_id, payload)| {
             let target = target.clone();
             async move {
                 let mut headers = HeaderMap::new();
-                headers.insert(subject::MSG_ID, job_id.as_str());
+                headers.insert(subject::MSG_ID, msg_id.as_str());
                 let ack = js
                     .publish_with_headers(target, headers, payload.into())
                     .await?

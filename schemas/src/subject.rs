@@ -13,7 +13,7 @@ pub const DLQ_WILDCARD: &str = "fleet.dlq.*";
 pub const INFER_WILDCARD: &str = "fleet.infer.*";
 pub const SUBMIT_WILDCARD: &str = "fleet.submit.*";
 
-/// JetStream deduplication key: the job id.
+/// JetStream deduplication key, as built by [`msg_id`].
 pub const MSG_ID: &str = "Nats-Msg-Id";
 /// The synchronous caller's reply inbox, carried with the queued job to the worker.
 pub const REPLY_TO: &str = "Fleet-Reply-To";
@@ -53,6 +53,14 @@ pub fn results(tenant: &str, job_id: &str) -> String {
 
 pub fn dlq(model: &str) -> String {
     format!("fleet.dlq.{model}")
+}
+
+/// The `Nats-Msg-Id` of a job and of its result: `<tenant>.<job_id>`. JetStream deduplicates
+/// across a whole stream, and job ids are chosen by tenants, so the bare job id would let one
+/// tenant's job shadow another's that happens to use the same id (row numbers from two ETL
+/// pipelines, say): the second would be called a duplicate and never run.
+pub fn msg_id(tenant: &str, job_id: &str) -> String {
+    format!("{tenant}.{job_id}")
 }
 
 /// What an incoming request asks for, read from its subject.

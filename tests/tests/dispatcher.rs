@@ -330,6 +330,106 @@ async fn a_resubmitted_job_is_stored_once() {
 }
 
 #[tokio::test]
+async fn two_tenants_may_use_the_same_job_id() {
+    let fleet = Fleet::start(1, &[]).await;
+    let acme_job = Job::embed("row-1", "acme", MODEL, vec!["x".into()], now_ms());
+    let globex_job = Job::embed("row-1", "globex", "other-model", vec!["x".into()], now_ms());
+    let (acme_reply, _) = fleet.submit(fleet.signed(&fleet.acme.key, &acme_job)).await;
+    let globex_answer = fleet
+        .send(
+            subject::submit("other-model"),
+            fleet.signed(&fleet.globex.key, &globex_job),
+        )
+        .await;
+    let globex_reply: SubmitReply = decode(&globex_answer.payload, 1 << 20).unwrap();
+    for reply in [&acme_reply, &globex_reply] {
+        assert_eq!(reply.status, SubmitStatus::Accepted, "{reply:?}");
+        assert!(
+            !reply.duplicate,
+            "one tenant's job shadowed another's: {reply:?}"
+        );
+    }
+    assert_eq!(fleet.queued_jobs().await, 2);
+}
+
+#[tokio::test]
+async fn a_repeated_infer_is_answered_with_the_jobs_stored_result() {
+    let fleet = Fleet::start(1, &[]).await;
+    let job = fleet.job("acme", vec!["x".into()]);
+    let payload = fleet.signed(&fleet.acme.key, &job);
+    // The first call's job is queued; its worker would answer the first inbox only.
+    let first_inbox = fleet.client.new_inbox();
+    fleet
+        .client
+        .publish_with_reply(subject::infer(MODEL), first_inbox, payload.clone().into())
+        .await
+        .unwrap();
+    let js = jetstream::new(fleet.client.clone());
+    fleet_tests::eventually(TIMEOUT, "the job in FLEET_JOBS", || {
+        let fleet = &fleet;
+        async move { (fleet.queued_jobs().await == 1).then_some(()) }
+    })
+    .await;
+    // A retry while the job is still running waits for its result...
+    let waiting = tokio::spawn({
+        let (client, payload) = (fleet.client.clone(), payload.clone());
+        async move { client.request(subject::infer(MODEL), payload.into()).await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let result = JobResult {
+        job_id: job.job_id.clone(),
+        tenant: job.tenant.clone(),
+        model: MODEL.to_owned(),
+        status: ResultStatus::Failed,
+        output: None,
+        error: Some(fleet_schemas::ErrorBody::new(
+            ErrorCode::InputTooLong,
+            "too long",
+        )),
+        worker: "a-worker".into(),
+        timings: Default::default(),
+    };
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(
+        subject::SERVICE_ERROR_CODE,
+        ErrorCode::InputTooLong.as_str(),
+    );
+    headers.insert(
+        subject::MSG_ID,
+        subject::msg_id(&job.tenant, &job.job_id).as_str(),
+    );
+    js.publish_with_headers(
+        subject::results(&job.tenant, &job.job_id),
+        headers,
+        encode(&result).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+    let relayed = tokio::time::timeout(TIMEOUT, waiting)
+        .await
+        .expect("the waiting retry is answered")
+        .unwrap()
+        .unwrap();
+    // ...and a retry after it was stored gets it at once.
+    let late = fleet.send(subject::infer(MODEL), payload).await;
+    for answer in [relayed, late] {
+        assert_eq!(
+            decode::<JobResult>(&answer.payload, 1 << 20).unwrap(),
+            result
+        );
+        assert_eq!(
+            error_code_header(&answer).as_deref(),
+            Some("input_too_long")
+        );
+    }
+    assert_eq!(fleet.queued_jobs().await, 1, "the job is queued once");
+    let relayed_count = fleet.dispatchers[0].dispatcher.metrics.relayed.get();
+    assert_eq!(relayed_count, 2);
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_overloaded_without_blocking() {
     let fleet = Fleet::start(1, &["--jobs-max-msgs", "2"]).await;
     let mut codes = Vec::new();
@@ -367,7 +467,7 @@ async fn infer_queues_the_job_with_the_callers_inbox_and_stays_silent() {
     let headers = stored.headers;
     assert_eq!(
         headers.get(subject::MSG_ID).map(|v| v.as_str()),
-        Some(job.job_id.as_str())
+        Some(subject::msg_id("acme", &job.job_id).as_str())
     );
     assert_eq!(
         headers.get(subject::REPLY_TO).map(|v| v.as_str()),

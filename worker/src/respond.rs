@@ -358,7 +358,10 @@ impl Responder {
         }
         if let Some(job) = job {
             let mut store_headers = headers.clone();
-            store_headers.insert(subject::MSG_ID, job.job_id.as_str());
+            store_headers.insert(
+                subject::MSG_ID,
+                subject::msg_id(&job.tenant, &job.job_id).as_str(),
+            );
             let results_subject = subject::results(&job.tenant, &job.job_id);
             let stored = async {
                 self.js

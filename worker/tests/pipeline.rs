@@ -70,7 +70,10 @@ impl Fleet {
     async fn enqueue(&self, job: &Job, reply_to: Option<&str>) {
         let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
         let mut headers = HeaderMap::new();
-        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        headers.insert(
+            subject::MSG_ID,
+            subject::msg_id(&job.tenant, &job.job_id).as_str(),
+        );
         if let Some(reply_to) = reply_to {
             headers.insert(subject::REPLY_TO, reply_to);
         }
@@ -215,6 +218,23 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
 }
 
 #[tokio::test]
+async fn jobs_of_two_tenants_with_one_id_both_store_their_results() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let acme = job("row-1", &["from acme"]);
+    let globex = Job::embed("row-1", "globex", MODEL, vec!["from globex".into()], 0);
+    fleet.enqueue(&acme, None).await;
+    fleet.enqueue(&globex, None).await;
+    for (job, text) in [(&acme, "from acme"), (&globex, "from globex")] {
+        let stored = fleet.wait_result(job).await;
+        assert_eq!(stored.tenant, job.tenant);
+        assert_eq!(vectors(&stored), [embedder.expected_vector(text, true)]);
+    }
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn a_job_delivered_twice_yields_one_stored_result() {
     let fleet = Fleet::start().await;
     let job = job("job-twice", &["hello world"]);
@@ -232,7 +252,10 @@ async fn a_job_delivered_twice_yields_one_stored_result() {
     let first = taken.next().await.expect("a job").expect("a message");
     // It even stored its result before dying, so the redelivery answers a second time.
     let mut headers = HeaderMap::new();
-    headers.insert(subject::MSG_ID, "job-twice");
+    headers.insert(
+        subject::MSG_ID,
+        subject::msg_id(&job.tenant, &job.job_id).as_str(),
+    );
     let earlier = JobResult {
         job_id: job.job_id.clone(),
         tenant: job.tenant.clone(),

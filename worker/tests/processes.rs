@@ -48,7 +48,10 @@ impl Fleet {
     async fn enqueue(&self, job: &Job) {
         let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
         let mut headers = HeaderMap::new();
-        headers.insert(subject::MSG_ID, job.job_id.as_str());
+        headers.insert(
+            subject::MSG_ID,
+            subject::msg_id(&job.tenant, &job.job_id).as_str(),
+        );
         self.js
             .publish_with_headers(
                 subject::jobs(MODEL),
