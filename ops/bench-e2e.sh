@@ -35,5 +35,5 @@ done
 echo "end to end:"
 for run in 1 2 3; do
   "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight "$in_flight" \
-    embed --corpus "$corpus" --texts-per-job "$texts_per_job"
+    --cpu-of "nats-server=$pid_nats,dispatcher=$pid_dispatcher,worker=$pid_worker" embed --corpus "$corpus" --texts-per-job "$texts_per_job"
 done

@@ -10,12 +10,14 @@ cleanup() {
 }
 trap cleanup EXIT
 
-# Starts `name` (its output in $work/name.log) in the background, stopped on exit.
+# Starts `name` (its output in $work/name.log) in the background, stopped on exit; its pid is
+# in $pid_<name> (dashes become underscores).
 spawn() {
   local name=$1
   shift
   "$@" >"$work/$name.log" 2>&1 &
   pids+=($!)
+  printf -v "pid_${name//-/_}" '%s' "$!"
 }
 
 # Starts nats-server on a free loopback port with a temporary store; sets $url.

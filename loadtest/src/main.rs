@@ -7,7 +7,6 @@
 
 use std::{
     path::PathBuf,
-    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,6 +18,8 @@ use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
 use futures::{StreamExt, stream};
 use serde::Deserialize;
 
+mod cpu;
+
 /// Fleet load generator.
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", version)]
@@ -28,6 +29,10 @@ struct Cli {
     /// Requests in flight at once.
     #[arg(long, env = "LOADTEST_IN_FLIGHT", default_value_t = 256)]
     in_flight: usize,
+    /// A process whose CPU time per job to report, as name=pid (repeatable; this process is
+    /// always reported as `loadtest`).
+    #[arg(long = "cpu-of", env = "LOADTEST_CPU_OF", value_delimiter = ',')]
+    cpu_of: Vec<cpu::Watched>,
     #[command(subcommand)]
     command: Command,
 }
@@ -67,17 +72,31 @@ struct EmbedArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (tenant, client) = cli.caller.connect().await?;
-    let model = &cli.caller.model;
+    let run = Run {
+        client,
+        tenant,
+        model: cli.caller.model.clone(),
+        in_flight: cli.in_flight,
+        cpu: cpu::CpuWatch::new(&cli.cpu_of)?,
+    };
     match cli.command {
-        Command::Dispatch { jobs, rounds } => {
-            dispatch(&client, &tenant, model, cli.in_flight, jobs, rounds).await
-        }
-        Command::Embed(ref args) => embed(&client, &tenant, model, cli.in_flight, args).await,
+        Command::Dispatch { jobs, rounds } => dispatch(&run, jobs, rounds).await,
+        Command::Embed(ref args) => embed(&run, args).await,
     }
 }
 
-/// Signed envelopes of one-text jobs, made before timing so signing is not measured.
-/// `count` signed jobs, each with the `Nats-Msg-Id` the dispatcher would queue it under.
+/// What every load run shares: the connection, the caller, the model, the concurrency and the
+/// processes whose CPU time is reported.
+struct Run {
+    client: async_nats::Client,
+    tenant: Tenant,
+    model: String,
+    in_flight: usize,
+    cpu: cpu::CpuWatch,
+}
+
+/// `count` signed envelopes of one-text jobs, made before timing so signing is not measured,
+/// each with the `Nats-Msg-Id` the dispatcher would queue it under.
 fn signed_jobs(
     tenant: &Tenant,
     model: &str,
@@ -95,14 +114,15 @@ fn signed_jobs(
         .collect()
 }
 
-async fn dispatch(
-    client: &async_nats::Client,
-    tenant: &Tenant,
-    model: &str,
-    in_flight: usize,
-    jobs: usize,
-    rounds: usize,
-) -> anyhow::Result<()> {
+async fn dispatch(run: &Run, jobs: usize, rounds: usize) -> anyhow::Result<()> {
+    let Run {
+        client,
+        tenant,
+        model,
+        in_flight,
+        cpu,
+    } = run;
+    let in_flight = *in_flight;
     let js = jetstream::new(client.clone());
     for round in 0..rounds {
         let mut phases = [Phase::RawJetStream, Phase::Dispatcher];
@@ -114,17 +134,20 @@ async fn dispatch(
             // Fresh ids per phase: the duplicate window would otherwise turn the second phase's
             // publishes into cheap duplicate acks.
             let payloads = signed_jobs(tenant, model, jobs)?;
+            let cpu_before = cpu.sample();
             let started = Instant::now();
             match phase {
                 Phase::RawJetStream => raw_publish(&js, model, payloads, in_flight).await?,
                 Phase::Dispatcher => through_dispatcher(client, model, payloads, in_flight).await?,
             }
             let seconds = started.elapsed().as_secs_f64();
+            let cpu_us_per_job = cpu.per_job(&cpu_before, &cpu.sample(), jobs);
             println!(
                 "{}",
                 serde_json::json!({
                     "bench": "dispatch", "round": round, "phase": phase.name(), "jobs": jobs,
                     "in_flight": in_flight, "seconds": seconds, "jobs_per_s": jobs as f64 / seconds,
+                    "cpu_us_per_job": cpu_us_per_job,
                 })
             );
         }
@@ -216,13 +239,14 @@ struct CorpusLine {
     text: String,
 }
 
-async fn embed(
-    client: &async_nats::Client,
-    tenant: &Tenant,
-    model: &str,
-    in_flight: usize,
-    args: &EmbedArgs,
-) -> anyhow::Result<()> {
+async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
+    let Run {
+        client,
+        tenant,
+        model,
+        in_flight,
+        cpu,
+    } = run;
     let timeout = Duration::from_secs(args.timeout_secs);
     let texts_per_job = usize::from(args.texts_per_job);
     let text = std::fs::read_to_string(&args.corpus)
@@ -237,15 +261,14 @@ async fn embed(
         texts.truncate(args.limit);
     }
     let total = texts.len();
-    let tenant = Arc::new(tenant);
+    let cpu_before = cpu.sample();
     let started = Instant::now();
     let results: Vec<anyhow::Result<()>> = stream::iter(texts.chunks(texts_per_job))
         .map(|chunk| {
-            let tenant = tenant.clone();
             async move {
                 // Signed at send time: a job must be fresh when it reaches the dispatcher.
                 let job = tenant.embed_job(model, chunk.to_vec());
-                let result = fleet_client::infer(client, &tenant, &job, timeout).await?;
+                let result = fleet_client::infer(client, tenant, &job, timeout).await?;
                 if result.status != ResultStatus::Ok {
                     bail!(
                         "job {} answered {:?}: {:?}",
@@ -257,10 +280,11 @@ async fn embed(
                 Ok(())
             }
         })
-        .buffer_unordered(in_flight)
+        .buffer_unordered(*in_flight)
         .collect()
         .await;
     let seconds = started.elapsed().as_secs_f64();
+    let cpu_us_per_text = cpu.per_job(&cpu_before, &cpu.sample(), total);
     let failures = results.iter().filter(|r| r.is_err()).count();
     if let Some(Err(first)) = results.into_iter().find(|r| r.is_err()) {
         bail!("{failures} jobs failed; first: {first:#}");
@@ -270,6 +294,7 @@ async fn embed(
         serde_json::json!({
             "bench": "embed_end_to_end", "texts": total, "texts_per_job": texts_per_job,
             "in_flight": in_flight, "seconds": seconds, "texts_per_s": total as f64 / seconds,
+            "cpu_us_per_text": cpu_us_per_text,
         })
     );
     Ok(())
