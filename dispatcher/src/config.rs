@@ -56,6 +56,10 @@ pub struct DispatcherConfig {
     /// How long an `infer` repeating a queued job id waits for that job's stored result, in ms.
     #[arg(long, env = "FLEET_RELAY_WAIT_MS", default_value_t = 60_000)]
     pub relay_wait_ms: u64,
+    /// Most repeated `infer` calls waiting for a stored result at once; past it they are
+    /// answered `overloaded`.
+    #[arg(long, env = "FLEET_MAX_RELAYS", default_value_t = 1024)]
+    pub max_relays: usize,
     /// Most jobs held in FLEET_JOBS; past it new jobs are answered `overloaded`.
     #[arg(long, env = "FLEET_JOBS_MAX_MSGS", default_value_t = 1_000_000)]
     pub jobs_max_msgs: i64,

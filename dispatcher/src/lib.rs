@@ -69,6 +69,7 @@ impl Dispatcher {
             publish_timeout: config.publish_timeout(),
             results: streams.results,
             relay_wait: config.relay_wait(),
+            relay_slots: Arc::new(Semaphore::new(config.max_relays)),
         }))
     }
 }

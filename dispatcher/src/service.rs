@@ -51,11 +51,15 @@ pub struct Dispatcher {
     pub results: jetstream::stream::Stream,
     /// How long a repeated `infer` waits for that result to be stored.
     pub relay_wait: Duration,
+    /// Bounds the repeated `infer` calls waiting for a result at once.
+    pub relay_slots: Arc<Semaphore>,
 }
 
-/// How often a repeated `infer` looks the result up again while it also listens for it: the
-/// listening subscription alone could miss a result stored just before it was registered.
-const RELAY_LOOKUP_INTERVAL: Duration = Duration::from_secs(1);
+/// First pause before a repeated `infer` looks its result up again while it also listens for
+/// it (the listening subscription alone could miss a result stored just before it was
+/// registered); each later pause doubles.
+const RELAY_FIRST_RELOOK: Duration = Duration::from_secs(1);
+const RELAY_LAST_RELOOK: Duration = Duration::from_secs(16);
 
 /// A dispatcher subscribed to its subjects.
 pub struct Listening {
@@ -64,8 +68,11 @@ pub struct Listening {
 }
 
 impl Listening {
-    /// Serves until `shutdown` resolves, then stops taking requests and waits for the
-    /// publishes already under way, so every accepted job is answered.
+    /// Serves until `shutdown` resolves, then unsubscribes, handles the requests already
+    /// delivered to this dispatcher (the queue group gives them to no other), and waits for the
+    /// publishes under way, so every request it took is answered. Repeated `infer` calls still
+    /// waiting for a stored result are not waited for: their callers' retries reach another
+    /// dispatcher.
     pub async fn run(mut self, shutdown: impl std::future::Future<Output = ()>) {
         tokio::pin!(shutdown);
         loop {
@@ -77,7 +84,14 @@ impl Listening {
                 },
             }
         }
-        drop(self.requests);
+        for subscription in self.requests.iter_mut() {
+            if let Err(error) = subscription.drain().await {
+                tracing::warn!(%error, "cannot unsubscribe; requests in flight to this dispatcher may be lost");
+            }
+        }
+        while let Some(message) = self.requests.next().await {
+            self.dispatcher.clone().handle(message).await;
+        }
         let dispatcher = self.dispatcher;
         // Every publish holds a slot until answered: owning them all means none is under way.
         let _ = dispatcher
@@ -187,17 +201,23 @@ impl Dispatcher {
             };
             let outcome = self.publish(&message, &admitted, reply_to_job).await;
             if reply_to_job
-                && matches!(
-                    outcome,
-                    Outcome::Queued {
-                        duplicate: true,
-                        ..
-                    }
-                )
+                && let Outcome::Queued {
+                    duplicate: true,
+                    seq,
+                    ..
+                } = outcome
             {
-                // The relay may wait long; it holds no publish slot.
+                // The relay may wait long; it holds a relay slot, not a publish slot.
                 drop(slot);
-                self.relay_result(&message, &admitted.job).await;
+                match self.relay_slots.clone().try_acquire_owned() {
+                    Ok(_relay_slot) => self.relay_result(&message, &admitted.job, seq).await,
+                    Err(_) => {
+                        let busy =
+                            overloaded(&admitted, "too many repeated calls waiting for results");
+                        self.answer(&message, &model, true, Outcome::Rejected(busy))
+                            .await;
+                    }
+                }
                 return;
             }
             self.answer(&message, &model, reply_to_job, outcome).await;
@@ -206,11 +226,12 @@ impl Dispatcher {
     }
 
     /// A synchronous call repeating a job id already queued (a retry after a timeout or an
-    /// `overloaded` whose job was stored after all): the queue holds the job once, and its
-    /// worker answers the first caller's inbox only. This caller gets the job's stored result,
-    /// at once or when it lands, within `relay_wait`; past that it is left to its own timeout
-    /// (the result stays readable on FLEET_RESULTS).
-    async fn relay_result(&self, message: &Message, job: &Job) {
+    /// `overloaded` whose job was stored after all): the queue holds the job once, as `job_seq`,
+    /// and its worker answers the first caller's inbox only. This caller gets that job's stored
+    /// result, at once or when it lands, within `relay_wait`; past that it is left to its own
+    /// timeout (the result stays readable on FLEET_RESULTS). A result stored for an earlier job
+    /// with the same id (before the duplicate window) is not this job's and is passed over.
+    async fn relay_result(&self, message: &Message, job: &Job, job_seq: u64) {
         let Some(reply) = message.reply.clone() else {
             return;
         };
@@ -223,22 +244,37 @@ impl Dispatcher {
                 return;
             }
         };
+        let answers_this_job = |headers: &HeaderMap| {
+            headers
+                .get(subject::JOB_SEQ)
+                .is_some_and(|seq| seq.as_str() == job_seq.to_string())
+        };
         let give_up = tokio::time::sleep(self.relay_wait);
         tokio::pin!(give_up);
-        let mut lookups = tokio::time::interval(RELAY_LOOKUP_INTERVAL);
+        let relook = tokio::time::sleep(Duration::ZERO);
+        tokio::pin!(relook);
+        let mut pause = RELAY_FIRST_RELOOK;
         let (stored_headers, payload) = loop {
             tokio::select! {
                 Some(landed) = landing.next() => {
-                    break (landed.headers.unwrap_or_default(), landed.payload);
+                    let headers = landed.headers.unwrap_or_default();
+                    if answers_this_job(&headers) {
+                        break (headers, landed.payload);
+                    }
                 }
-                _ = lookups.tick() => {
+                _ = &mut relook => {
                     match self.results.get_last_raw_message_by_subject(&results_subject).await {
-                        Ok(stored) => break (stored.headers, stored.payload),
+                        Ok(stored) if answers_this_job(&stored.headers) => {
+                            break (stored.headers, stored.payload);
+                        }
+                        Ok(_) => {}
                         Err(error) if error.kind() == LastRawMessageErrorKind::NoMessageFound => {}
                         Err(error) => {
                             tracing::warn!(%error, job_id = %job.job_id, "cannot look up a stored result");
                         }
                     }
+                    relook.as_mut().reset(tokio::time::Instant::now() + pause);
+                    pause = (pause * 2).min(RELAY_LAST_RELOOK);
                 }
                 _ = &mut give_up => {
                     tracing::info!(job_id = %job.job_id, tenant = %job.tenant,

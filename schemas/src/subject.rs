@@ -21,6 +21,9 @@ pub const REPLY_TO: &str = "Fleet-Reply-To";
 pub const SERVICE_ERROR_CODE: &str = "Nats-Service-Error-Code";
 /// Human-readable error of a failed or rejected answer.
 pub const SERVICE_ERROR: &str = "Nats-Service-Error";
+/// On a stored result: the sequence of its job on `FLEET_JOBS`. A job id may come back after
+/// the duplicate window as a new job; the sequence tells which job a result answers.
+pub const JOB_SEQ: &str = "Fleet-Job-Seq";
 /// Why a job went to the dead-letter stream.
 pub const DLQ_REASON: &str = "Fleet-Dlq-Reason";
 

@@ -370,43 +370,26 @@ async fn a_repeated_infer_is_answered_with_the_jobs_stored_result() {
         async move { (fleet.queued_jobs().await == 1).then_some(()) }
     })
     .await;
+    // A result of an earlier job with the same id (stored before the duplicate window) is
+    // not this job's answer.
+    let earlier = JobResult {
+        worker: "yesterday".into(),
+        ..result_of(&job)
+    };
+    store_result(&js, "999", &earlier).await;
     // A retry while the job is still running waits for its result...
     let waiting = tokio::spawn({
         let (client, payload) = (fleet.client.clone(), payload.clone());
         async move { client.request(subject::infer(MODEL), payload.into()).await }
     });
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let result = JobResult {
-        job_id: job.job_id.clone(),
-        tenant: job.tenant.clone(),
-        model: MODEL.to_owned(),
-        status: ResultStatus::Failed,
-        output: None,
-        error: Some(fleet_schemas::ErrorBody::new(
-            ErrorCode::InputTooLong,
-            "too long",
-        )),
-        worker: "a-worker".into(),
-        timings: Default::default(),
-    };
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(
-        subject::SERVICE_ERROR_CODE,
-        ErrorCode::InputTooLong.as_str(),
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "answered with an earlier job's result"
     );
-    headers.insert(
-        subject::MSG_ID,
-        subject::msg_id(&job.tenant, &job.job_id).as_str(),
-    );
-    js.publish_with_headers(
-        subject::results(&job.tenant, &job.job_id),
-        headers,
-        encode(&result).unwrap().into(),
-    )
-    .await
-    .unwrap()
-    .await
-    .unwrap();
+    let result = result_of(&job);
+    // The job was the first message on the queue.
+    store_result(&js, "1", &result).await;
     let relayed = tokio::time::timeout(TIMEOUT, waiting)
         .await
         .expect("the waiting retry is answered")
@@ -427,6 +410,78 @@ async fn a_repeated_infer_is_answered_with_the_jobs_stored_result() {
     assert_eq!(fleet.queued_jobs().await, 1, "the job is queued once");
     let relayed_count = fleet.dispatchers[0].dispatcher.metrics.relayed.get();
     assert_eq!(relayed_count, 2);
+}
+
+/// Stores `result` as a worker does, as the answer to the job queued as `job_seq`.
+async fn store_result(js: &jetstream::Context, job_seq: &str, result: &JobResult) {
+    let mut headers = async_nats::HeaderMap::new();
+    if let Some(error) = &result.error {
+        headers.insert(subject::SERVICE_ERROR_CODE, error.code.as_str());
+    }
+    headers.insert(subject::JOB_SEQ, job_seq);
+    js.publish_with_headers(
+        subject::results(&result.tenant, &result.job_id),
+        headers,
+        encode(result).unwrap().into(),
+    )
+    .await
+    .unwrap()
+    .await
+    .unwrap();
+}
+
+fn result_of(job: &Job) -> JobResult {
+    JobResult {
+        job_id: job.job_id.clone(),
+        tenant: job.tenant.clone(),
+        model: MODEL.to_owned(),
+        status: ResultStatus::Failed,
+        output: None,
+        error: Some(fleet_schemas::ErrorBody::new(
+            ErrorCode::InputTooLong,
+            "too long",
+        )),
+        worker: "a-worker".into(),
+        timings: Default::default(),
+    }
+}
+
+#[tokio::test]
+async fn a_stopping_dispatcher_answers_every_request_delivered_to_it() {
+    let mut fleet = Fleet::start(1, &[]).await;
+    let inbox = fleet.client.new_inbox();
+    let mut answers = fleet.client.subscribe(inbox.clone()).await.unwrap();
+    let sent = 500;
+    for _ in 0..sent {
+        let job = fleet.job("acme", vec!["x".into()]);
+        fleet
+            .client
+            .publish_with_reply(
+                subject::submit(MODEL),
+                inbox.clone(),
+                fleet.signed(&fleet.acme.key, &job).into(),
+            )
+            .await
+            .unwrap();
+    }
+    // Once flushed, the server has handed every request to the dispatcher's connection.
+    fleet.client.flush().await.unwrap();
+    fleet
+        .dispatchers
+        .pop()
+        .expect("one dispatcher")
+        .stop()
+        .await;
+    let mut accepted = 0;
+    while let Ok(Some(answer)) =
+        tokio::time::timeout(Duration::from_secs(2), futures_next(&mut answers)).await
+    {
+        let reply: SubmitReply = decode(&answer.payload, 1 << 20).unwrap();
+        assert_eq!(reply.status, SubmitStatus::Accepted, "{reply:?}");
+        accepted += 1;
+    }
+    assert_eq!(accepted, sent);
+    assert_eq!(fleet.queued_jobs().await, sent);
 }
 
 #[tokio::test]

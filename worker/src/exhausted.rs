@@ -10,6 +10,7 @@ use async_nats::{Client, SubscribeError, Subscriber};
 use fleet_schemas::subject;
 use futures::StreamExt;
 use serde::Deserialize;
+use tokio::sync::oneshot;
 
 use crate::respond::Responder;
 
@@ -34,16 +35,40 @@ pub async fn subscribe(client: &Client, durable: &str) -> Result<Subscriber, Sub
         .await
 }
 
-/// Dead-letters the job of every advisory until the subscription ends.
-pub async fn watch(mut advisories: Subscriber, responder: Arc<Responder>) {
-    while let Some(message) = advisories.next().await {
-        match serde_json::from_slice::<MaxDeliveries>(&message.payload) {
-            Ok(advisory) => {
-                responder
-                    .dead_letter_exhausted(advisory.stream_seq, advisory.deliveries)
-                    .await
-            }
-            Err(error) => tracing::warn!(%error, "unreadable max-deliveries advisory"),
+/// Dead-letters the job of every advisory until `stop` fires; then unsubscribes and handles
+/// the advisories already delivered to this worker, which no other worker will see. A job is
+/// never left half handled (stored on the dead-letter stream but still queued).
+pub async fn watch(
+    mut advisories: Subscriber,
+    responder: Arc<Responder>,
+    stop: oneshot::Receiver<()>,
+) {
+    tokio::pin!(stop);
+    loop {
+        tokio::select! {
+            _ = &mut stop => break,
+            message = advisories.next() => match message {
+                Some(message) => handle(&message.payload, &responder).await,
+                None => return,
+            },
         }
+    }
+    if let Err(error) = advisories.drain().await {
+        tracing::warn!(%error, "cannot unsubscribe from max-deliveries advisories");
+        return;
+    }
+    while let Some(message) = advisories.next().await {
+        handle(&message.payload, &responder).await;
+    }
+}
+
+async fn handle(payload: &[u8], responder: &Responder) {
+    match serde_json::from_slice::<MaxDeliveries>(payload) {
+        Ok(advisory) => {
+            responder
+                .dead_letter_exhausted(advisory.stream_seq, advisory.deliveries)
+                .await
+        }
+        Err(error) => tracing::warn!(%error, "unreadable max-deliveries advisory"),
     }
 }

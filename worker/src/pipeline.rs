@@ -14,7 +14,7 @@ use fleet_schemas::{
     validate_name,
 };
 use futures::{StreamExt, future::BoxFuture};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
     batcher::{Batch, BatchLimits, Batcher},
@@ -104,7 +104,12 @@ pub async fn run<E: Embedder>(
         retry_delay: config.retry_delay,
         metrics: metrics.clone(),
     });
-    let watcher = tokio::spawn(exhausted::watch(advisories, responder.clone()));
+    let (stop_watcher, watcher_stop) = oneshot::channel();
+    let watcher = tokio::spawn(exhausted::watch(
+        advisories,
+        responder.clone(),
+        watcher_stop,
+    ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let (to_batcher, from_puller) = mpsc::channel(config.max_in_flight);
     let batcher = tokio::spawn(batch_loop(
@@ -126,12 +131,15 @@ pub async fn run<E: Embedder>(
     tracing::info!("shutting down: no more pulls; finishing jobs in flight");
     drop(intake);
     let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
+    let _ = stop_watcher.send(());
     let drained = tokio::time::timeout(config.shutdown_timeout, async {
         // Every held job owns a permit until it is settled, so owning them all means done.
         let _all = in_flight.acquire_many(all).await;
+        if let Err(error) = watcher.await {
+            tracing::error!(%error, "exhausted-job watcher failed");
+        }
     })
     .await;
-    watcher.abort();
     if drained.is_err() {
         batcher.abort();
         return Err(PipelineError::DrainTimeout {

@@ -1,7 +1,7 @@
 //! Answering a job and settling its message, in the one order that survives crashes: store the
-//! result (deduplicated by job id), answer the synchronous caller, and only then acknowledge,
-//! with a confirmed ack. A failure before the ack leaves the job to be redelivered; the store
-//! keeps one result per job (deduplicated by job id, and one message per result subject).
+//! result, answer the synchronous caller, and only then acknowledge, with a confirmed ack. A
+//! failure before the ack leaves the job to be redelivered; the store keeps one result per job
+//! (deduplicated by tenant and job id, and one message per result subject).
 
 use std::time::Duration;
 
@@ -59,6 +59,31 @@ impl Held {
     pub fn delivered(&self) -> i64 {
         self.msg.info().map_or(1, |info| info.delivered)
     }
+
+    /// Where the result of this message's `job` goes.
+    fn destination<'a>(&'a self, job: Option<&'a Job>) -> Destination<'a> {
+        Destination {
+            job,
+            job_seq: self.msg.info().ok().map(|info| info.stream_sequence),
+            reply_to: self.reply_to.as_deref(),
+        }
+    }
+
+    /// Hands the job back for a later delivery.
+    async fn nak(self, delay: Duration) {
+        drop(self.progress);
+        if let Err(error) = self.msg.ack_with(AckKind::Nak(Some(delay))).await {
+            tracing::warn!(%error, "cannot nak job; it is redelivered after ack wait");
+        }
+    }
+}
+
+/// Where a result goes: stored under its job's tenant and id (when the job could be read),
+/// tagged with the job's sequence on the queue, and sent to the synchronous caller, if any.
+struct Destination<'a> {
+    job: Option<&'a Job>,
+    job_seq: Option<u64>,
+    reply_to: Option<&'a str>,
 }
 
 /// Sends in-progress acks for one message until dropped.
@@ -167,22 +192,14 @@ impl Responder {
             return;
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), delivered, %reason, "job failed; retrying later");
-        drop(held.progress);
-        match held
-            .msg
-            .ack_with(AckKind::Nak(Some(self.retry_delay)))
-            .await
-        {
-            Ok(()) => self.metrics.job(Outcome::Retried),
-            Err(error) => {
-                tracing::warn!(%error, "cannot nak job; it is redelivered after ack wait")
-            }
-        }
+        held.nak(self.retry_delay).await;
+        self.metrics.job(Outcome::Retried);
     }
 
     /// Poison (or out of retries): keep the original message on the dead-letter stream with the
-    /// reason, tell the caller, and stop redelivery. Without a dead-letter record the job is not
-    /// dropped: it is naked and comes back.
+    /// reason, store and send the failed result, and stop redelivery. Without a dead-letter
+    /// record and a stored result the job is not dropped: it is naked and comes back (after its
+    /// last delivery, as an exhausted job).
     pub async fn dead_letter(
         &self,
         held: Held,
@@ -190,30 +207,31 @@ impl Responder {
         code: ErrorCode,
         reason: String,
     ) {
-        let msg_id = job.map(|j| j.job_id.as_str());
+        // The id the job was queued under; read from the message when the job cannot be.
+        let msg_id = match job {
+            Some(job) => Some(subject::msg_id(&job.tenant, &job.job_id)),
+            None => held
+                .msg
+                .headers
+                .as_ref()
+                .and_then(|headers| headers.get(subject::MSG_ID))
+                .map(|id| id.as_str().to_owned()),
+        };
         let stored = self
-            .store_dead_letter(&reason, msg_id, held.msg.payload.clone())
+            .store_dead_letter(&reason, msg_id.as_deref(), held.msg.payload.clone())
             .await;
         if let Err(error) = stored {
             tracing::error!(%error, "job stays queued");
-            drop(held.progress);
-            if let Err(error) = held
-                .msg
-                .ack_with(AckKind::Nak(Some(self.retry_delay)))
-                .await
-            {
-                tracing::warn!(%error, "cannot nak job; it is redelivered after ack wait");
-            }
+            held.nak(self.retry_delay).await;
+            return;
+        }
+        let result = self.failed_result(job, code, reason.clone());
+        if let Err(error) = self.publish_result(&held.destination(job), &result).await {
+            tracing::error!(%error, "dead-lettered job's result not stored; job stays queued");
+            held.nak(self.retry_delay).await;
             return;
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), %code, %reason, "job dead-lettered");
-        let result = self.failed_result(job, code, reason);
-        if let Err(error) = self
-            .publish_result(held.reply_to.as_deref(), job, &result)
-            .await
-        {
-            tracing::warn!(%error, "dead-lettered job's caller not answered");
-        }
         drop(held.progress);
         match held.msg.double_ack_with(AckKind::Term).await {
             Ok(()) => self.metrics.job(Outcome::DeadLettered),
@@ -283,16 +301,15 @@ impl Responder {
         // Already stored on the queue, so within the server's size limit.
         let job = decode_job(&message.payload, usize::MAX).ok();
         tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "exhausted job dead-lettered");
-        let reply_to = message
-            .headers
-            .get(subject::REPLY_TO)
-            .map(|v| v.as_str().to_owned());
+        let destination = Destination {
+            job: job.as_ref(),
+            job_seq: Some(sequence),
+            reply_to: message.headers.get(subject::REPLY_TO).map(|v| v.as_str()),
+        };
         let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason);
-        if let Err(error) = self
-            .publish_result(reply_to.as_deref(), job.as_ref(), &result)
-            .await
-        {
-            tracing::warn!(%error, "exhausted job's caller not answered");
+        if let Err(error) = self.publish_result(&destination, &result).await {
+            tracing::error!(sequence, %error, "exhausted job's result not stored; job stays queued");
+            return;
         }
         match jobs.delete_message(sequence).await {
             Ok(_) => self.metrics.job(Outcome::DeadLettered),
@@ -322,10 +339,7 @@ impl Responder {
         result: JobResult,
         outcome: Outcome,
     ) {
-        if let Err(error) = self
-            .publish_result(held.reply_to.as_deref(), job, &result)
-            .await
-        {
+        if let Err(error) = self.publish_result(&held.destination(job), &result).await {
             self.retry(held, job, error.to_string()).await;
             return;
         }
@@ -343,8 +357,7 @@ impl Responder {
     /// the synchronous caller, if any.
     async fn publish_result(
         &self,
-        reply_to: Option<&str>,
-        job: Option<&Job>,
+        destination: &Destination<'_>,
         result: &JobResult,
     ) -> Result<(), AnswerError> {
         let payload = bytes::Bytes::from(encode(result)?);
@@ -356,12 +369,15 @@ impl Responder {
                 subject::header_text(&error.message).as_ref(),
             );
         }
-        if let Some(job) = job {
+        if let Some(job) = destination.job {
             let mut store_headers = headers.clone();
             store_headers.insert(
                 subject::MSG_ID,
                 subject::msg_id(&job.tenant, &job.job_id).as_str(),
             );
+            if let Some(seq) = destination.job_seq {
+                store_headers.insert(subject::JOB_SEQ, seq.to_string().as_str());
+            }
             let results_subject = subject::results(&job.tenant, &job.job_id);
             let stored = async {
                 self.js
@@ -375,7 +391,7 @@ impl Responder {
                 source,
             })?;
         }
-        if let Some(reply_to) = reply_to
+        if let Some(reply_to) = destination.reply_to
             && let Err(error) = self
                 .client
                 .publish_with_headers(reply_to.to_owned(), headers, payload)

@@ -67,7 +67,8 @@ impl Fleet {
 
     /// Publishes a job as the dispatcher does: the envelope as received, the job id as
     /// `Nats-Msg-Id`, the caller's inbox (if any) as `Fleet-Reply-To`.
-    async fn enqueue(&self, job: &Job, reply_to: Option<&str>) {
+    /// Returns the job's sequence on the queue.
+    async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
         let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -78,26 +79,30 @@ impl Fleet {
             headers.insert(subject::REPLY_TO, reply_to);
         }
         self.enqueue_raw(encode(&envelope).expect("encode"), headers)
-            .await;
+            .await
     }
 
-    async fn enqueue_raw(&self, payload: Vec<u8>, headers: HeaderMap) {
+    async fn enqueue_raw(&self, payload: Vec<u8>, headers: HeaderMap) -> u64 {
         self.js
             .publish_with_headers(subject::jobs(MODEL), headers, payload.into())
             .await
             .expect("publish")
             .await
-            .expect("publish ack");
+            .expect("publish ack")
+            .sequence
     }
 
     async fn stored_result(&self, job: &Job) -> Option<JobResult> {
-        let message = self
-            .stream(subject::RESULTS_STREAM)
+        let message = self.stored_result_message(job).await?;
+        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+    }
+
+    async fn stored_result_message(&self, job: &Job) -> Option<jetstream::message::StreamMessage> {
+        self.stream(subject::RESULTS_STREAM)
             .await
             .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
             .await
-            .ok()?;
-        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+            .ok()
     }
 
     async fn wait_result(&self, job: &Job) -> JobResult {
@@ -197,7 +202,7 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
     let mut inbox = fleet.client.subscribe("caller.inbox.1").await.expect("sub");
     let texts = ["the quick brown fox", "jumps", "over the lazy dog again"];
     let job = job("job-1", &texts);
-    fleet.enqueue(&job, Some("caller.inbox.1")).await;
+    let job_seq = fleet.enqueue(&job, Some("caller.inbox.1")).await;
 
     let (answered, _) = answer(&mut inbox).await;
     assert_eq!(answered.status, ResultStatus::Ok);
@@ -212,6 +217,12 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
         "one vector per input, in input order"
     );
     assert_eq!(fleet.wait_result(&job).await, answered);
+    let stored = fleet.stored_result_message(&job).await.expect("stored");
+    assert_eq!(
+        stored.headers.get(subject::JOB_SEQ).map(|v| v.as_str()),
+        Some(job_seq.to_string().as_str()),
+        "the stored result names the queued job it answers"
+    );
     fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.jobs(Outcome::Ok), 1);
     worker.stop().await.expect("clean stop");
@@ -440,6 +451,48 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
         "poison never reaches the model"
     );
     assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 3);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_dead_letter_whose_result_cannot_be_stored_stays_queued_until_it_can() {
+    let fleet = Fleet::start().await;
+    let worker =
+        RunningWorker::start(&fleet, config(&fleet, &["--max-deliver", "100"]), fake()).await;
+    // A first job answered proves the worker is past its start-up checks of the streams.
+    let first = job("job-first", &["text"]);
+    fleet.enqueue(&first, None).await;
+    fleet.wait_result(&first).await;
+    fleet
+        .js
+        .delete_stream(subject::RESULTS_STREAM)
+        .await
+        .expect("results stream deleted");
+    let mut too_long = job("job-too-long", &[&"word ".repeat(100)]);
+    too_long.task = Task::Embed {
+        inputs: too_long.task.inputs().to_vec(),
+        normalize: true,
+        truncate: false,
+    };
+    fleet.enqueue(&too_long, None).await;
+    eventually(WAIT, "a dead letter", || async {
+        (fleet.messages_in(subject::DLQ_STREAM).await == 1).then_some(())
+    })
+    .await;
+    // Several deliveries later (200 ms apart) the job is still queued, its dead letter kept once.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert_eq!(fleet.messages_in(subject::JOBS_STREAM).await, 1);
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 1);
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 0);
+
+    fleet_streams::ensure_all(&fleet.js, &fleet_streams::StreamLimits::default())
+        .await
+        .expect("results stream back");
+    let stored = fleet.wait_result(&too_long).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::InputTooLong));
+    fleet.wait_queue_empty().await;
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 1);
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 1);
     worker.stop().await.expect("clean stop");
 }
 
