@@ -44,11 +44,15 @@ impl CpuWatch {
         let ticks = sysconf(SysconfVar::CLK_TCK)?
             .ok_or_else(|| anyhow::anyhow!("the system reports no clock tick rate"))?;
         let mut stat_paths = vec![("loadtest".to_owned(), "/proc/self/stat".to_owned())];
-        stat_paths.extend(
-            watched
-                .iter()
-                .map(|w| (w.name.clone(), format!("/proc/{}/stat", w.pid))),
-        );
+        for w in watched {
+            if stat_paths.iter().any(|(name, _)| *name == w.name) {
+                anyhow::bail!(
+                    "--cpu-of names {:?} twice (loadtest is always reported)",
+                    w.name
+                );
+            }
+            stat_paths.push((w.name.clone(), format!("/proc/{}/stat", w.pid)));
+        }
         Ok(CpuWatch {
             stat_paths,
             ticks_per_second: ticks as f64,
@@ -119,6 +123,14 @@ mod tests {
         let after = watch.sample();
         let per_job = watch.per_job(&before, &after, 1);
         assert!(per_job["loadtest"].as_f64().expect("a number") > 0.0);
+    }
+
+    #[test]
+    fn every_reported_name_is_distinct() {
+        let twice: Vec<Watched> = ["a=1", "a=2"].iter().map(|s| s.parse().unwrap()).collect();
+        assert!(CpuWatch::new(&twice).is_err());
+        assert!(CpuWatch::new(&["loadtest=1".parse().unwrap()]).is_err());
+        assert!(CpuWatch::new(&["a=1".parse().unwrap(), "b=2".parse().unwrap()]).is_ok());
     }
 
     #[test]
