@@ -89,8 +89,18 @@ impl Listening {
                 tracing::warn!(%error, "cannot unsubscribe; requests in flight to this dispatcher may be lost");
             }
         }
-        while let Some(message) = self.requests.next().await {
-            self.dispatcher.clone().handle(message).await;
+        // The subscriptions end once the server confirms the unsubscribe; bounded in case the
+        // connection is gone and no confirmation comes.
+        let delivered = async {
+            while let Some(message) = self.requests.next().await {
+                self.dispatcher.clone().handle(message).await;
+            }
+        };
+        if tokio::time::timeout(self.dispatcher.publish_timeout, delivered)
+            .await
+            .is_err()
+        {
+            tracing::warn!("requests delivered before the stop not all taken in time");
         }
         let dispatcher = self.dispatcher;
         // Every publish holds a slot until answered: owning them all means none is under way.
