@@ -37,4 +37,6 @@ pub enum ModelError {
     Tensor(#[from] candle_core::Error),
     #[error("the model runtime thread is not running: {0}")]
     RuntimeStopped(String),
+    #[error("the model panicked on this batch: {0}")]
+    Panicked(String),
 }

@@ -56,7 +56,7 @@ impl ModelRuntime {
                         })
                         .collect();
                     // A closed reply only means the caller is gone; nothing to do about it.
-                    let _ = job.reply.send(model.embed(&batch));
+                    let _ = job.reply.send(contain_panic(|| model.embed(&batch)));
                 }
             });
         let state = match spawned {
@@ -72,6 +72,24 @@ impl ModelRuntime {
             }),
         }
     }
+}
+
+/// Runs one batch, turning a panic (a bug in a kernel or in candle, met by this batch's
+/// shapes) into this batch's error: the thread lives on and serves the next batch, instead of
+/// dying and failing every later job of the worker.
+fn contain_panic(
+    embed: impl FnOnce() -> Result<Vec<Vec<f32>>, ModelError>,
+) -> Result<Vec<Vec<f32>>, ModelError> {
+    // The model is only read while embedding (weights behind `&self`), so a batch that panics
+    // leaves nothing half-updated for the next one.
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(embed)).unwrap_or_else(|panic| {
+        let message = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".to_owned());
+        Err(ModelError::Panicked(message))
+    })
 }
 
 struct Inner {
@@ -139,5 +157,24 @@ impl RuntimeHandle {
             }
             result.await.map_err(|_| stopped())?
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_batch_becomes_that_batchs_error() {
+        let panicked = contain_panic(|| panic!("index out of bounds: the len is 3"));
+        match panicked {
+            Err(ModelError::Panicked(message)) => {
+                assert!(message.contains("index out of bounds"), "{message}")
+            }
+            other => panic!("expected Panicked, got {other:?}"),
+        }
+        let formatted = contain_panic(|| panic!("shape {:?}", [2, 3]));
+        assert!(matches!(formatted, Err(ModelError::Panicked(m)) if m == "shape [2, 3]"));
+        assert_eq!(contain_panic(|| Ok(vec![vec![1.0]])).unwrap(), [[1.0]]);
     }
 }
