@@ -168,9 +168,9 @@ pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
     }
 }
 
-/// The server reports "no per-subject limit" as -1 whether it was asked for with 0 or -1.
-fn per_subject(limit: i64) -> i64 {
-    if limit <= 0 { UNLIMITED } else { limit }
+/// The server reports "no limit" as -1 whether it was asked for with 0 or -1.
+fn limit(value: i64) -> i64 {
+    if value <= 0 { UNLIMITED } else { value }
 }
 
 /// The settings Fleet defines that differ between `wanted` and `found`.
@@ -180,14 +180,36 @@ pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Diffe
         .field("retention", &wanted.retention, &found.retention)
         .field("storage", &wanted.storage, &found.storage)
         .field("discard", &wanted.discard, &found.discard)
-        .field("max_messages", &wanted.max_messages, &found.max_messages)
-        .field("max_bytes", &wanted.max_bytes, &found.max_bytes)
+        .field(
+            "max_messages",
+            &limit(wanted.max_messages),
+            &limit(found.max_messages),
+        )
+        .field(
+            "max_bytes",
+            &limit(wanted.max_bytes),
+            &limit(found.max_bytes),
+        )
         .field("max_age", &wanted.max_age, &found.max_age)
         .field(
             "max_messages_per_subject",
-            &per_subject(wanted.max_messages_per_subject),
-            &per_subject(found.max_messages_per_subject),
+            &limit(wanted.max_messages_per_subject),
+            &limit(found.max_messages_per_subject),
         )
+        .field(
+            "max_message_size",
+            &limit(wanted.max_message_size.into()),
+            &limit(found.max_message_size.into()),
+        )
+        // Settings Fleet leaves at their defaults, any of which breaks it when set: acks
+        // (work-queue removal and publish acks), deletes (exhausted jobs), purges (load tests),
+        // and a stream fed from elsewhere.
+        .field("no_ack", &wanted.no_ack, &found.no_ack)
+        .field("sealed", &wanted.sealed, &found.sealed)
+        .field("deny_delete", &wanted.deny_delete, &found.deny_delete)
+        .field("deny_purge", &wanted.deny_purge, &found.deny_purge)
+        .field("mirror", &wanted.mirror, &found.mirror)
+        .field("sources", &wanted.sources, &found.sources)
         .field(
             "duplicate_window",
             &wanted.duplicate_window,
@@ -301,5 +323,31 @@ mod tests {
             .map(|d| d.field)
             .collect();
         assert_eq!(fields, ["discard", "duplicate_window"]);
+    }
+
+    #[test]
+    fn unlimited_is_unlimited_however_spelled() {
+        let mut wanted = jobs_stream(&StreamLimits::default());
+        wanted.max_messages = 0;
+        wanted.max_bytes = 0;
+        let mut found = wanted.clone();
+        found.max_messages = UNLIMITED;
+        found.max_bytes = UNLIMITED;
+        found.max_message_size = -1;
+        assert!(differences(&wanted, &found).is_empty());
+    }
+
+    #[test]
+    fn settings_left_at_defaults_that_would_break_fleet_are_reported() {
+        let wanted = jobs_stream(&StreamLimits::default());
+        let mut found = wanted.clone();
+        found.no_ack = true;
+        found.deny_delete = true;
+        found.max_message_size = 1024;
+        let fields: Vec<_> = differences(&wanted, &found)
+            .into_iter()
+            .map(|d| d.field)
+            .collect();
+        assert_eq!(fields, ["max_message_size", "no_ack", "deny_delete"]);
     }
 }
