@@ -71,12 +71,14 @@ fi
 missing=()
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 ls /usr/lib/llvm-*/lib/libclang.so >/dev/null 2>&1 || missing+=(libclang-dev)
+# nvcc drives the host C++ compiler; the driver stub below is built with gcc.
+command -v g++ >/dev/null 2>&1 || missing+=(g++)
 if [[ ${#missing[@]} -gt 0 ]]; then
   echo "installing ${missing[*]}" >&2
   sudo_cmd=()
   if [[ "$(id -u)" != 0 ]]; then sudo_cmd=(sudo); fi
   "${sudo_cmd[@]}" apt-get update -qq
-  "${sudo_cmd[@]}" apt-get install -y -qq "${missing[@]}"
+  "${sudo_cmd[@]}" env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
 fi
 
 if [[ -f "$stamp" && "$(cat "$stamp")" == "${pins[*]}" && -x "$cu/bin/nvcc" ]]; then

@@ -8,7 +8,8 @@ cd "$root"
 # A client written from schemas/WIRE.md in another language must reproduce the test vectors.
 venv="${CARGO_TARGET_DIR:-$root/target}/wire-check-venv"
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check msgpack cryptography
+"$venv/bin/python" -c "import msgpack, cryptography" 2>/dev/null ||
+  "$venv/bin/python" -m pip install --quiet --disable-pip-version-check msgpack cryptography
 "$venv/bin/python" schemas/tests/python_client.py
 cargo build --workspace --bins
 log=$(mktemp)

@@ -51,8 +51,13 @@ pub struct CallerArgs {
     #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
     pub key: PathBuf,
     /// Model the jobs are for (`fleet.infer.<model>`, `fleet.submit.<model>`).
-    #[arg(long, env = "FLEET_MODEL", default_value = fleet_schemas::DEFAULT_MODEL)]
+    #[arg(long, env = "FLEET_MODEL", default_value = fleet_schemas::DEFAULT_MODEL, value_parser = model_name)]
     pub model: String,
+}
+
+/// A model name must be one subject token, or no dispatcher could ever hear the call.
+fn model_name(value: &str) -> Result<String, fleet_schemas::InvalidName> {
+    fleet_schemas::validate_name("model", value).map(|()| value.to_owned())
 }
 
 impl CallerArgs {

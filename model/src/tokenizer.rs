@@ -34,6 +34,17 @@ impl TextTokenizer {
         whole
             .with_truncation(None)
             .map_err(|e| load_err(e.to_string()))?;
+        // Truncation keeps the special tokens and cuts the text: the limit must leave room
+        // for at least one text token, or truncating underflows inside the tokenizer.
+        let special = whole
+            .encode("", true)
+            .map_err(|e| load_err(e.to_string()))?
+            .len();
+        if max_tokens <= special {
+            return Err(load_err(format!(
+                "a maximum of {max_tokens} tokens leaves no room for text beside {special} special tokens"
+            )));
+        }
         let mut truncating = whole.clone();
         truncating
             .with_truncation(Some(TruncationParams {

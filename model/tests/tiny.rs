@@ -557,6 +557,17 @@ fn malformed_files_are_typed_errors() {
         &json!({"max_seq_length": POSITIONS + 1}),
     );
     assert!(matches!(load(dir.path()), Err(ModelError::Unsupported(_))));
+
+    // [CLS] and [SEP] alone fill two tokens: no text would fit.
+    let dir = tiny_model_dir(&random_weights(6));
+    write_json(
+        &dir.path().join("sentence_bert_config.json"),
+        &json!({"max_seq_length": 2}),
+    );
+    assert!(matches!(
+        load(dir.path()),
+        Err(ModelError::TokenizerLoad { message, .. }) if message.contains("no room for text")
+    ));
 }
 
 #[test]

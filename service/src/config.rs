@@ -46,6 +46,11 @@ pub fn load_config<C: Parser>(args: impl IntoIterator<Item = OsString>) -> Resul
             if !command.get_arguments().any(|a| a.get_id() == id.as_str()) {
                 return Err(ConfigError::UnknownKey { path, key });
             }
+            if matches!(&value, toml::Value::Array(items) if items.is_empty()) {
+                // An empty list: no values at all, not one empty value.
+                command = command.mut_arg(id, |arg| arg.default_values(Vec::<&str>::new()));
+                continue;
+            }
             let text = value_text(&value).ok_or_else(|| ConfigError::BadValue {
                 path: path.clone(),
                 key: key.clone(),
@@ -68,7 +73,10 @@ fn config_path(args: &[OsString]) -> Option<PathBuf> {
             return Some(PathBuf::from(path));
         }
     }
-    std::env::var_os("FLEET_CONFIG").map(PathBuf::from)
+    // Set but empty means no file, as an unset variable does.
+    std::env::var_os("FLEET_CONFIG")
+        .filter(|path| !path.is_empty())
+        .map(PathBuf::from)
 }
 
 fn value_text(value: &toml::Value) -> Option<String> {
@@ -153,6 +161,15 @@ mod tests {
         let builtin: Example = load_config(args(&[])).unwrap();
         assert_eq!(builtin.max_batch, 32);
         assert_eq!(builtin.name, "builtin");
+        assert_eq!(builtin.models, ["a"]);
+    }
+
+    #[test]
+    fn an_empty_list_in_the_file_means_no_values() {
+        let f = file("models = []\n");
+        let path = f.0.to_string_lossy().to_string();
+        let empty: Example = load_config(args(&["--config", &path])).unwrap();
+        assert!(empty.models.is_empty(), "{:?}", empty.models);
     }
 
     #[test]

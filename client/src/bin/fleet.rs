@@ -38,7 +38,7 @@ enum Command {
         #[arg(long = "text", env = "FLEET_TEXT", required = true)]
         texts: Vec<String>,
         /// How long to wait for the answer, in seconds.
-        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30)]
+        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: u64,
     },
 }
@@ -78,13 +78,21 @@ fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Resul
         key_id: key_id.clone(),
         secret_key: key.secret_hex(),
     };
+    let contents = toml::to_string(&file)?;
     let mut handle = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(&out)
         .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    handle.write_all(toml::to_string(&file)?.as_bytes())?;
+    let written = handle
+        .write_all(contents.as_bytes())
+        .and_then(|()| handle.sync_all());
+    if let Err(error) = written {
+        // A partial key file would block the next attempt (files are never overwritten).
+        let _ = std::fs::remove_file(&out);
+        return Err(error).with_context(|| format!("cannot write {}", out.display()));
+    }
     eprintln!("secret key written to {}", out.display());
     println!(
         "[[tenants]]\nname = \"{tenant}\"\nmodels = [\"*\"]\nrate_per_second = 100\nburst = 200\n\
