@@ -84,6 +84,20 @@ impl EmbeddingModel {
                 st_config.max_seq_length, config.max_position_embeddings
             )));
         }
+        let tokenizer_path = dir.join("tokenizer.json");
+        let tokenizer = TextTokenizer::load(&tokenizer_path, st_config.max_seq_length)?;
+        // Every id the tokenizer can produce must have an embedding row, or one text of a
+        // mismatched model directory would fail whole batches at run time.
+        if tokenizer.vocab_size() > config.vocab_size {
+            return Err(ModelError::Config {
+                path: tokenizer_path,
+                message: format!(
+                    "the tokenizer knows {} tokens, the model embeds {}",
+                    tokenizer.vocab_size(),
+                    config.vocab_size
+                ),
+            });
+        }
         let weights_path = dir.join("model.safetensors");
         if !weights_path.is_file() {
             return Err(ModelError::Io {
@@ -99,7 +113,6 @@ impl EmbeddingModel {
                 message: e.to_string(),
             })?;
         let bert = bert::Bert::load(&st, &config, device)?;
-        let tokenizer = TextTokenizer::load(&dir.join("tokenizer.json"), st_config.max_seq_length)?;
         Ok(Self {
             config,
             bert,

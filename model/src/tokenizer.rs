@@ -64,6 +64,11 @@ impl TextTokenizer {
         self.max_tokens
     }
 
+    /// Tokens the tokenizer can produce, added (special) tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.whole.get_vocab_size(true)
+    }
+
     /// Token ids of `text` with the special tokens (`[CLS] ... [SEP]` for BERT; an empty text
     /// gives just those). Longer than [`max_tokens`](Self::max_tokens): cut to it when
     /// `truncate`, else [`ModelError::TooLong`].

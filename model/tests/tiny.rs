@@ -558,6 +558,15 @@ fn malformed_files_are_typed_errors() {
     );
     assert!(matches!(load(dir.path()), Err(ModelError::Unsupported(_))));
 
+    let dir = tiny_model_dir(&random_weights(6));
+    let mut c = config();
+    c["vocab_size"] = json!(3);
+    write_json(&dir.path().join("config.json"), &c);
+    assert!(matches!(
+        load(dir.path()),
+        Err(ModelError::Config { message, .. }) if message.contains("the model embeds 3")
+    ));
+
     // [CLS] and [SEP] alone fill two tokens: no text would fit.
     let dir = tiny_model_dir(&random_weights(6));
     write_json(
