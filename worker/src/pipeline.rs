@@ -227,6 +227,31 @@ async fn pull_loop<E: Embedder>(
     }
 }
 
+/// Every input of `task` tokenized, or the first that cannot be, with its index.
+fn tokenize_task<E: Embedder>(
+    embedder: &E,
+    task: &Task,
+) -> Result<Vec<TokenizedInput>, (usize, TokenizeError)> {
+    let Task::Embed {
+        inputs,
+        normalize,
+        truncate,
+    } = task;
+    inputs
+        .iter()
+        .enumerate()
+        .map(|(index, text)| {
+            embedder
+                .tokenize(text, *truncate)
+                .map(|token_ids| TokenizedInput {
+                    token_ids,
+                    normalize: *normalize,
+                })
+                .map_err(|error| (index, error))
+        })
+        .collect()
+}
+
 struct Intake<'a, E> {
     config: &'a WorkerConfig,
     js: jetstream::Context,
@@ -276,39 +301,40 @@ impl<E: Embedder> Intake<'_, E> {
             tokio::spawn(async move { answer_expired(&responder, held, &job).await });
             return;
         }
-        let Task::Embed {
-            inputs,
-            normalize,
-            truncate,
-        } = &job.task;
-        let mut tokenized = Vec::with_capacity(inputs.len());
-        for (index, text) in inputs.iter().enumerate() {
-            match self.embedder.tokenize(text, *truncate) {
-                Ok(token_ids) => tokenized.push(TokenizedInput {
-                    token_ids,
-                    normalize: *normalize,
-                }),
-                Err(TokenizeError::TooLong { tokens, max }) => {
-                    let reason = format!(
-                        "input {index} is {tokens} tokens, the model takes at most {max}, and the job did not ask for truncation"
-                    );
-                    let responder = self.responder.clone();
-                    tokio::spawn(async move {
-                        responder
-                            .dead_letter(held, Some(&job), ErrorCode::InputTooLong, reason)
-                            .await
-                    });
-                    return;
-                }
-                Err(error @ TokenizeError::Failed(_)) => {
-                    let responder = self.responder.clone();
-                    tokio::spawn(async move {
-                        responder.retry(held, Some(&job), error.to_string()).await
-                    });
-                    return;
-                }
+        // Off the async threads: a job may carry megabytes of text.
+        let tokenized = tokio::task::spawn_blocking({
+            let (embedder, task) = (self.embedder.clone(), job.task.clone());
+            move || tokenize_task(&embedder, &task)
+        })
+        .await
+        .unwrap_or_else(|panicked| {
+            Err((
+                0,
+                TokenizeError::Failed(format!("tokenizer panicked: {panicked}").into()),
+            ))
+        });
+        let tokenized = match tokenized {
+            Ok(tokenized) => tokenized,
+            Err((index, TokenizeError::TooLong { tokens, max })) => {
+                let reason = format!(
+                    "input {index} is {tokens} tokens, the model takes at most {max}, and the job did not ask for truncation"
+                );
+                let responder = self.responder.clone();
+                tokio::spawn(async move {
+                    responder
+                        .dead_letter(held, Some(&job), ErrorCode::InputTooLong, reason)
+                        .await
+                });
+                return;
             }
-        }
+            Err((_, error @ TokenizeError::Failed(_))) => {
+                let responder = self.responder.clone();
+                tokio::spawn(
+                    async move { responder.retry(held, Some(&job), error.to_string()).await },
+                );
+                return;
+            }
+        };
         let work = Work {
             held,
             job,
