@@ -254,10 +254,11 @@ impl Dispatcher {
                 return;
             }
         };
+        let job_seq = job_seq.to_string();
         let answers_this_job = |headers: &HeaderMap| {
             headers
                 .get(subject::JOB_SEQ)
-                .is_some_and(|seq| seq.as_str() == job_seq.to_string())
+                .is_some_and(|seq| seq.as_str() == job_seq)
         };
         let give_up = tokio::time::sleep(self.relay_wait);
         tokio::pin!(give_up);

@@ -115,15 +115,7 @@ fn signed_jobs(
 }
 
 async fn dispatch(run: &Run, jobs: usize, rounds: usize) -> anyhow::Result<()> {
-    let Run {
-        client,
-        tenant,
-        model,
-        in_flight,
-        cpu,
-    } = run;
-    let in_flight = *in_flight;
-    let js = jetstream::new(client.clone());
+    let js = jetstream::new(run.client.clone());
     for round in 0..rounds {
         let mut phases = [Phase::RawJetStream, Phase::Dispatcher];
         if round % 2 == 1 {
@@ -133,20 +125,24 @@ async fn dispatch(run: &Run, jobs: usize, rounds: usize) -> anyhow::Result<()> {
             purge_jobs(&js).await?;
             // Fresh ids per phase: the duplicate window would otherwise turn the second phase's
             // publishes into cheap duplicate acks.
-            let payloads = signed_jobs(tenant, model, jobs)?;
-            let cpu_before = cpu.sample();
+            let payloads = signed_jobs(&run.tenant, &run.model, jobs)?;
+            let cpu_before = run.cpu.sample();
             let started = Instant::now();
             match phase {
-                Phase::RawJetStream => raw_publish(&js, model, payloads, in_flight).await?,
-                Phase::Dispatcher => through_dispatcher(client, model, payloads, in_flight).await?,
+                Phase::RawJetStream => {
+                    raw_publish(&js, &run.model, payloads, run.in_flight).await?
+                }
+                Phase::Dispatcher => {
+                    through_dispatcher(&run.client, &run.model, payloads, run.in_flight).await?
+                }
             }
             let seconds = started.elapsed().as_secs_f64();
-            let cpu_us_per_job = cpu.per_job(&cpu_before, &cpu.sample(), jobs);
+            let cpu_us_per_job = run.cpu.per_job(&cpu_before, &run.cpu.sample(), jobs);
             println!(
                 "{}",
                 serde_json::json!({
                     "bench": "dispatch", "round": round, "phase": phase.name(), "jobs": jobs,
-                    "in_flight": in_flight, "seconds": seconds, "jobs_per_s": jobs as f64 / seconds,
+                    "in_flight": run.in_flight, "seconds": seconds, "jobs_per_s": jobs as f64 / seconds,
                     "cpu_us_per_job": cpu_us_per_job,
                 })
             );
@@ -240,13 +236,6 @@ struct CorpusLine {
 }
 
 async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
-    let Run {
-        client,
-        tenant,
-        model,
-        in_flight,
-        cpu,
-    } = run;
     let timeout = Duration::from_secs(args.timeout_secs);
     let texts_per_job = usize::from(args.texts_per_job);
     let text = std::fs::read_to_string(&args.corpus)
@@ -261,14 +250,14 @@ async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
         texts.truncate(args.limit);
     }
     let total = texts.len();
-    let cpu_before = cpu.sample();
+    let cpu_before = run.cpu.sample();
     let started = Instant::now();
     let results: Vec<anyhow::Result<()>> = stream::iter(texts.chunks(texts_per_job))
         .map(|chunk| {
             async move {
                 // Signed at send time: a job must be fresh when it reaches the dispatcher.
-                let job = tenant.embed_job(model, chunk.to_vec());
-                let result = fleet_client::infer(client, tenant, &job, timeout).await?;
+                let job = run.tenant.embed_job(&run.model, chunk.to_vec());
+                let result = fleet_client::infer(&run.client, &run.tenant, &job, timeout).await?;
                 if result.status != ResultStatus::Ok {
                     bail!(
                         "job {} answered {:?}: {:?}",
@@ -280,11 +269,11 @@ async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
                 Ok(())
             }
         })
-        .buffer_unordered(*in_flight)
+        .buffer_unordered(run.in_flight)
         .collect()
         .await;
     let seconds = started.elapsed().as_secs_f64();
-    let cpu_us_per_text = cpu.per_job(&cpu_before, &cpu.sample(), total);
+    let cpu_us_per_text = run.cpu.per_job(&cpu_before, &run.cpu.sample(), total);
     let failures = results.iter().filter(|r| r.is_err()).count();
     if let Some(Err(first)) = results.into_iter().find(|r| r.is_err()) {
         bail!("{failures} jobs failed; first: {first:#}");
@@ -293,7 +282,7 @@ async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
         "{}",
         serde_json::json!({
             "bench": "embed_end_to_end", "texts": total, "texts_per_job": texts_per_job,
-            "in_flight": in_flight, "seconds": seconds, "texts_per_s": total as f64 / seconds,
+            "in_flight": run.in_flight, "seconds": seconds, "texts_per_s": total as f64 / seconds,
             "cpu_us_per_text": cpu_us_per_text,
         })
     );

@@ -124,6 +124,14 @@ impl Fleet {
         encode(&key.sign_job(job).expect("sign")).expect("encode")
     }
 
+    /// Sends `payload` as a request whose answers go to `inbox`, without waiting for them.
+    async fn send_to_inbox(&self, subject: String, inbox: &str, payload: Vec<u8>) {
+        self.client
+            .publish_with_reply(subject, inbox.to_owned(), payload.into())
+            .await
+            .unwrap();
+    }
+
     async fn send(&self, subject: String, payload: Vec<u8>) -> async_nats::Message {
         tokio::time::timeout(TIMEOUT, self.client.request(subject, payload.into()))
             .await
@@ -360,10 +368,8 @@ async fn a_repeated_infer_is_answered_with_the_jobs_stored_result() {
     // The first call's job is queued; its worker would answer the first inbox only.
     let first_inbox = fleet.client.new_inbox();
     fleet
-        .client
-        .publish_with_reply(subject::infer(MODEL), first_inbox, payload.clone().into())
-        .await
-        .unwrap();
+        .send_to_inbox(subject::infer(MODEL), &first_inbox, payload.clone())
+        .await;
     let js = jetstream::new(fleet.client.clone());
     fleet_tests::eventually(TIMEOUT, "the job in FLEET_JOBS", || {
         let fleet = &fleet;
@@ -455,14 +461,12 @@ async fn a_stopping_dispatcher_answers_every_request_delivered_to_it() {
     for _ in 0..sent {
         let job = fleet.job("acme", vec!["x".into()]);
         fleet
-            .client
-            .publish_with_reply(
+            .send_to_inbox(
                 subject::submit(MODEL),
-                inbox.clone(),
-                fleet.signed(&fleet.acme.key, &job).into(),
+                &inbox,
+                fleet.signed(&fleet.acme.key, &job),
             )
-            .await
-            .unwrap();
+            .await;
     }
     // Once flushed, the server has handed every request to the dispatcher's connection.
     fleet.client.flush().await.unwrap();
@@ -504,14 +508,12 @@ async fn infer_queues_the_job_with_the_callers_inbox_and_stays_silent() {
     let inbox = fleet.client.new_inbox();
     let mut answers = fleet.client.subscribe(inbox.clone()).await.unwrap();
     fleet
-        .client
-        .publish_with_reply(
+        .send_to_inbox(
             subject::infer(MODEL),
-            inbox.clone(),
-            fleet.signed(&fleet.acme.key, &job).into(),
+            &inbox,
+            fleet.signed(&fleet.acme.key, &job),
         )
-        .await
-        .unwrap();
+        .await;
     let js = jetstream::new(fleet.client.clone());
     let stream = js.get_stream(subject::JOBS_STREAM).await.unwrap();
     let stored = fleet_tests::eventually(TIMEOUT, "the job in FLEET_JOBS", || {

@@ -301,18 +301,25 @@ impl<E: Embedder> Intake<'_, E> {
             tokio::spawn(async move { answer_expired(&responder, held, &job).await });
             return;
         }
-        // Off the async threads: a job may carry megabytes of text.
-        let tokenized = tokio::task::spawn_blocking({
-            let (embedder, task) = (self.embedder.clone(), job.task.clone());
-            move || tokenize_task(&embedder, &task)
-        })
-        .await
-        .unwrap_or_else(|panicked| {
-            Err((
-                0,
-                TokenizeError::Failed(format!("tokenizer panicked: {panicked}").into()),
-            ))
+        // Off the async threads: a job may carry megabytes of text. The job travels to the
+        // blocking pool and back rather than being copied.
+        let embedder = self.embedder.clone();
+        let tokenizing = tokio::task::spawn_blocking(move || {
+            let tokenized = tokenize_task(&embedder, &job.task);
+            (job, tokenized)
         });
+        let (job, tokenized) = match tokenizing.await {
+            Ok(done) => done,
+            Err(panicked) => {
+                // The job went down with the task; it is read again from the held message
+                // (it was read once already), so the retry can still answer it.
+                let job = decode_job(&held.msg.payload, usize::MAX).ok();
+                let reason = format!("tokenizer panicked: {panicked}");
+                let responder = self.responder.clone();
+                tokio::spawn(async move { responder.retry(held, job.as_ref(), reason).await });
+                return;
+            }
+        };
         let tokenized = match tokenized {
             Ok(tokenized) => tokenized,
             Err((index, TokenizeError::TooLong { tokens, max })) => {
