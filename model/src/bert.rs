@@ -232,10 +232,15 @@ impl Bert {
             .collect::<Result<Vec<&[f32]>, ModelError>>()?;
         // `w` follows the order of `cpu_weights`: 5 tensors, then 10 per layer.
         let (words, positions, emb_norm) = (w[0], w[1], w[2]);
-        let mut guard = self
-            .workspace
-            .lock()
-            .map_err(|_| ModelError::RuntimeStopped("an earlier batch panicked".into()))?;
+        let mut guard = self.workspace.lock().unwrap_or_else(|poisoned| {
+            // A batch panicked mid-pass (the runtime turned that into its error). The buffers
+            // are scratch that every pass rewrites, so fresh ones make the lock good again;
+            // refusing would fail every later batch of the worker.
+            self.workspace.clear_poison();
+            let mut guard = poisoned.into_inner();
+            *guard = Workspace::default();
+            guard
+        });
         let ws = &mut *guard;
         let (h, d) = (self.hidden, self.hidden / self.heads);
         gather(words, h, &input.ids, &mut ws.a);
@@ -244,6 +249,8 @@ impl Bert {
         cpu::add_layer_norm(&ws.a, &ws.b, norm_w, norm_b, self.eps, &mut ws.h)?;
         let scale = self.attention_scale();
         for l in w[3..].chunks_exact(10) {
+            #[cfg(test)]
+            tests::panic_if_armed();
             let &[qkv_w, qkv_b, ao_w, ao_b, n1, i_w, i_b, o_w, o_b, n2] = l else {
                 return Err(ModelError::Unsupported("layer weights out of order".into()));
             };
@@ -327,5 +334,100 @@ fn cpu_f32<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32], Model
         _ => Err(ModelError::Unsupported(
             "CPU path on a tensor that is not contiguous f32 in CPU memory".into(),
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::cell::Cell;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+
+    use super::*;
+
+    // No input reaches a panic in the real pass: the ids and lengths are checked before it and
+    // the kernels return `ShapeError` rather than panic. So the test arms this point, compiled
+    // into this crate's unit tests only, to panic between layers with the workspace locked, as
+    // a bug in a kernel would.
+    thread_local! {
+        static ARMED: Cell<bool> = const { Cell::new(false) };
+    }
+
+    pub(super) fn panic_if_armed() {
+        if ARMED.take() {
+            panic!("injected panic inside the forward pass");
+        }
+    }
+
+    const VOCAB: usize = 12;
+    const HIDDEN: usize = 8;
+    const INTER: usize = 16;
+
+    fn random(shape: &[usize]) -> Tensor {
+        Tensor::randn(0f32, 0.5, shape, &Device::Cpu).expect("random tensor")
+    }
+
+    fn tiny_bert() -> Bert {
+        let layer = || Layer {
+            qkv_weight: random(&[3 * HIDDEN, HIDDEN]),
+            qkv_bias: random(&[3 * HIDDEN]),
+            attn_out_weight: random(&[HIDDEN, HIDDEN]),
+            attn_out_bias: random(&[HIDDEN]),
+            attn_norm: random(&[2, HIDDEN]),
+            inter_weight: random(&[INTER, HIDDEN]),
+            inter_bias: random(&[INTER]),
+            out_weight: random(&[HIDDEN, INTER]),
+            out_bias: random(&[HIDDEN]),
+            out_norm: random(&[2, HIDDEN]),
+        };
+        Bert {
+            word_embeddings: random(&[VOCAB, HIDDEN]),
+            position_embeddings: random(&[16, HIDDEN]),
+            embeddings_norm: random(&[2, HIDDEN]),
+            layers: vec![layer(), layer()],
+            heads: 2,
+            eps: 1e-12,
+            hidden: HIDDEN,
+            vocab_size: VOCAB,
+            device: Device::Cpu,
+            workspace: Mutex::new(Workspace::default()),
+        }
+    }
+
+    fn assert_close(got: &[Vec<f32>], want: &[Vec<f32>]) {
+        assert_eq!(got.len(), want.len());
+        for (g, w) in got.iter().zip(want) {
+            assert_eq!(g.len(), w.len());
+            for (a, b) in g.iter().zip(w) {
+                assert!((a - b).abs() <= 1e-6, "{a} vs {b}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_inside_the_forward_pass_leaves_the_next_batch_correct() {
+        let bert = tiny_bert();
+        let ids: [&[u32]; 3] = [&[2, 4, 5, 3], &[2, 3], &[2, 6, 8, 10, 9, 11, 7, 3]];
+        let batch: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
+        // The tensor-op path keeps no workspace: the right vectors, whatever the lock holds.
+        let want = bert.forward(&batch, true).expect("tensor ops");
+        assert_close(
+            &bert.forward(&batch, false).expect("before the panic"),
+            &want,
+        );
+
+        ARMED.set(true);
+        let panicked = catch_unwind(AssertUnwindSafe(|| bert.forward(&batch, false)));
+        assert!(panicked.is_err(), "the armed pass panics");
+        assert!(
+            bert.workspace.is_poisoned(),
+            "the panic happened with the workspace locked"
+        );
+
+        let after = bert.forward(&batch, false).expect("the next batch runs");
+        assert_close(&after, &want);
+        assert!(!bert.workspace.is_poisoned());
+        // A smaller batch next: nothing of the panicked pass's buffers leaks into it.
+        let one = bert.forward(&batch[1..2], false).expect("a smaller batch");
+        assert_close(&one, &want[1..2]);
     }
 }

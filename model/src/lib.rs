@@ -25,7 +25,7 @@ use candle_core::Device;
 use candle_core::safetensors::MmapedSafetensors;
 
 pub use config::{BertConfig, PoolingConfig, SentenceBertConfig};
-pub use error::ModelError;
+pub use error::{FailureKind, ModelError};
 pub use runtime::{ModelRuntime, OwnedSequence, RuntimeHandle};
 pub use tokenizer::TextTokenizer;
 

@@ -80,8 +80,8 @@ impl ModelRuntime {
 fn contain_panic(
     embed: impl FnOnce() -> Result<Vec<Vec<f32>>, ModelError>,
 ) -> Result<Vec<Vec<f32>>, ModelError> {
-    // The model is only read while embedding (weights behind `&self`), so a batch that panics
-    // leaves nothing half-updated for the next one.
+    // Embedding only reads the weights; the scratch buffers a panic leaves half-written under
+    // a poisoned lock are replaced by the next batch (see `Bert::forward_cpu`).
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(embed)).unwrap_or_else(|panic| {
         let message = panic
             .downcast_ref::<&str>()

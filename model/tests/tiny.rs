@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
-use fleet_model::{EmbeddingModel, ModelError, Sequence};
+use fleet_model::{EmbeddingModel, FailureKind, ModelError, Sequence};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use safetensors::tensor::{Dtype, TensorView};
@@ -430,24 +430,33 @@ fn embed_rejects_bad_token_ids_and_lengths() {
     let dir = tiny_model_dir(&random_weights(2));
     let model = load(dir.path()).expect("load");
     let bad = [2u32, 99, 3];
-    assert!(matches!(
-        model.embed(&[Sequence {
+    let err = model
+        .embed(&[Sequence {
             token_ids: &bad,
-            normalize: true
-        }]),
-        Err(ModelError::InvalidTokenId { id: 99, .. })
-    ));
+            normalize: true,
+        }])
+        .expect_err("id 99 is outside the vocabulary");
+    assert!(matches!(err, ModelError::InvalidTokenId { id: 99, .. }));
+    assert_eq!(
+        err.kind(),
+        FailureKind::Deterministic,
+        "a retry fails alike"
+    );
     let long = vec![4u32; MAX_SEQ + 1];
-    assert!(matches!(
-        model.embed(&[Sequence {
+    let err = model
+        .embed(&[Sequence {
             token_ids: &long,
-            normalize: true
-        }]),
-        Err(ModelError::TooLong {
+            normalize: true,
+        }])
+        .expect_err("one token too many");
+    assert!(matches!(
+        err,
+        ModelError::TooLong {
             tokens: 9,
             max: MAX_SEQ
-        })
+        }
     ));
+    assert_eq!(err.kind(), FailureKind::Deterministic);
     let empty: [u32; 0] = [];
     let out = model
         .embed(&[Sequence {
