@@ -24,6 +24,9 @@ pub const SERVICE_ERROR: &str = "Nats-Service-Error";
 /// On a stored result: the sequence of its job on `FLEET_JOBS`. A job id may come back after
 /// the duplicate window as a new job; the sequence tells which job a result answers.
 pub const JOB_SEQ: &str = "Fleet-Job-Seq";
+/// On a stored result: a random token of the store that wrote it, so a worker whose store
+/// ended in doubt (a lost publish ack) can read back whether its own store is the one kept.
+pub const STORE_TOKEN: &str = "Fleet-Store-Token";
 /// Why a job went to the dead-letter stream.
 pub const DLQ_REASON: &str = "Fleet-Dlq-Reason";
 
@@ -64,6 +67,13 @@ pub fn dlq(model: &str) -> String {
 /// pipelines, say): the second would be called a duplicate and never run.
 pub fn msg_id(tenant: &str, job_id: &str) -> String {
     format!("{tenant}.{job_id}")
+}
+
+/// The `Nats-Msg-Id` of a stored result: `<tenant>.<job_id>.<job_seq>`. The job's queue
+/// sequence is part of it, so a job id reused once the queue's duplicate window has passed gets
+/// its own result instead of being deduplicated against the older job's.
+pub fn result_msg_id(tenant: &str, job_id: &str, job_seq: u64) -> String {
+    format!("{tenant}.{job_id}.{job_seq}")
 }
 
 /// What an incoming request asks for, read from its subject.

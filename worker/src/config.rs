@@ -62,8 +62,10 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLEET_MAX_ACK_PENDING", default_value_t = 1024)]
     pub max_ack_pending: i64,
 
-    /// How long the server waits for an ack before redelivering a job (e.g. `30s`, `500ms`).
-    #[arg(long, env = "FLEET_ACK_WAIT", default_value = "30s", value_parser = parse_duration)]
+    /// How long the server waits for an ack before redelivering a job (e.g. `3s`, `500ms`).
+    /// Workers send in-progress acks three times per ack wait while they hold a job, so this
+    /// bounds failover: a killed worker's jobs go to another worker within it.
+    #[arg(long, env = "FLEET_ACK_WAIT", default_value = "3s", value_parser = parse_duration)]
     pub ack_wait: Duration,
 
     /// Deliveries of a job before it goes to the dead-letter stream.
@@ -79,6 +81,25 @@ pub struct WorkerArgs {
     /// Delay before a job that failed transiently (results not stored, model error) is retried.
     #[arg(long, env = "FLEET_RETRY_DELAY", default_value = "2s", value_parser = parse_duration)]
     pub retry_delay: Duration,
+
+    /// How often a worker looks for queued jobs the server will not deliver again (out of
+    /// deliveries, or orphaned by a broker crash) and settles them; also once at start.
+    #[arg(long, env = "FLEET_RECONCILE_EVERY", default_value = "30s", value_parser = parse_duration)]
+    pub reconcile_every: Duration,
+
+    /// Longest a batch may run on the model, before the per-token allowance below; past it the
+    /// model is taken to be hung: the worker hands its jobs back and exits.
+    #[arg(long, env = "FLEET_BATCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub batch_timeout: Duration,
+
+    /// Extra time a batch may run per padded token.
+    #[arg(long, env = "FLEET_BATCH_TIMEOUT_PER_TOKEN", default_value = "1ms", value_parser = parse_duration)]
+    pub batch_timeout_per_token: Duration,
+
+    /// Failed batches in a row after which the worker stops pulling and exits (a broken model
+    /// or device), instead of draining the queue into the dead-letter stream.
+    #[arg(long, env = "FLEET_MAX_MODEL_FAILURES", default_value_t = 5)]
+    pub max_model_failures: u32,
 
     /// Largest job message accepted, in bytes; a larger one is dead-lettered.
     #[arg(long, env = "FLEET_MAX_JOB_BYTES", default_value_t = 8 << 20)]
@@ -158,6 +179,8 @@ pub enum ConfigError {
     Name(#[from] InvalidName),
     #[error("{0} must be at least 1")]
     Zero(&'static str),
+    #[error("{0} must be longer than zero")]
+    ZeroDuration(&'static str),
     #[error("{0} must be at most {1}")]
     TooLarge(&'static str, u32),
     #[error(
@@ -168,6 +191,14 @@ pub enum ConfigError {
         "--max-deliver ({max_deliver}) must be greater than the number of --backoff delays ({backoff})"
     )]
     BackoffTooLong { max_deliver: i64, backoff: usize },
+}
+
+/// When a worker stops trusting its model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ModelGuard {
+    pub batch_timeout: Duration,
+    pub batch_timeout_per_token: Duration,
+    pub max_model_failures: u32,
 }
 
 /// A worker's checked settings.
@@ -182,6 +213,8 @@ pub struct WorkerConfig {
     pub max_in_flight: usize,
     pub fetch_batch: usize,
     pub retry_delay: Duration,
+    pub reconcile_every: Duration,
+    pub model_guard: ModelGuard,
     pub max_job_bytes: usize,
     pub worker_name: String,
     pub metrics_addr: SocketAddr,
@@ -196,6 +229,7 @@ impl WorkerConfig {
             ("--max-batch-tokens", args.max_batch_tokens),
             ("--max-in-flight", args.max_in_flight),
             ("--fetch-batch", args.fetch_batch),
+            ("--max-model-failures", args.max_model_failures as usize),
             (
                 "--max-deliver",
                 usize::try_from(args.max_deliver).unwrap_or(0),
@@ -207,6 +241,15 @@ impl WorkerConfig {
         ] {
             if value == 0 {
                 return Err(ConfigError::Zero(name));
+            }
+        }
+        for (name, value) in [
+            ("--reconcile-every", args.reconcile_every),
+            ("--batch-timeout", args.batch_timeout),
+            ("--ack-wait", args.ack_wait),
+        ] {
+            if value.is_zero() {
+                return Err(ConfigError::ZeroDuration(name));
             }
         }
         // In-flight jobs are counted with a semaphore taken whole (u32 permits) at shutdown.
@@ -254,6 +297,12 @@ impl WorkerConfig {
             max_in_flight: args.max_in_flight,
             fetch_batch: args.fetch_batch,
             retry_delay: args.retry_delay,
+            reconcile_every: args.reconcile_every,
+            model_guard: ModelGuard {
+                batch_timeout: args.batch_timeout,
+                batch_timeout_per_token: args.batch_timeout_per_token,
+                max_model_failures: args.max_model_failures,
+            },
             max_job_bytes: args.max_job_bytes,
             worker_name,
             metrics_addr: args.metrics_addr,
@@ -287,7 +336,7 @@ mod tests {
         assert_eq!(config.batch.max_batch_size, 32);
         assert_eq!(config.batch.max_batch_tokens, 16384);
         assert_eq!(config.batch.max_delay, Duration::from_millis(5));
-        assert_eq!(config.consumer.ack_wait, Duration::from_secs(30));
+        assert_eq!(config.consumer.ack_wait, Duration::from_secs(3));
         assert_eq!(config.consumer.max_deliver, 5);
         assert_eq!(
             config.consumer.durable_name,

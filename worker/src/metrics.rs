@@ -22,6 +22,24 @@ pub enum Outcome {
     DeadLettered,
     /// Given back for a later retry (nak).
     Retried,
+    /// Acked without running or answering: a redelivery found the job's result stored.
+    AlreadyStored,
+    /// Left unsettled: this worker's hold expired (it stalled) and the job went elsewhere.
+    Abandoned,
+}
+
+/// Job messages the server will not deliver again, settled by the worker.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+pub enum Reconciled {
+    /// Out of deliveries: dead-lettered, answered, removed from the queue.
+    Exhausted,
+    /// Left on the queue although its result is stored (a broker that lost the ack): removed.
+    Orphan,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReconciledLabels {
+    pub kind: Reconciled,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -32,6 +50,9 @@ pub struct OutcomeLabels {
 #[derive(Clone)]
 pub struct Metrics {
     jobs: Family<OutcomeLabels, Counter>,
+    reconciled: Family<ReconciledLabels, Counter>,
+    /// 1 while the worker pulls jobs; 0 once its model stalled or kept failing.
+    pub ready: Gauge,
     pub batch_size: Histogram,
     pub inference_seconds: Histogram,
     /// Inputs waiting in the batcher for a batch.
@@ -44,6 +65,8 @@ impl Metrics {
     pub fn new(registry: &mut Registry) -> Metrics {
         let metrics = Metrics {
             jobs: Family::default(),
+            reconciled: Family::default(),
+            ready: Gauge::default(),
             batch_size: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 14)),
             queue_depth: Gauge::default(),
@@ -51,6 +74,16 @@ impl Metrics {
         };
         let registry = registry.sub_registry_with_prefix("fleet_worker");
         registry.register("jobs", "Jobs finished, by outcome", metrics.jobs.clone());
+        registry.register(
+            "reconciled",
+            "Job messages the server would not deliver again, settled by a worker, by kind",
+            metrics.reconciled.clone(),
+        );
+        registry.register(
+            "ready",
+            "1 while the worker pulls jobs, 0 once its model stalled or kept failing",
+            metrics.ready.clone(),
+        );
         registry.register(
             "batch_size",
             "Inputs per model batch",
@@ -76,6 +109,18 @@ impl Metrics {
 
     pub fn job(&self, outcome: Outcome) {
         self.jobs.get_or_create(&OutcomeLabels { outcome }).inc();
+    }
+
+    pub fn reconciled(&self, kind: Reconciled) {
+        self.reconciled
+            .get_or_create(&ReconciledLabels { kind })
+            .inc();
+    }
+
+    pub fn reconciled_count(&self, kind: Reconciled) -> u64 {
+        self.reconciled
+            .get_or_create(&ReconciledLabels { kind })
+            .get()
     }
 
     pub fn jobs(&self, outcome: Outcome) -> u64 {

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use crate::{
     DeviceSpec,
-    embedder::{EmbedError, Embedder, TokenizeError, TokenizedInput},
+    embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
 };
 
 /// Batches that may wait for the runtime thread while it runs one: the batcher runs one batch
@@ -72,7 +72,12 @@ impl Embedder for ModelEmbedder {
             })
             .collect();
         let running = self.0.embed(batch);
-        Box::pin(async move { running.await.map_err(|e| EmbedError(Box::new(e))) })
+        Box::pin(async move {
+            running.await.map_err(|error| EmbedError {
+                kind: FailureKind::Transient,
+                source: Box::new(error),
+            })
+        })
     }
 }
 

@@ -9,21 +9,20 @@ use std::{
 };
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use fleet_schemas::{
-    CodecError, ErrorCode, InvalidName, Job, SignedJob, Task, Timings, decode, subject,
-    validate_name,
-};
+use fleet_schemas::{ErrorCode, Job, Task, Timings, subject};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
+    abandoned,
     batcher::{Batch, BatchLimits, Batcher},
-    config::WorkerConfig,
+    config::{ModelGuard, WorkerConfig},
     consumer::{self, ConsumerSetupError},
-    embedder::{EmbedError, Embedder, TokenizeError, TokenizedInput},
-    exhausted,
+    embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
+    job::{ReadJobError, decode_job},
     metrics::{Metrics, Outcome},
-    respond::{Held, InFlightPermit, ProgressGuard, Responder},
+    respond::{Held, InFlightPermit, Lease, Responder},
+    store::ResultStore,
 };
 
 /// How long one pull request waits for jobs; also how quickly an idle worker notices shutdown.
@@ -46,8 +45,28 @@ pub enum PipelineError {
     },
     #[error("cannot watch for jobs out of deliveries: {0}")]
     Advisories(#[from] async_nats::SubscribeError),
+    #[error("cannot open stream {stream}: {source}")]
+    Stream {
+        stream: &'static str,
+        source: jetstream::context::GetStreamError,
+    },
+    #[error("stopped pulling: {0}; the jobs it held go to other workers")]
+    Model(#[from] ModelFault),
     #[error("shutdown: {left} jobs still in flight after {waited:?}; they will be redelivered")]
     DrainTimeout { left: usize, waited: Duration },
+}
+
+/// Why the worker stopped trusting its model: it stops pulling and exits, so a supervisor can
+/// restart it, rather than draining the queue into the dead-letter stream.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelFault {
+    #[error("a batch of {padded_tokens} padded tokens ran past its {limit:?} bound")]
+    Stalled {
+        padded_tokens: usize,
+        limit: Duration,
+    },
+    #[error("{failures} batches in a row failed, the last with: {last}")]
+    Failing { failures: u32, last: String },
 }
 
 /// A checked, tokenized job on its way to the batcher.
@@ -94,10 +113,22 @@ pub async fn run<E: Embedder>(
         worker = %config.worker_name,
         "bound consumer; pulling jobs"
     );
-    let advisories = exhausted::subscribe(&client, &config.consumer.durable_name).await?;
+    let advisories = abandoned::subscribe(&client, &config.consumer.durable_name).await?;
+    let open_stream = |stream: &'static str| {
+        let js = js.clone();
+        async move {
+            js.get_stream(stream)
+                .await
+                .map_err(|source| PipelineError::Stream { stream, source })
+        }
+    };
+    let jobs = open_stream(subject::JOBS_STREAM).await?;
+    let results = open_stream(subject::RESULTS_STREAM).await?;
     let responder = Arc::new(Responder {
-        client,
+        client: client.clone(),
         js: js.clone(),
+        jobs: jobs.clone(),
+        results: ResultStore::new(js.clone(), results),
         worker: config.worker_name.clone(),
         model: config.model.clone(),
         max_deliver: config.consumer.max_deliver,
@@ -105,41 +136,71 @@ pub async fn run<E: Embedder>(
         metrics: metrics.clone(),
     });
     let (stop_watcher, watcher_stop) = oneshot::channel();
-    let watcher = tokio::spawn(exhausted::watch(
-        advisories,
-        responder.clone(),
+    let watcher = tokio::spawn(abandoned::watch(
+        abandoned::Watch {
+            advisories,
+            responder: responder.clone(),
+            jobs,
+            durable: config.consumer.durable_name.clone(),
+            filter_subject: config.consumer.filter_subject.clone(),
+            sweep_every: config.reconcile_every,
+        },
         watcher_stop,
     ));
     let in_flight = Arc::new(Semaphore::new(config.max_in_flight));
     let (to_batcher, from_puller) = mpsc::channel(config.max_in_flight);
+    let (fault_tx, mut fault_rx) = oneshot::channel();
     let batcher = tokio::spawn(batch_loop(
+        BatchLoop {
+            embedder: embedder.clone(),
+            limits: config.batch,
+            guard: config.model_guard,
+            responder: responder.clone(),
+            metrics: metrics.clone(),
+        },
         from_puller,
-        embedder.clone(),
-        config.batch,
-        responder.clone(),
-        metrics.clone(),
+        fault_tx,
     ));
+    let shortest_ack_wait = shortest_ack_wait(config);
     let intake = Intake {
         config,
         js,
         embedder,
         responder,
         to_batcher,
-        progress_every: progress_interval(config),
+        // In-progress acks go out three times per ack wait, so one lost ack does not cost
+        // the job; the hold counts as lost a little before the server's timer runs out.
+        progress_every: (shortest_ack_wait / 3).max(Duration::from_millis(100)),
+        lease_limit: shortest_ack_wait.mul_f64(0.8),
     };
-    pull_loop(&pull, &intake, &in_flight, config, &mut shutdown).await;
-    tracing::info!("shutting down: no more pulls; finishing jobs in flight");
+    metrics.ready.set(1);
+    let fault = tokio::select! {
+        () = pull_loop(&pull, &intake, &in_flight, config, &mut shutdown) => None,
+        fault = &mut fault_rx => fault.ok(),
+    };
     drop(intake);
-    let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
     let _ = stop_watcher.send(());
+    if let Some(fault) = fault {
+        metrics.ready.set(0);
+        tracing::error!(%fault, "model is not trustworthy; stopping");
+        watcher.abort();
+        // The jobs handed back were naked; those naks must reach the server before exit.
+        if let Err(error) = client.flush().await {
+            tracing::warn!(%error, "cannot flush NATS connection");
+        }
+        return Err(fault.into());
+    }
+    tracing::info!("shutting down: no more pulls; finishing jobs in flight");
+    let all = u32::try_from(config.max_in_flight).unwrap_or(u32::MAX);
     let drained = tokio::time::timeout(config.shutdown_timeout, async {
         // Every held job owns a permit until it is settled, so owning them all means done.
         let _all = in_flight.acquire_many(all).await;
         if let Err(error) = watcher.await {
-            tracing::error!(%error, "exhausted-job watcher failed");
+            tracing::error!(%error, "abandoned-job watcher failed");
         }
     })
     .await;
+    metrics.ready.set(0);
     if drained.is_err() {
         batcher.abort();
         return Err(PipelineError::DrainTimeout {
@@ -154,17 +215,16 @@ pub async fn run<E: Embedder>(
     Ok(())
 }
 
-/// In-progress acks go out three times per ack wait, so one lost ack does not cost the job.
-fn progress_interval(config: &WorkerConfig) -> Duration {
-    let shortest = config
+/// The shortest ack wait of any delivery: the first delivery's, or a shorter backoff step.
+fn shortest_ack_wait(config: &WorkerConfig) -> Duration {
+    config
         .consumer
         .backoff
         .iter()
         .copied()
         .chain([config.consumer.ack_wait])
         .min()
-        .unwrap_or(config.consumer.ack_wait);
-    (shortest / 3).max(Duration::from_millis(100))
+        .unwrap_or(config.consumer.ack_wait)
 }
 
 async fn pull_loop<E: Embedder>(
@@ -252,6 +312,21 @@ fn tokenize_task<E: Embedder>(
         .collect()
 }
 
+type Tokenized = Result<Vec<TokenizedInput>, (usize, TokenizeError)>;
+
+/// Tokenizes off the async threads: a job may carry megabytes of text. The job travels to the
+/// blocking pool and back rather than being copied.
+async fn tokenize_off_thread<E: Embedder>(
+    embedder: E,
+    job: Job,
+) -> Result<(Job, Tokenized), tokio::task::JoinError> {
+    tokio::task::spawn_blocking(move || {
+        let tokenized = tokenize_task(&embedder, &job.task);
+        (job, tokenized)
+    })
+    .await
+}
+
 struct Intake<'a, E> {
     config: &'a WorkerConfig,
     js: jetstream::Context,
@@ -259,6 +334,7 @@ struct Intake<'a, E> {
     responder: Arc<Responder>,
     to_batcher: mpsc::Sender<Work>,
     progress_every: Duration,
+    lease_limit: Duration,
 }
 
 impl<E: Embedder> Intake<'_, E> {
@@ -277,11 +353,11 @@ impl<E: Embedder> Intake<'_, E> {
             .as_ref()
             .and_then(|h| h.get(subject::REPLY_TO))
             .map(|v| v.as_str().to_owned());
-        let progress = ProgressGuard::start(&self.js, &msg, self.progress_every);
-        let held = Held {
+        let lease = Lease::start(&self.js, &msg, self.progress_every, self.lease_limit);
+        let mut held = Held {
             msg,
             reply_to,
-            progress,
+            lease,
             permit: InFlightPermit::new(permit, &self.responder.metrics),
         };
         let job = match self.read_job(&held.msg.payload) {
@@ -296,19 +372,20 @@ impl<E: Embedder> Intake<'_, E> {
                 return;
             }
         };
+        // An earlier delivery may have stored the result and lost its ack (a broker restart),
+        // or stalled past its ack wait after storing it: the job is not run twice.
+        if held.delivered() > 1 {
+            match self.responder.settle_if_stored(held, &job).await {
+                Some(not_stored) => held = not_stored,
+                None => return,
+            }
+        }
         if job.deadline_ms.is_some_and(|deadline| now_ms() > deadline) {
             let responder = self.responder.clone();
             tokio::spawn(async move { answer_expired(&responder, held, &job).await });
             return;
         }
-        // Off the async threads: a job may carry megabytes of text. The job travels to the
-        // blocking pool and back rather than being copied.
-        let embedder = self.embedder.clone();
-        let tokenizing = tokio::task::spawn_blocking(move || {
-            let tokenized = tokenize_task(&embedder, &job.task);
-            (job, tokenized)
-        });
-        let (job, tokenized) = match tokenizing.await {
+        let (job, tokenized) = match tokenize_off_thread(self.embedder.clone(), job).await {
             Ok(done) => done,
             Err(panicked) => {
                 // The job went down with the task; it is read again from the held message
@@ -371,30 +448,6 @@ impl<E: Embedder> Intake<'_, E> {
     }
 }
 
-/// The job in a queued message, with the names that become subject tokens and header values
-/// checked: the dispatcher checked them, but anything with publish rights on the queue can put
-/// a job there.
-pub(crate) fn decode_job(payload: &[u8], max_bytes: usize) -> Result<Job, ReadJobError> {
-    let envelope: SignedJob = decode(payload, max_bytes).map_err(ReadJobError::Envelope)?;
-    let job: Job = decode(&envelope.body, max_bytes).map_err(ReadJobError::Body)?;
-    validate_name("job_id", &job.job_id)?;
-    validate_name("tenant", &job.tenant)?;
-    Ok(job)
-}
-
-/// Why a message on the queue is not a job this worker can run (it is dead-lettered).
-#[derive(Debug, thiserror::Error)]
-pub(crate) enum ReadJobError {
-    #[error("bad envelope: {0}")]
-    Envelope(CodecError),
-    #[error("bad job: {0}")]
-    Body(CodecError),
-    #[error("bad job: {0}")]
-    Name(#[from] InvalidName),
-    #[error("job for model {job:?} on the queue of {queue:?}")]
-    WrongModel { job: String, queue: String },
-}
-
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -411,94 +464,171 @@ async fn answer_expired(responder: &Responder, held: Held, job: &Job) {
         .await;
 }
 
-type Running = BoxFuture<'static, (Batch, Result<Vec<Vec<f32>>, EmbedError>, Duration)>;
+type Embedding = BoxFuture<'static, Result<Vec<Vec<f32>>, EmbedError>>;
+
+/// Where a batch came from: the shared pool, or the lane that runs suspects one job at a time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lane {
+    Shared,
+    Isolated,
+}
+
+/// The batch on the model, and the time it may take.
+struct Running {
+    lane: Lane,
+    batch: Batch,
+    started: Instant,
+    limit: Duration,
+    embedding: Embedding,
+}
+
+/// What the batch loop runs with.
+struct BatchLoop<E> {
+    embedder: E,
+    limits: BatchLimits,
+    guard: ModelGuard,
+    responder: Arc<Responder>,
+    metrics: Metrics,
+}
 
 /// Gathers jobs into batches and runs one batch at a time on the model; jobs keep arriving
 /// while it runs, so the next batch is fuller. Ends when the intake is closed and every job it
-/// took is answered.
+/// took is answered, or at a [`ModelFault`], which it reports on `fault` after handing every
+/// job it holds back to the queue.
+///
+/// A batch that fails deterministically is not retried whole: one poison input would burn the
+/// deliveries of every job batched with it. Its jobs are run again one at a time (the isolated
+/// lane, served first), so only the poison job is dead-lettered.
 async fn batch_loop<E: Embedder>(
+    ctx: BatchLoop<E>,
     mut from_puller: mpsc::Receiver<Work>,
-    embedder: E,
-    limits: BatchLimits,
-    responder: Arc<Responder>,
-    metrics: Metrics,
+    fault: oneshot::Sender<ModelFault>,
 ) {
-    let mut batcher: Batcher<Waiting> = Batcher::new(limits);
+    let mut shared: Batcher<Waiting> = Batcher::new(ctx.limits);
+    // Holds one suspect job at a time, so its batches hold nothing else.
+    let mut isolated: Batcher<Waiting> = Batcher::new(ctx.limits);
+    let mut suspects: std::collections::VecDeque<Work> = std::collections::VecDeque::new();
+    let (suspect_tx, mut suspect_rx) = mpsc::unbounded_channel::<Work>();
     let mut running: Option<Running> = None;
     let mut open = true;
+    let mut failures_in_a_row = 0u32;
     loop {
-        for waiting in batcher.take_expired(now_ms()) {
-            let responder = responder.clone();
-            tokio::spawn(
-                async move { answer_expired(&responder, waiting.held, &waiting.job).await },
-            );
+        for batcher in [&mut shared, &mut isolated] {
+            for waiting in batcher.take_expired(now_ms()) {
+                let responder = ctx.responder.clone();
+                tokio::spawn(async move {
+                    answer_expired(&responder, waiting.held, &waiting.job).await
+                });
+            }
         }
-        let draining = !open && batcher.pending_inputs() > 0;
-        if running.is_none()
-            && (batcher.ready(Instant::now()) || draining)
-            && let Some(mut batch) = batcher.next_batch(Instant::now())
+        if isolated.is_idle()
+            && let Some(suspect) = suspects.pop_front()
         {
-            metrics.batch_size.observe(batch.len() as f64);
-            tracing::debug!(
-                inputs = batch.len(),
-                jobs = batch.job_count(),
-                padded_tokens = batch.padded_tokens(),
-                "running batch"
-            );
-            let embedding = embedder.embed(std::mem::take(&mut batch.inputs));
-            running = Some(Box::pin(async move {
-                let start = Instant::now();
-                let result = embedding.await;
-                (batch, result, start.elapsed())
-            }));
+            push(&mut isolated, suspect, &ctx.responder);
         }
-        metrics.queue_depth.set(batcher.pending_inputs() as i64);
-        if !open && running.is_none() && batcher.is_idle() {
+        if running.is_none() {
+            let draining = !open && shared.pending_inputs() > 0;
+            let next = if isolated.pending_inputs() > 0 {
+                isolated
+                    .next_batch(Instant::now())
+                    .map(|batch| (Lane::Isolated, batch))
+            } else if shared.ready(Instant::now()) || draining {
+                shared
+                    .next_batch(Instant::now())
+                    .map(|batch| (Lane::Shared, batch))
+            } else {
+                None
+            };
+            if let Some((lane, mut batch)) = next {
+                ctx.metrics.batch_size.observe(batch.len() as f64);
+                let padded = batch.padded_tokens() as u32;
+                tracing::debug!(
+                    inputs = batch.len(),
+                    jobs = batch.job_count(),
+                    padded_tokens = padded,
+                    ?lane,
+                    "running batch"
+                );
+                let embedding = ctx.embedder.embed(std::mem::take(&mut batch.inputs));
+                running = Some(Running {
+                    lane,
+                    batch,
+                    started: Instant::now(),
+                    limit: ctx.guard.batch_timeout + ctx.guard.batch_timeout_per_token * padded,
+                    embedding,
+                });
+            }
+        }
+        ctx.metrics
+            .queue_depth
+            .set((shared.pending_inputs() + isolated.pending_inputs()) as i64);
+        let settling = running.is_some() || suspects.len() + suspect_rx.len() > 0;
+        if !open && !settling && shared.is_idle() && isolated.is_idle() {
             return;
         }
-        let due = batcher.due_at().map(tokio::time::Instant::from_std);
+        let due = shared.due_at().map(tokio::time::Instant::from_std);
         tokio::select! {
             received = from_puller.recv(), if open => match received {
-                Some(work) => {
-                    let Work { held, job, queued, inputs } = work;
-                    let deadline = job.deadline_ms;
-                    let waiting = Waiting { held, job, queued };
-                    if let Some(done) = batcher.push(waiting, inputs, deadline, Instant::now()) {
-                        let responder = responder.clone();
-                        tokio::spawn(async move { succeed(&responder, done).await });
-                    }
-                }
+                Some(work) => push(&mut shared, work, &ctx.responder),
                 None => open = false,
             },
-            (batch, result, took) = async {
+            Some(suspect) = suspect_rx.recv() => suspects.push_back(suspect),
+            result = async {
                 match running.as_mut() {
-                    Some(run) => run.await,
+                    Some(run) => {
+                        let deadline = tokio::time::Instant::from_std(run.started + run.limit);
+                        tokio::time::timeout_at(deadline, &mut run.embedding).await
+                    }
                     None => std::future::pending().await,
                 }
             } => {
-                running = None;
-                metrics.inference_seconds.observe(took.as_secs_f64());
-                let outcome = match result {
-                    Ok(vectors) => batcher.complete(batch, vectors, took).map_err(|jobs| {
-                        (jobs, "model returned a vector count unlike the batch's".to_owned())
-                    }),
-                    Err(error) => Err((batcher.fail(batch), error.to_string())),
+                let Some(run) = running.take() else { continue };
+                let took = run.started.elapsed();
+                ctx.metrics.inference_seconds.observe(took.as_secs_f64());
+                let batcher = match run.lane {
+                    Lane::Shared => &mut shared,
+                    Lane::Isolated => &mut isolated,
                 };
-                match outcome {
-                    Ok(finished) => {
-                        for done in finished {
-                            let responder = responder.clone();
-                            tokio::spawn(async move { succeed(&responder, done).await });
-                        }
+                let result = match result {
+                    Ok(result) => result,
+                    Err(_elapsed) => {
+                        let stalled = ModelFault::Stalled {
+                            padded_tokens: run.batch.padded_tokens(),
+                            limit: run.limit,
+                        };
+                        hand_back_all(&mut [shared, isolated], suspects, &ctx.responder).await;
+                        let _ = fault.send(stalled);
+                        return;
                     }
-                    Err((jobs, reason)) => {
-                        for waiting in jobs {
-                            let responder = responder.clone();
-                            let reason = reason.clone();
-                            tokio::spawn(async move {
-                                responder.retry(waiting.held, Some(&waiting.job), reason).await
-                            });
+                };
+                let failed = match result {
+                    Ok(vectors) => match batcher.complete(run.batch, vectors, took) {
+                        Ok(finished) => {
+                            failures_in_a_row = 0;
+                            for done in finished {
+                                let responder = ctx.responder.clone();
+                                tokio::spawn(async move { succeed(&responder, done).await });
+                            }
+                            None
                         }
+                        Err(jobs) => Some((
+                            jobs,
+                            FailureKind::Transient,
+                            "model returned a vector count unlike the batch's".to_owned(),
+                        )),
+                    },
+                    Err(error) => Some((batcher.fail(run.batch), error.kind, error.to_string())),
+                };
+                if let Some((jobs, kind, reason)) = failed {
+                    failures_in_a_row += 1;
+                    settle_failed(jobs, kind, run.lane, &reason, &ctx, &suspect_tx);
+                    if failures_in_a_row >= ctx.guard.max_model_failures {
+                        hand_back_all(&mut [shared, isolated], suspects, &ctx.responder).await;
+                        let _ = fault.send(ModelFault::Failing {
+                            failures: failures_in_a_row,
+                            last: reason,
+                        });
+                        return;
                     }
                 }
             },
@@ -509,6 +639,104 @@ async fn batch_loop<E: Embedder>(
                 }
             }, if running.is_none() => {}
         }
+    }
+}
+
+/// Adds a job to a batcher; a job without inputs is answered at once.
+fn push(batcher: &mut Batcher<Waiting>, work: Work, responder: &Arc<Responder>) {
+    let Work {
+        held,
+        job,
+        queued,
+        inputs,
+    } = work;
+    let deadline = job.deadline_ms;
+    let waiting = Waiting { held, job, queued };
+    if let Some(done) = batcher.push(waiting, inputs, deadline, Instant::now()) {
+        let responder = responder.clone();
+        tokio::spawn(async move { succeed(&responder, done).await });
+    }
+}
+
+/// The jobs of a failed batch: a transient failure retries them; a deterministic one re-runs
+/// each alone (tokenized again, as their inputs went to the model), and a job that failed alone
+/// is the poison one: dead-lettered.
+fn settle_failed<E: Embedder>(
+    jobs: Vec<Waiting>,
+    kind: FailureKind,
+    lane: Lane,
+    reason: &str,
+    ctx: &BatchLoop<E>,
+    suspects: &mpsc::UnboundedSender<Work>,
+) {
+    let alone = lane == Lane::Isolated || jobs.len() == 1;
+    for waiting in jobs {
+        let responder = ctx.responder.clone();
+        let reason = reason.to_owned();
+        match kind {
+            FailureKind::Transient => {
+                tokio::spawn(async move {
+                    responder
+                        .retry(waiting.held, Some(&waiting.job), reason)
+                        .await
+                });
+            }
+            FailureKind::Deterministic if alone => {
+                tokio::spawn(async move {
+                    let reason = format!("the model fails on this job's inputs: {reason}");
+                    responder
+                        .dead_letter(
+                            waiting.held,
+                            Some(&waiting.job),
+                            ErrorCode::Internal,
+                            reason,
+                        )
+                        .await
+                });
+            }
+            FailureKind::Deterministic => {
+                let embedder = ctx.embedder.clone();
+                let suspects = suspects.clone();
+                tokio::spawn(async move {
+                    let Waiting { held, job, queued } = waiting;
+                    match tokenize_off_thread(embedder, job).await {
+                        Ok((job, Ok(inputs))) => {
+                            let suspect = Work {
+                                held,
+                                job,
+                                queued,
+                                inputs,
+                            };
+                            if let Err(mpsc::error::SendError(suspect)) = suspects.send(suspect) {
+                                responder
+                                    .retry(suspect.held, Some(&suspect.job), reason)
+                                    .await;
+                            }
+                        }
+                        // Tokenized once before, so this is not expected; retry it whole.
+                        Ok((job, Err(_))) => responder.retry(held, Some(&job), reason).await,
+                        Err(_) => responder.retry(held, None, reason).await,
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// After a model fault: every job the batcher holds goes back to the queue for another worker
+/// at once. (Jobs of the batch on the model are held by the batcher too.)
+async fn hand_back_all(
+    batchers: &mut [Batcher<Waiting>; 2],
+    suspects: std::collections::VecDeque<Work>,
+    responder: &Responder,
+) {
+    let held = batchers
+        .iter_mut()
+        .flat_map(|batcher| batcher.take_all())
+        .map(|waiting| waiting.held)
+        .chain(suspects.into_iter().map(|work| work.held));
+    for held in held {
+        responder.hand_back(held).await;
     }
 }
 

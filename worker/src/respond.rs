@@ -1,13 +1,20 @@
 //! Answering a job and settling its message, in the one order that survives crashes: store the
-//! result, answer the synchronous caller, and only then acknowledge, with a confirmed ack. A
-//! failure before the ack leaves the job to be redelivered; the store keeps one result per job
-//! (deduplicated by tenant and job id, and one message per result subject).
+//! result (a compare-and-set: the first store of a job wins, see [`crate::store`]), answer the
+//! synchronous caller only if this store won, and only then acknowledge, with a confirmed ack.
+//! A failure before the ack leaves the job to be redelivered; a redelivery finds the stored
+//! result and settles without running or answering again.
 
-use std::time::Duration;
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
 
 use async_nats::{
     HeaderMap,
-    jetstream::{self, AckKind, context::PublishError},
+    jetstream::{self, AckKind, context::PublishError, message::StreamMessage, stream::Stream},
 };
 use fleet_schemas::{
     CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, Timings, encode,
@@ -17,8 +24,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::{
-    metrics::{Metrics, Outcome},
-    pipeline::decode_job,
+    job::decode_job,
+    metrics::{Metrics, Outcome, Reconciled},
+    store::{JobKey, ResultStore, StoreError, Stored},
 };
 
 /// A job message this worker holds: it must end in exactly one ack, nak or term.
@@ -27,7 +35,7 @@ pub struct Held {
     /// The synchronous caller's inbox, from the `Fleet-Reply-To` header.
     pub reply_to: Option<String>,
     /// Keeps the server from redelivering while the job waits or runs; stops when dropped.
-    pub progress: ProgressGuard,
+    pub lease: Lease,
     /// This job's place in the worker's in-flight bound, given back when it is settled.
     pub permit: InFlightPermit,
 }
@@ -60,18 +68,23 @@ impl Held {
         self.msg.info().map_or(1, |info| info.delivered)
     }
 
+    /// This message's sequence on `FLEET_JOBS`.
+    pub fn job_seq(&self) -> Option<u64> {
+        self.msg.info().ok().map(|info| info.stream_sequence)
+    }
+
     /// Where the result of this message's `job` goes.
     fn destination<'a>(&'a self, job: Option<&'a Job>) -> Destination<'a> {
         Destination {
             job,
-            job_seq: self.msg.info().ok().map(|info| info.stream_sequence),
+            job_seq: self.job_seq(),
             reply_to: self.reply_to.as_deref(),
         }
     }
 
     /// Hands the job back for a later delivery.
     async fn nak(self, delay: Duration) {
-        drop(self.progress);
+        drop(self.lease);
         if let Err(error) = self.msg.ack_with(AckKind::Nak(Some(delay))).await {
             tracing::warn!(%error, "cannot nak job; it is redelivered after ack wait");
         }
@@ -86,31 +99,92 @@ struct Destination<'a> {
     reply_to: Option<&'a str>,
 }
 
-/// Sends in-progress acks for one message until dropped.
-pub struct ProgressGuard(tokio::task::JoinHandle<()>);
+/// This worker's hold on one delivery: in-progress acks keep the server from redelivering the
+/// job while it waits or runs. The hold is lost when no in-progress ack went out for longer than
+/// the ack wait (the process was frozen, the runtime starved, the connection down): by then the
+/// server has handed the job to another worker, so this one must not finish it. Monotonic time
+/// keeps running while a process is stopped, so a frozen worker sees the loss when it wakes.
+pub struct Lease {
+    ticker: tokio::task::JoinHandle<()>,
+    state: Arc<LeaseState>,
+}
 
-impl ProgressGuard {
+struct LeaseState {
+    origin: Instant,
+    /// Milliseconds after `origin` of the delivery or the last in-progress ack sent.
+    extended_ms: AtomicU64,
+    lost: AtomicBool,
+    limit: Duration,
+}
+
+impl LeaseState {
+    fn lost(&self) -> bool {
+        if self.lost.load(Ordering::Acquire) {
+            return true;
+        }
+        let extended = Duration::from_millis(self.extended_ms.load(Ordering::Acquire));
+        let lost = self.origin.elapsed().saturating_sub(extended) > self.limit;
+        if lost {
+            self.lost.store(true, Ordering::Release);
+        }
+        lost
+    }
+
+    fn extend(&self) {
+        let now = self.origin.elapsed().as_millis() as u64;
+        self.extended_ms.store(now, Ordering::Release);
+    }
+}
+
+impl Lease {
+    /// Starts holding `msg`, with an in-progress ack every `every`; the hold counts as lost
+    /// after `limit` without one.
     pub fn start(
         js: &jetstream::Context,
         msg: &jetstream::Message,
         every: Duration,
-    ) -> ProgressGuard {
+        limit: Duration,
+    ) -> Lease {
         let acker = jetstream::message::Acker::new(js.clone(), msg.reply.clone());
-        ProgressGuard(tokio::spawn(async move {
+        let state = Arc::new(LeaseState {
+            origin: Instant::now(),
+            extended_ms: AtomicU64::new(0),
+            lost: AtomicBool::new(false),
+            limit,
+        });
+        let ticking = state.clone();
+        let ticker = tokio::spawn(async move {
             let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 ticker.tick().await;
-                if let Err(error) = acker.ack_with(AckKind::Progress).await {
-                    tracing::warn!(%error, "cannot send in-progress ack");
+                // An ack sent now would extend a delivery the server has already given away.
+                if ticking.lost() {
+                    return;
+                }
+                match acker.ack_with(AckKind::Progress).await {
+                    Ok(()) => ticking.extend(),
+                    Err(error) => tracing::warn!(%error, "cannot send in-progress ack"),
                 }
             }
-        }))
+        });
+        Lease { ticker, state }
+    }
+
+    /// True once the server has (or may have) redelivered the job elsewhere.
+    pub fn lost(&self) -> bool {
+        self.state.lost()
+    }
+
+    /// Stops the in-progress acks, so the job goes to another worker after the ack wait.
+    pub fn release(&self) {
+        self.ticker.abort();
+        self.state.lost.store(true, Ordering::Release);
     }
 }
 
-impl Drop for ProgressGuard {
+impl Drop for Lease {
     fn drop(&mut self) {
-        self.0.abort();
+        self.ticker.abort();
     }
 }
 
@@ -118,11 +192,8 @@ impl Drop for ProgressGuard {
 pub enum AnswerError {
     #[error("cannot encode result: {0}")]
     Encode(#[from] CodecError),
-    #[error("cannot store result on {subject}: {source}")]
-    Store {
-        subject: String,
-        source: PublishError,
-    },
+    #[error(transparent)]
+    Store(#[from] StoreError),
     #[error("cannot dead-letter job on {subject}: {source}")]
     DeadLetter {
         subject: String,
@@ -136,6 +207,9 @@ pub enum AnswerError {
 pub struct Responder {
     pub client: async_nats::Client,
     pub js: jetstream::Context,
+    /// `FLEET_JOBS`, for jobs settled outside a delivery (out of deliveries, orphaned).
+    pub jobs: Stream,
+    pub results: ResultStore,
     pub worker: String,
     pub model: String,
     pub max_deliver: i64,
@@ -178,6 +252,36 @@ impl Responder {
             .await;
     }
 
+    /// A redelivered job whose result is already stored (its earlier delivery stored it and
+    /// then lost its ack, or its worker froze past the ack wait): acked without running it or
+    /// answering again. Gives the job back when no result is stored (or the look-up fails).
+    pub async fn settle_if_stored(&self, held: Held, job: &Job) -> Option<Held> {
+        let job_seq = held.job_seq()?;
+        let key = JobKey {
+            tenant: &job.tenant,
+            job_id: &job.job_id,
+            job_seq,
+        };
+        match self.results.find(key).await {
+            Ok(Some(_)) => {
+                tracing::info!(job_id = %job.job_id, tenant = %job.tenant, delivered = held.delivered(),
+                    "redelivered job's result is already stored; acking without running it");
+                self.ack(held, &job.job_id, Outcome::AlreadyStored).await;
+                None
+            }
+            Ok(None) => Some(held),
+            Err(error) => {
+                tracing::warn!(%error, job_id = %job.job_id, "cannot check for a stored result; running the job");
+                Some(held)
+            }
+        }
+    }
+
+    /// Gives a job back to the queue at once, for another worker (this one is stopping).
+    pub async fn hand_back(&self, held: Held) {
+        held.nak(Duration::ZERO).await;
+    }
+
     /// A failure that may pass (results not stored, model runtime error): nak with a delay, or
     /// dead-letter when this was the last delivery allowed.
     pub async fn retry(&self, held: Held, job: Option<&Job>, reason: String) {
@@ -207,6 +311,9 @@ impl Responder {
         code: ErrorCode,
         reason: String,
     ) {
+        if self.abandon_if_lost(&held, job) {
+            return;
+        }
         // The id the job was queued under; read from the message when the job cannot be.
         let msg_id = match job {
             Some(job) => Some(subject::msg_id(&job.tenant, &job.job_id)),
@@ -226,13 +333,13 @@ impl Responder {
             return;
         }
         let result = self.failed_result(job, code, reason.clone());
-        if let Err(error) = self.publish_result(&held.destination(job), &result).await {
+        if let Err(error) = self.answer(&held.destination(job), &result).await {
             tracing::error!(%error, "dead-lettered job's result not stored; job stays queued");
             held.nak(self.retry_delay).await;
             return;
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), %code, %reason, "job dead-lettered");
-        drop(held.progress);
+        drop(held.lease);
         match held.msg.double_ack_with(AckKind::Term).await {
             Ok(()) => self.metrics.job(Outcome::DeadLettered),
             Err(error) => {
@@ -267,54 +374,69 @@ impl Responder {
         })
     }
 
-    /// A job whose last delivery was never settled (its worker stopped, or the ack wait ran out
-    /// on every delivery): the server will not deliver it again, but the work queue keeps it.
-    /// Keeps it on the dead-letter stream with the reason, answers its caller where the job
-    /// can be read, and only then deletes it from the queue.
-    pub async fn dead_letter_exhausted(&self, sequence: u64, deliveries: u64) {
-        let jobs = match self.js.get_stream(subject::JOBS_STREAM).await {
-            Ok(jobs) => jobs,
-            Err(error) => {
-                tracing::error!(sequence, %error, "exhausted job not dead-lettered");
-                return;
-            }
-        };
-        let message = match jobs.get_raw_message(sequence).await {
-            Ok(message) => message,
-            // Settled meanwhile (a late ack), or taken by another worker's handler.
-            Err(error) => {
-                tracing::debug!(sequence, %error, "exhausted job no longer queued");
-                return;
-            }
-        };
-        let reason = format!(
-            "delivered {deliveries} times and never settled (its worker stopped or ran out of time)"
-        );
-        let msg_id = message.headers.get(subject::MSG_ID).map(|v| v.as_str());
-        let stored = self
-            .store_dead_letter(&reason, msg_id, message.payload.clone())
-            .await;
-        if let Err(error) = stored {
-            tracing::error!(sequence, %error, "exhausted job stays on the queue");
-            return;
-        }
+    /// A job message the server will never deliver again although the work queue keeps it:
+    /// its last delivery was never settled (out of deliveries), or it was settled but the
+    /// server lost the ack and kept the message (an orphan). An orphan's result is stored: it
+    /// is only removed. Any other is kept on the dead-letter stream with the reason, answered
+    /// where the job can be read, and only then deleted from the queue.
+    pub async fn settle_abandoned(&self, message: StreamMessage, reason: &str) {
+        let sequence = message.sequence;
         // Already stored on the queue, so within the server's size limit.
         let job = decode_job(&message.payload, usize::MAX).ok();
-        tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "exhausted job dead-lettered");
+        if let Some(job) = &job {
+            let key = JobKey {
+                tenant: &job.tenant,
+                job_id: &job.job_id,
+                job_seq: sequence,
+            };
+            match self.results.find(key).await {
+                Ok(Some(_)) => {
+                    if self.delete_queued(sequence).await {
+                        tracing::warn!(sequence, job_id = %job.job_id, "removed an orphaned job whose result is stored");
+                        self.metrics.reconciled(Reconciled::Orphan);
+                    }
+                    return;
+                }
+                Ok(None) => {}
+                Err(error) => {
+                    tracing::error!(sequence, %error, "abandoned job stays on the queue");
+                    return;
+                }
+            }
+        }
+        let msg_id = message.headers.get(subject::MSG_ID).map(|v| v.as_str());
+        let stored = self
+            .store_dead_letter(reason, msg_id, message.payload.clone())
+            .await;
+        if let Err(error) = stored {
+            tracing::error!(sequence, %error, "abandoned job stays on the queue");
+            return;
+        }
+        tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "abandoned job dead-lettered");
         let destination = Destination {
             job: job.as_ref(),
             job_seq: Some(sequence),
             reply_to: message.headers.get(subject::REPLY_TO).map(|v| v.as_str()),
         };
-        let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason);
-        if let Err(error) = self.publish_result(&destination, &result).await {
-            tracing::error!(sequence, %error, "exhausted job's result not stored; job stays queued");
+        let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason.to_owned());
+        if let Err(error) = self.answer(&destination, &result).await {
+            tracing::error!(sequence, %error, "abandoned job's result not stored; job stays queued");
             return;
         }
-        match jobs.delete_message(sequence).await {
-            Ok(_) => self.metrics.job(Outcome::DeadLettered),
+        if self.delete_queued(sequence).await {
+            self.metrics.job(Outcome::DeadLettered);
+            self.metrics.reconciled(Reconciled::Exhausted);
+        }
+    }
+
+    /// Deletes a job message from `FLEET_JOBS`; false when it is gone already or cannot be.
+    async fn delete_queued(&self, sequence: u64) -> bool {
+        match self.jobs.delete_message(sequence).await {
+            Ok(deleted) => deleted,
+            // Deleted meanwhile by another worker settling the same message.
             Err(error) => {
-                tracing::warn!(sequence, %error, "exhausted job dead-lettered but still queued")
+                tracing::debug!(sequence, %error, "queued job not deleted");
+                false
             }
         }
     }
@@ -332,6 +454,21 @@ impl Responder {
         }
     }
 
+    /// True (and the job left alone) when this worker's hold on the delivery is lost: the
+    /// server has redelivered the job, and the new holder answers it.
+    fn abandon_if_lost(&self, held: &Held, job: Option<&Job>) -> bool {
+        if !held.lease.lost() {
+            return false;
+        }
+        tracing::warn!(
+            job_id = job.map(|j| j.job_id.as_str()),
+            delivered = held.delivered(),
+            "delivery expired while the job was held (worker stalled?); leaving it to its redelivery"
+        );
+        self.metrics.job(Outcome::Abandoned);
+        true
+    }
+
     async fn settle_with_result(
         &self,
         held: Held,
@@ -339,27 +476,39 @@ impl Responder {
         result: JobResult,
         outcome: Outcome,
     ) {
-        if let Err(error) = self.publish_result(&held.destination(job), &result).await {
-            self.retry(held, job, error.to_string()).await;
+        if self.abandon_if_lost(&held, job) {
             return;
         }
-        drop(held.progress);
+        let outcome = match self.answer(&held.destination(job), &result).await {
+            Ok(Stored::Won) => outcome,
+            Ok(Stored::AlreadyStored) => Outcome::AlreadyStored,
+            Err(error) => {
+                self.retry(held, job, error.to_string()).await;
+                return;
+            }
+        };
+        self.ack(held, &result.job_id, outcome).await;
+    }
+
+    async fn ack(&self, held: Held, job_id: &str, outcome: Outcome) {
+        drop(held.lease);
         match held.msg.double_ack().await {
             Ok(()) => self.metrics.job(outcome),
-            // The result is stored; a redelivery answers again and the store keeps one copy.
+            // The result is stored; a redelivery finds it and settles without answering again.
             Err(error) => {
-                tracing::warn!(job_id = result.job_id, error = %AnswerError::Settle(error), "result stored but ack unconfirmed")
+                tracing::warn!(job_id, error = %AnswerError::Settle(error), "result stored but ack unconfirmed")
             }
         }
     }
 
-    /// Stores the result on `fleet.results.<tenant>.<job_id>` (when the job is known) and answers
-    /// the synchronous caller, if any.
-    async fn publish_result(
+    /// Stores the result on `fleet.results.<tenant>.<job_id>` (when the job is known) and, if
+    /// this store is the job's result, answers the synchronous caller, if any. A job that
+    /// cannot be read has nowhere to be stored; its caller is answered directly.
+    async fn answer(
         &self,
         destination: &Destination<'_>,
         result: &JobResult,
-    ) -> Result<(), AnswerError> {
+    ) -> Result<Stored, AnswerError> {
         let payload = bytes::Bytes::from(encode(result)?);
         let mut headers = HeaderMap::new();
         if let Some(error) = &result.error {
@@ -369,27 +518,21 @@ impl Responder {
                 subject::header_text(&error.message).as_ref(),
             );
         }
-        if let Some(job) = destination.job {
-            let mut store_headers = headers.clone();
-            store_headers.insert(
-                subject::MSG_ID,
-                subject::msg_id(&job.tenant, &job.job_id).as_str(),
-            );
-            if let Some(seq) = destination.job_seq {
-                store_headers.insert(subject::JOB_SEQ, seq.to_string().as_str());
+        if let (Some(job), Some(job_seq)) = (destination.job, destination.job_seq) {
+            let key = JobKey {
+                tenant: &job.tenant,
+                job_id: &job.job_id,
+                job_seq,
+            };
+            let stored = self
+                .results
+                .store(key, headers.clone(), payload.clone())
+                .await?;
+            if stored == Stored::AlreadyStored {
+                tracing::info!(job_id = %job.job_id, tenant = %job.tenant,
+                    "result already stored by another delivery; not answering again");
+                return Ok(stored);
             }
-            let results_subject = subject::results(&job.tenant, &job.job_id);
-            let stored = async {
-                self.js
-                    .publish_with_headers(results_subject.clone(), store_headers, payload.clone())
-                    .await?
-                    .await
-            }
-            .await;
-            stored.map_err(|source| AnswerError::Store {
-                subject: results_subject,
-                source,
-            })?;
         }
         if let Some(reply_to) = destination.reply_to
             && let Err(error) = self
@@ -400,6 +543,6 @@ impl Responder {
             // The stored result is the record; a caller that misses this reply can read it there.
             tracing::warn!(%error, reply_to, "cannot answer synchronous caller");
         }
-        Ok(())
+        Ok(Stored::Won)
     }
 }

@@ -2,6 +2,8 @@
 //! job in the queue turns into (stored result, reply, ack, dead letter, retry), and that
 //! shutdown loses nothing.
 
+mod support;
+
 use std::time::Duration;
 
 use async_nats::{
@@ -14,11 +16,14 @@ use fleet_schemas::{
 };
 use fleet_tests::{NatsServer, eventually};
 use fleet_worker::{
-    FakeEmbedder, Metrics, PipelineError, WorkerArgs, WorkerConfig, consumer,
-    consumer::ConsumerSetupError, metrics::Outcome,
+    Metrics, PipelineError, WorkerArgs, WorkerConfig, consumer,
+    consumer::ConsumerSetupError,
+    metrics::{Outcome, Reconciled},
+    pipeline::ModelFault,
 };
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
+use support::FakeEmbedder;
 use tokio::{sync::oneshot, task::JoinHandle};
 
 const MODEL: &str = "fake-model";
@@ -245,28 +250,10 @@ async fn jobs_of_two_tenants_with_one_id_both_store_their_results() {
     worker.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn a_job_delivered_twice_yields_one_stored_result() {
-    let fleet = Fleet::start().await;
-    let job = job("job-twice", &["hello world"]);
-    // A worker that took the job and died before acking: the job stays unacked.
-    let consumer = consumer::bind(&fleet.js, &config(&fleet, &[]).consumer)
-        .await
-        .expect("bind");
-    fleet.enqueue(&job, None).await;
-    let mut taken = consumer
-        .fetch()
-        .max_messages(1)
-        .messages()
-        .await
-        .expect("fetch");
-    let first = taken.next().await.expect("a job").expect("a message");
-    // It even stored its result before dying, so the redelivery answers a second time.
+/// A result as an earlier delivery of `job` (queued at `job_seq`) stored it, by `worker`.
+async fn store_earlier_result(fleet: &Fleet, job: &Job, job_seq: u64, worker: &str) {
     let mut headers = HeaderMap::new();
-    headers.insert(
-        subject::MSG_ID,
-        subject::msg_id(&job.tenant, &job.job_id).as_str(),
-    );
+    headers.insert(subject::JOB_SEQ, job_seq.to_string().as_str());
     let earlier = JobResult {
         job_id: job.job_id.clone(),
         tenant: job.tenant.clone(),
@@ -277,7 +264,7 @@ async fn a_job_delivered_twice_yields_one_stored_result() {
             vectors: vec![vec![0.0; 16]],
         }),
         error: None,
-        worker: "dead-worker".to_owned(),
+        worker: worker.to_owned(),
         timings: Default::default(),
     };
     fleet
@@ -291,23 +278,315 @@ async fn a_job_delivered_twice_yields_one_stored_result() {
         .expect("publish")
         .await
         .expect("stored");
+}
+
+#[tokio::test]
+async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again() {
+    let fleet = Fleet::start().await;
+    let job = job("job-twice", &["hello world"]);
+    // A worker took the job, stored its result, and died before acking (or its ack was lost
+    // in a broker restart): the job stays unacked.
+    let consumer = consumer::bind(&fleet.js, &config(&fleet, &[]).consumer)
+        .await
+        .expect("bind");
+    let job_seq = fleet.enqueue(&job, Some("caller.twice")).await;
+    let mut inbox = fleet.client.subscribe("caller.twice").await.expect("sub");
+    let mut taken = consumer
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    let first = taken.next().await.expect("a job").expect("a message");
+    store_earlier_result(&fleet, &job, job_seq, "dead-worker").await;
     drop(first);
 
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
     eventually(WAIT, "the redelivered job acked", || async {
-        (worker.metrics.jobs(Outcome::Ok) == 1).then_some(())
+        (worker.metrics.jobs(Outcome::AlreadyStored) == 1).then_some(())
     })
     .await;
     let deliveries = fleet.consumer_info().await.delivered.consumer_sequence;
     assert_eq!(deliveries, 2, "taken by the dead worker, then redelivered");
+    assert!(embedder.batches().is_empty(), "the job was not run again");
     assert_eq!(fleet.messages_in(subject::RESULTS_STREAM).await, 1);
     let kept = fleet.stored_result(&job).await.expect("stored");
-    assert_eq!(
-        kept.worker, "dead-worker",
-        "the second answer was a duplicate"
-    );
+    assert_eq!(kept.worker, "dead-worker", "the stored result is kept");
     assert_eq!(fleet.messages_in(subject::JOBS_STREAM).await, 0);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbox.next())
+            .await
+            .is_err(),
+        "the caller is not answered a second time"
+    );
     worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_result_stored_by_another_delivery_is_neither_replaced_nor_answered_again() {
+    let fleet = Fleet::start().await;
+    let job = job("job-raced", &["hello world"]);
+    let mut inbox = fleet.client.subscribe("caller.raced").await.expect("sub");
+    // Another delivery of this very job (a worker that woke up from a stall, say) stored its
+    // result while this one ran: this worker's store must lose, and it must not answer.
+    let job_seq = fleet.enqueue(&job, Some("caller.raced")).await;
+    store_earlier_result(&fleet, &job, job_seq, "other-worker").await;
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    eventually(WAIT, "the job acked", || async {
+        (worker.metrics.jobs(Outcome::AlreadyStored) == 1).then_some(())
+    })
+    .await;
+    let kept = fleet.stored_result(&job).await.expect("stored");
+    assert_eq!(kept.worker, "other-worker", "the first stored result stays");
+    let info = fleet
+        .stream(subject::RESULTS_STREAM)
+        .await
+        .info()
+        .await
+        .expect("info")
+        .clone();
+    assert_eq!(info.state.last_sequence, 1, "no second store happened");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbox.next())
+            .await
+            .is_err(),
+        "only the store that won answers"
+    );
+    fleet.wait_queue_empty().await;
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_id_reused_as_a_new_job_gets_its_own_result() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let old = job("row-7", &["old text"]);
+    let old_seq = fleet.enqueue(&old, None).await;
+    fleet.wait_result(&old).await;
+    // The same id again, as a new job (queued after the queue's duplicate window, as the
+    // dispatcher allows), while the old result is still within the results' window.
+    let new = job("row-7", &["new text"]);
+    let mut headers = HeaderMap::new();
+    headers.insert(subject::REPLY_TO, "caller.reused");
+    let mut inbox = fleet.client.subscribe("caller.reused").await.expect("sub");
+    let envelope = SigningKey::generate("k").sign_job(&new).expect("sign");
+    let new_seq = fleet
+        .enqueue_raw(encode(&envelope).expect("encode"), headers)
+        .await;
+    assert_ne!(old_seq, new_seq);
+    let (answered, _) = answer(&mut inbox).await;
+    assert_eq!(
+        vectors(&answered),
+        [embedder.expected_vector("new text", true)]
+    );
+    let stored = fleet.stored_result_message(&new).await.expect("stored");
+    assert_eq!(
+        stored.headers.get(subject::JOB_SEQ).map(|v| v.as_str()),
+        Some(new_seq.to_string().as_str()),
+        "the stored result is the new job's"
+    );
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answering_twice() {
+    let fleet = Fleet::start().await;
+    let stalling = fake();
+    // The stalled worker runs on this test's only thread, so the stall freezes all of it, its
+    // in-progress acks too, as SIGSTOP would.
+    stalling.freeze_next(Duration::from_secs(5));
+    let stalled = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--worker-name", "stalled"]),
+        stalling.clone(),
+    )
+    .await;
+    let job = job("job-stall", &["stalls"]);
+    let inbox_client = fleet.server.client().await;
+    let mut inbox = inbox_client.subscribe("caller.stall").await.expect("sub");
+    inbox_client.flush().await.expect("flush");
+    // The healthy worker starts on a thread of its own a second after the stall begins, and
+    // takes the job when the server redelivers it (ack wait 2 s).
+    let healthy_config = config(&fleet, &["--worker-name", "healthy"]);
+    let healthy_url = fleet.server.url().to_owned();
+    let (stop_healthy, healthy_stopped) = std::sync::mpsc::channel::<()>();
+    let healthy = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_secs(1));
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(async move {
+            let client = async_nats::connect(&healthy_url).await.expect("connect");
+            let metrics = Metrics::new(&mut Registry::default());
+            let stop = tokio::task::spawn_blocking(move || {
+                let _ = healthy_stopped.recv();
+            });
+            fleet_worker::run(&healthy_config, client, fake(), metrics, async {
+                let _ = stop.await;
+            })
+            .await
+        })
+    });
+    fleet.enqueue(&job, Some("caller.stall")).await;
+    eventually(WAIT, "the stalled worker wakes up", || async {
+        (!stalling.batches().is_empty()).then_some(())
+    })
+    .await;
+    eventually(WAIT, "the stalled worker drops the job", || async {
+        (stalled.metrics.jobs(Outcome::Abandoned) == 1).then_some(())
+    })
+    .await;
+    let (first, _) = answer(&mut inbox).await;
+    assert_eq!(first.worker, "healthy");
+    assert!(
+        tokio::time::timeout(Duration::from_secs(2), inbox.next())
+            .await
+            .is_err(),
+        "answered once"
+    );
+    let stored = fleet.stored_result(&job).await.expect("stored");
+    assert_eq!(stored.worker, "healthy");
+    assert_eq!(stalled.metrics.jobs(Outcome::Ok), 0);
+    stop_healthy.send(()).expect("healthy worker running");
+    healthy
+        .join()
+        .expect("healthy worker thread")
+        .expect("healthy worker stops cleanly");
+    stalled.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn one_poison_input_fails_only_its_own_job() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.poison("kaboom");
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--max-delay-ms", "300"]),
+        embedder.clone(),
+    )
+    .await;
+    let good: Vec<Job> = (0..3)
+        .map(|i| job(&format!("good-{i}"), &[&format!("fine text {i}")]))
+        .collect();
+    let poison = job("poison", &["fine", "kaboom here"]);
+    for job in good.iter().chain([&poison]) {
+        fleet.enqueue(job, None).await;
+    }
+    for job in &good {
+        assert_eq!(fleet.wait_result(job).await.status, ResultStatus::Ok);
+    }
+    let failed = fleet.wait_result(&poison).await;
+    assert_eq!(failed.error_code(), Some(ErrorCode::Internal));
+    fleet.wait_queue_empty().await;
+    assert!(
+        embedder.batches()[0].len() > 2,
+        "the poison job was batched with others first"
+    );
+    let info = fleet.consumer_info().await;
+    assert_eq!(info.num_redelivered, 0, "no job spent a second delivery");
+    assert_eq!(worker.metrics.jobs(Outcome::Retried), 0);
+    assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 1);
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_batch_that_hangs_makes_the_worker_hand_back_its_jobs_and_stop() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.set_delay(Duration::from_secs(60));
+    let worker = RunningWorker::start(
+        &fleet,
+        config(
+            &fleet,
+            &[
+                "--batch-timeout",
+                "500ms",
+                "--batch-timeout-per-token",
+                "0ms",
+                "--ack-wait",
+                "10s",
+            ],
+        ),
+        embedder.clone(),
+    )
+    .await;
+    let hung = job("job-hung", &["never returns"]);
+    fleet.enqueue(&hung, None).await;
+    let stopped = tokio::time::timeout(WAIT, worker.task)
+        .await
+        .expect("the worker stops by itself")
+        .expect("no panic");
+    assert!(
+        matches!(
+            stopped,
+            Err(PipelineError::Model(ModelFault::Stalled { .. }))
+        ),
+        "{stopped:?}"
+    );
+    assert_eq!(worker.metrics.ready.get(), 0, "reported unready");
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
+    // Handed back at once for another worker, not after the 10 s ack wait.
+    let rescuer =
+        RunningWorker::start(&fleet, config(&fleet, &["--ack-wait", "10s"]), fake()).await;
+    let rescued = eventually(
+        Duration::from_secs(5),
+        "the job answered by another worker",
+        || fleet.stored_result(&hung),
+    )
+    .await;
+    assert_eq!(rescued.status, ResultStatus::Ok);
+    rescuer.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_model_that_keeps_failing_stops_the_worker_instead_of_draining_the_queue() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    embedder.fail_next(1000);
+    let worker = RunningWorker::start(
+        &fleet,
+        config(
+            &fleet,
+            &[
+                "--max-model-failures",
+                "3",
+                "--max-batch-size",
+                "1",
+                "--max-deliver",
+                "2",
+            ],
+        ),
+        embedder.clone(),
+    )
+    .await;
+    let jobs: Vec<Job> = (0..6)
+        .map(|i| job(&format!("doomed-{i}"), &["text"]))
+        .collect();
+    for job in &jobs {
+        fleet.enqueue(job, None).await;
+    }
+    let stopped = tokio::time::timeout(WAIT, worker.task)
+        .await
+        .expect("the worker stops by itself")
+        .expect("no panic");
+    assert!(
+        matches!(
+            stopped,
+            Err(PipelineError::Model(ModelFault::Failing {
+                failures: 3,
+                ..
+            }))
+        ),
+        "{stopped:?}"
+    );
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
+    assert_eq!(
+        fleet.messages_in(subject::JOBS_STREAM).await,
+        6,
+        "every job still queued"
+    );
 }
 
 #[tokio::test]
@@ -353,6 +632,51 @@ async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answere
     assert_eq!(answered.status, ResultStatus::Failed);
     fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.jobs(Outcome::DeadLettered), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() {
+    let fleet = Fleet::start().await;
+    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let job = job("job-unheard", &["text"]);
+    fleet.enqueue(&job, Some("caller.unheard")).await;
+    let mut inbox = fleet.client.subscribe("caller.unheard").await.expect("sub");
+    // The job's only delivery is never settled, and its max-deliveries advisory fires while no
+    // worker is there to hear it.
+    let holder = consumer::bind(&fleet.js, &config.consumer)
+        .await
+        .expect("bind");
+    let mut delivery = holder
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .expect("fetch");
+    let _taken = delivery.next().await.expect("a delivery").expect("message");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut after = holder
+        .fetch()
+        .max_messages(1)
+        .expires(Duration::from_millis(500))
+        .messages()
+        .await
+        .expect("fetch");
+    assert!(after.next().await.is_none(), "never delivered again");
+    assert_eq!(
+        fleet.messages_in(subject::JOBS_STREAM).await,
+        1,
+        "but still queued"
+    );
+
+    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let stored = fleet.wait_result(&job).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
+    let (answered, _) = answer(&mut inbox).await;
+    assert_eq!(answered.status, ResultStatus::Failed);
+    fleet.wait_queue_empty().await;
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 1);
+    assert_eq!(worker.metrics.reconciled_count(Reconciled::Exhausted), 1);
     worker.stop().await.expect("clean stop");
 }
 
