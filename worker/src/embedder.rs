@@ -19,17 +19,10 @@ pub enum TokenizeError {
     Failed(#[source] Box<dyn std::error::Error + Send + Sync>),
 }
 
-/// Whether a failed batch would fail again, as async-nats tells each operation's errors apart.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// Caused by the batch's inputs (a shape the model cannot take, a kernel that panics on
-    /// them): the same inputs fail again, so the batch's jobs are re-run one at a time to find
-    /// the poison one.
-    Deterministic,
-    /// Caused by the runtime's state (device out of memory, runtime thread gone): the same
-    /// batch may succeed later, so its jobs are retried.
-    Transient,
-}
+/// Whether a failed batch would fail again: a deterministic failure is caused by the batch's
+/// inputs, so its jobs are re-run one at a time to find the poison one; a transient one by the
+/// runtime's state, so its jobs are retried.
+pub use fleet_model::FailureKind;
 
 /// A failure of the model runtime on a batch.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,7 @@ use futures::future::BoxFuture;
 
 use crate::{
     DeviceSpec,
-    embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
+    embedder::{EmbedError, Embedder, TokenizeError, TokenizedInput},
 };
 
 /// Batches that may wait for the runtime thread while it runs one: the batcher runs one batch
@@ -74,7 +74,7 @@ impl Embedder for ModelEmbedder {
         let running = self.0.embed(batch);
         Box::pin(async move {
             running.await.map_err(|error| EmbedError {
-                kind: FailureKind::Transient,
+                kind: error.kind(),
                 source: Box::new(error),
             })
         })
