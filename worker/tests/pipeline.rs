@@ -635,15 +635,16 @@ async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answere
     worker.stop().await.expect("clean stop");
 }
 
-#[tokio::test]
-async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() {
-    let fleet = Fleet::start().await;
-    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
-    let job = job("job-unheard", &["text"]);
-    fleet.enqueue(&job, Some("caller.unheard")).await;
-    let mut inbox = fleet.client.subscribe("caller.unheard").await.expect("sub");
-    // The job's only delivery is never settled, and its max-deliveries advisory fires while no
-    // worker is there to hear it.
+/// Queues `job` and lets its only delivery (`--max-deliver 1`) run out unsettled while no
+/// worker listens for the max-deliveries advisory: the server never delivers it again, yet
+/// keeps it queued. Returns its queue sequence.
+async fn strand_out_of_deliveries(
+    fleet: &Fleet,
+    config: &WorkerConfig,
+    job: &Job,
+    reply: &str,
+) -> u64 {
+    let job_seq = fleet.enqueue(job, Some(reply)).await;
     let holder = consumer::bind(&fleet.js, &config.consumer)
         .await
         .expect("bind");
@@ -654,7 +655,7 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
         .await
         .expect("fetch");
     let _taken = delivery.next().await.expect("a delivery").expect("message");
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tokio::time::sleep(config.consumer.ack_wait + Duration::from_millis(500)).await;
     let mut after = holder
         .fetch()
         .max_messages(1)
@@ -668,6 +669,16 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
         1,
         "but still queued"
     );
+    job_seq
+}
+
+#[tokio::test]
+async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() {
+    let fleet = Fleet::start().await;
+    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let job = job("job-unheard", &["text"]);
+    let mut inbox = fleet.client.subscribe("caller.unheard").await.expect("sub");
+    strand_out_of_deliveries(&fleet, &config, &job, "caller.unheard").await;
 
     let worker = RunningWorker::start(&fleet, config, fake()).await;
     let stored = fleet.wait_result(&job).await;
@@ -677,6 +688,32 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
     fleet.wait_queue_empty().await;
     assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 1);
     assert_eq!(worker.metrics.reconciled_count(Reconciled::Exhausted), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
+    let fleet = Fleet::start().await;
+    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let job = job("job-orphan", &["text"]);
+    let mut inbox = fleet.client.subscribe("caller.orphan").await.expect("sub");
+    // Its result was stored, but the queue kept the message (as a broker that lost the ack
+    // does): it only has to go.
+    let job_seq = strand_out_of_deliveries(&fleet, &config, &job, "caller.orphan").await;
+    store_earlier_result(&fleet, &job, job_seq, "earlier-worker").await;
+
+    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    fleet.wait_queue_empty().await;
+    assert_eq!(worker.metrics.reconciled_count(Reconciled::Orphan), 1);
+    assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
+    let kept = fleet.stored_result(&job).await.expect("stored");
+    assert_eq!(kept.worker, "earlier-worker");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), inbox.next())
+            .await
+            .is_err(),
+        "not answered again"
+    );
     worker.stop().await.expect("clean stop");
 }
 
