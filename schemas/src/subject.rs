@@ -76,6 +76,24 @@ pub fn result_msg_id(tenant: &str, job_id: &str, job_seq: u64) -> String {
     format!("{tenant}.{job_id}.{job_seq}")
 }
 
+/// The inbox prefix a tenant's clients use (`custom_inbox_prefix` in async-nats, `inbox_prefix`
+/// in other clients): `_INBOX.<tenant>`. A job is answered only on a subject under its own
+/// tenant's prefix, so no tenant can make Fleet write to a subject of its choosing (another
+/// tenant's inbox, a results subject), and broker permissions can give each tenant its inboxes
+/// alone.
+pub fn inbox_prefix(tenant: &str) -> String {
+    format!("_INBOX.{tenant}")
+}
+
+/// True when `reply` is an inbox of `tenant`: `_INBOX.<tenant>.` and at least one more token.
+pub fn is_tenant_inbox(tenant: &str, reply: &str) -> bool {
+    reply
+        .strip_prefix("_INBOX.")
+        .and_then(|rest| rest.strip_prefix(tenant))
+        .and_then(|rest| rest.strip_prefix('.'))
+        .is_some_and(|rest| !rest.is_empty() && !rest.split('.').any(str::is_empty) && !rest.contains([' ', '\t', '\r', '\n']))
+}
+
 /// What an incoming request asks for, read from its subject.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ingress<'a> {
@@ -109,6 +127,24 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn only_a_tenants_own_inboxes_take_its_answers() {
+        assert!(is_tenant_inbox("acme", "_INBOX.acme.x1y2"));
+        assert!(is_tenant_inbox("acme", "_INBOX.acme.x1.y2"));
+        for bad in [
+            "_INBOX.acmecorp.x",
+            "_INBOX.globex.x",
+            "_INBOX.acme",
+            "_INBOX.acme.",
+            "_INBOX.acme..x",
+            "_INBOX.x",
+            "fleet.results.globex.job-1",
+            "_INBOX.acme.x y",
+        ] {
+            assert!(!is_tenant_inbox("acme", bad), "{bad}");
+        }
+    }
 
     #[test]
     fn ingress_subjects_round_trip() {
