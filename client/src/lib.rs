@@ -64,7 +64,10 @@ impl CallerArgs {
     /// Loads the tenant's key, then connects to NATS.
     pub async fn connect(&self) -> Result<(Tenant, Client), ClientError> {
         let tenant = Tenant::from_key_file(&self.key)?;
-        let client = async_nats::connect(&self.nats_url)
+        // Answers come only to the tenant's own inboxes (WIRE.md), so requests must use them.
+        let client = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(fleet_schemas::subject::inbox_prefix(&tenant.name))
+            .connect(&self.nats_url)
             .await
             .map_err(|source| ClientError::Connect {
                 url: self.nats_url.clone(),

@@ -363,6 +363,9 @@ impl<E: Embedder> Intake<'_, E> {
         let job = match self.read_job(&held.msg.payload) {
             Ok(job) => job,
             Err(reason) => {
+                // Without a readable tenant no inbox can be checked as the job's: the dead
+                // letter is the only record.
+                held.reply_to = None;
                 let responder = self.responder.clone();
                 tokio::spawn(async move {
                     responder
@@ -372,6 +375,15 @@ impl<E: Embedder> Intake<'_, E> {
                 return;
             }
         };
+        // The reply subject is not signed: answers go only to the job's own tenant's inboxes,
+        // never to a subject a publisher chose (another tenant's inbox, a results subject).
+        if let Some(reply_to) = &held.reply_to
+            && !subject::is_tenant_inbox(&job.tenant, reply_to)
+        {
+            tracing::warn!(job_id = %job.job_id, tenant = %job.tenant, reply_to,
+                "reply subject is not one of the tenant's inboxes; the result is stored, not sent there");
+            held.reply_to = None;
+        }
         // An earlier delivery may have stored the result and lost its ack (a broker restart),
         // or stalled past its ack wait after storing it: the job is not run twice.
         if held.delivered() > 1 {

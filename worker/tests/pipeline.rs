@@ -204,10 +204,10 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
-    let mut inbox = fleet.client.subscribe("caller.inbox.1").await.expect("sub");
+    let mut inbox = fleet.client.subscribe("_INBOX.acme.1").await.expect("sub");
     let texts = ["the quick brown fox", "jumps", "over the lazy dog again"];
     let job = job("job-1", &texts);
-    let job_seq = fleet.enqueue(&job, Some("caller.inbox.1")).await;
+    let job_seq = fleet.enqueue(&job, Some("_INBOX.acme.1")).await;
 
     let (answered, _) = answer(&mut inbox).await;
     assert_eq!(answered.status, ResultStatus::Ok);
@@ -230,6 +230,44 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
     );
     fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.jobs(Outcome::Ok), 1);
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn answers_go_only_to_the_jobs_own_tenants_inboxes() {
+    let fleet = Fleet::start().await;
+    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    // Tenant acme's jobs name reply subjects it does not own: another tenant's inbox, and
+    // another tenant's results subject (the confused deputy).
+    let mut elsewhere = fleet
+        .client
+        .subscribe("_INBOX.globex.>")
+        .await
+        .expect("sub");
+    let mut results = fleet
+        .client
+        .subscribe("fleet.results.globex.>")
+        .await
+        .expect("sub");
+    let to_other_inbox = job("job-a", &["text"]);
+    let to_results = job("job-b", &["text"]);
+    fleet
+        .enqueue(&to_other_inbox, Some("_INBOX.globex.abc"))
+        .await;
+    fleet
+        .enqueue(&to_results, Some("fleet.results.globex.job-b"))
+        .await;
+    for job in [&to_other_inbox, &to_results] {
+        assert_eq!(fleet.wait_result(job).await.status, ResultStatus::Ok);
+    }
+    for sub in [&mut elsewhere, &mut results] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), sub.next())
+                .await
+                .is_err(),
+            "nothing published on a subject the job's tenant does not own"
+        );
+    }
     worker.stop().await.expect("clean stop");
 }
 
@@ -289,8 +327,12 @@ async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again
     let consumer = consumer::bind(&fleet.js, &config(&fleet, &[]).consumer)
         .await
         .expect("bind");
-    let job_seq = fleet.enqueue(&job, Some("caller.twice")).await;
-    let mut inbox = fleet.client.subscribe("caller.twice").await.expect("sub");
+    let job_seq = fleet.enqueue(&job, Some("_INBOX.acme.twice")).await;
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.twice")
+        .await
+        .expect("sub");
     let mut taken = consumer
         .fetch()
         .max_messages(1)
@@ -327,10 +369,14 @@ async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again
 async fn a_result_stored_by_another_delivery_is_neither_replaced_nor_answered_again() {
     let fleet = Fleet::start().await;
     let job = job("job-raced", &["hello world"]);
-    let mut inbox = fleet.client.subscribe("caller.raced").await.expect("sub");
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.raced")
+        .await
+        .expect("sub");
     // Another delivery of this very job (a worker that woke up from a stall, say) stored its
     // result while this one ran: this worker's store must lose, and it must not answer.
-    let job_seq = fleet.enqueue(&job, Some("caller.raced")).await;
+    let job_seq = fleet.enqueue(&job, Some("_INBOX.acme.raced")).await;
     store_earlier_result(&fleet, &job, job_seq, "other-worker").await;
     let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
     eventually(WAIT, "the job acked", || async {
@@ -369,8 +415,12 @@ async fn a_job_id_reused_as_a_new_job_gets_its_own_result() {
     // dispatcher allows), while the old result is still within the results' window.
     let new = job("row-7", &["new text"]);
     let mut headers = HeaderMap::new();
-    headers.insert(subject::REPLY_TO, "caller.reused");
-    let mut inbox = fleet.client.subscribe("caller.reused").await.expect("sub");
+    headers.insert(subject::REPLY_TO, "_INBOX.acme.reused");
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.reused")
+        .await
+        .expect("sub");
     let envelope = SigningKey::generate("k").sign_job(&new).expect("sign");
     let new_seq = fleet
         .enqueue_raw(encode(&envelope).expect("encode"), headers)
@@ -405,7 +455,10 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
     .await;
     let job = job("job-stall", &["stalls"]);
     let inbox_client = fleet.server.client().await;
-    let mut inbox = inbox_client.subscribe("caller.stall").await.expect("sub");
+    let mut inbox = inbox_client
+        .subscribe("_INBOX.acme.stall")
+        .await
+        .expect("sub");
     inbox_client.flush().await.expect("flush");
     // The healthy worker starts on a thread of its own a second after the stall begins, and
     // takes the job when the server redelivers it (ack wait 2 s).
@@ -427,7 +480,7 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
             .await
         })
     });
-    fleet.enqueue(&job, Some("caller.stall")).await;
+    fleet.enqueue(&job, Some("_INBOX.acme.stall")).await;
     eventually(WAIT, "the stalled worker wakes up", || async {
         (!stalling.batches().is_empty()).then_some(())
     })
@@ -595,11 +648,11 @@ async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answere
     let config = config(&fleet, &["--max-deliver", "1"]);
     let mut inbox = fleet
         .client
-        .subscribe("caller.exhausted")
+        .subscribe("_INBOX.acme.exhausted")
         .await
         .expect("sub");
     let job = job("job-exhausted", &["text"]);
-    fleet.enqueue(&job, Some("caller.exhausted")).await;
+    fleet.enqueue(&job, Some("_INBOX.acme.exhausted")).await;
     // Another holder of the shared consumer takes the job's only delivery and never settles it,
     // as a worker killed mid-batch would.
     let holder = consumer::bind(&fleet.js, &config.consumer)
@@ -677,8 +730,12 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
     let fleet = Fleet::start().await;
     let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
     let job = job("job-unheard", &["text"]);
-    let mut inbox = fleet.client.subscribe("caller.unheard").await.expect("sub");
-    strand_out_of_deliveries(&fleet, &config, &job, "caller.unheard").await;
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.unheard")
+        .await
+        .expect("sub");
+    strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.acme.unheard").await;
 
     let worker = RunningWorker::start(&fleet, config, fake()).await;
     let stored = fleet.wait_result(&job).await;
@@ -696,10 +753,14 @@ async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
     let fleet = Fleet::start().await;
     let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
     let job = job("job-orphan", &["text"]);
-    let mut inbox = fleet.client.subscribe("caller.orphan").await.expect("sub");
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.orphan")
+        .await
+        .expect("sub");
     // Its result was stored, but the queue kept the message (as a broker that lost the ack
     // does): it only has to go.
-    let job_seq = strand_out_of_deliveries(&fleet, &config, &job, "caller.orphan").await;
+    let job_seq = strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.acme.orphan").await;
     store_earlier_result(&fleet, &job, job_seq, "earlier-worker").await;
 
     let worker = RunningWorker::start(&fleet, config, fake()).await;
@@ -745,23 +806,17 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
-    let mut inbox = fleet.client.subscribe("caller.poison").await.expect("sub");
+    let mut inbox = fleet
+        .client
+        .subscribe("_INBOX.acme.poison")
+        .await
+        .expect("sub");
 
     let mut headers = HeaderMap::new();
-    headers.insert(subject::REPLY_TO, "caller.poison");
+    headers.insert(subject::REPLY_TO, "_INBOX.acme.poison");
     fleet
         .enqueue_raw(b"not messagepack".to_vec(), headers)
         .await;
-    let (answered, reply) = answer(&mut inbox).await;
-    assert_eq!(answered.status, ResultStatus::Failed);
-    assert_eq!(answered.error_code(), Some(ErrorCode::Malformed));
-    let reply_headers = reply.headers.expect("error headers");
-    assert_eq!(
-        reply_headers
-            .get(subject::SERVICE_ERROR_CODE)
-            .map(|v| v.as_str()),
-        Some("malformed")
-    );
 
     let mut too_long = job("job-too-long", &["short", &"word ".repeat(100)]);
     too_long.task = Task::Embed {
@@ -769,9 +824,20 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
         normalize: true,
         truncate: false,
     };
-    fleet.enqueue(&too_long, None).await;
+    fleet.enqueue(&too_long, Some("_INBOX.acme.poison")).await;
     let stored = fleet.wait_result(&too_long).await;
     assert_eq!(stored.error_code(), Some(ErrorCode::InputTooLong));
+    // The unreadable job names no tenant, so it has no inbox to be answered on: the first
+    // answer is the second job's.
+    let (answered, reply) = answer(&mut inbox).await;
+    assert_eq!(answered.job_id, "job-too-long");
+    let reply_headers = reply.headers.expect("error headers");
+    assert_eq!(
+        reply_headers
+            .get(subject::SERVICE_ERROR_CODE)
+            .map(|v| v.as_str()),
+        Some("input_too_long")
+    );
 
     // Past the dispatcher (straight onto the queue), with an id that cannot be a subject token
     // or a header value, and an error that quotes it.
