@@ -9,7 +9,7 @@ cd "$root"
 batch=${1:-32}
 texts_per_job=${2:-1}
 in_flight=${3:-512}
-corpus="$root/../shared/bench/corpus.jsonl"
+corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
 cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
 cargo build --quiet --release -p fleet-model --example throughput

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # In-process embedding throughput against sentence-transformers on PyTorch (CPU), in one run,
-# on the shared corpus: fleet-model's `throughput` example, then the peer, at each batch size.
+# on the corpus in fixtures/: fleet-model's `throughput` example, then the peer, at each batch size.
 # PyTorch goes into a throwaway venv (default /tmp/fleet-st-venv), never into the project.
 # Usage: ops/bench-vs-pytorch.sh [batch sizes...]   (default: 32 128)
 set -euo pipefail
@@ -8,7 +8,7 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 if [ $# -gt 0 ]; then batches=("$@"); else batches=(32 128); fi
 venv=${FLEET_ST_VENV:-/tmp/fleet-st-venv}
-corpus="$root/../shared/bench/corpus.jsonl"
+corpus="$root/fixtures/corpus.jsonl"
 model="$root/models/all-MiniLM-L6-v2"
 "$root/ops/fetch-model.sh"
 if [ ! -x "$venv/bin/python" ] || ! "$venv/bin/python" -c "import sentence_transformers" 2>/dev/null; then

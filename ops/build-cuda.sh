@@ -60,5 +60,5 @@ for exe in cuda_ops cuda_fused worker throughput; do
     exit 1
   fi
 done
-cp "$repo/ops/gpu-check.sh" "$bundle/"
-echo "GPU bundle: $bundle (copy it, the model and the fixture to a GPU machine; see ops/gpu-check.sh)" >&2
+cp "$repo/ops/gpu-check.sh" "$repo/fixtures/minilm_reference.json" "$repo/fixtures/corpus.jsonl" "$bundle/"
+echo "GPU bundle: $bundle (copy it and the model to a GPU machine; see ops/gpu-check.sh)" >&2

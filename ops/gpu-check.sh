@@ -17,9 +17,9 @@
 #   gpu-check.sh [BUNDLE_DIR]      # default: the folder of this script if it holds the
 #                                  # binaries, else <repo>/target/cuda/gpu-bundle
 #
-# The whole-model test and the throughput runs need FLEET_MODEL_DIR (all-MiniLM-L6-v2, ops/fetch-model.sh) and
-# FLEET_MINILM_REFERENCE (the fixture minilm_reference.json), and the throughput runs
-# FLEET_BENCH_CORPUS (corpus.jsonl), where the build-time paths do not exist. A test that prints "SKIPPED: no CUDA device" did not run: this script fails then.
+# The whole-model test and the throughput runs need FLEET_MODEL_DIR (all-MiniLM-L6-v2, ops/fetch-model.sh)
+# where the build-time path does not exist. The reference embeddings and the corpus travel in the
+# bundle (FLEET_MINILM_REFERENCE and FLEET_BENCH_CORPUS override them). A test that prints "SKIPPED: no CUDA device" did not run: this script fails then.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +29,13 @@ elif [[ -x "$here/cuda_ops" ]]; then
   bundle="$here"
 else
   bundle="$here/../target/cuda/gpu-bundle"
+fi
+# The bundle's copies of fixtures/, unless the caller named others.
+if [[ -f "$bundle/minilm_reference.json" ]]; then
+  export FLEET_MINILM_REFERENCE="${FLEET_MINILM_REFERENCE:-$bundle/minilm_reference.json}"
+fi
+if [[ -f "$bundle/corpus.jsonl" ]]; then
+  export FLEET_BENCH_CORPUS="${FLEET_BENCH_CORPUS:-$bundle/corpus.jsonl}"
 fi
 if [[ -n "${FLEET_CUDA_LIBS:-}" ]]; then
   export LD_LIBRARY_PATH="$FLEET_CUDA_LIBS:${LD_LIBRARY_PATH:-}"

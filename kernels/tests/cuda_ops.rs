@@ -270,7 +270,7 @@ fn workspace_root() -> PathBuf {
 
 /// The real model on the GPU against sentence-transformers, with the model test's tolerances.
 /// Needs the model (`FLEET_MODEL_DIR`, default `<repo>/models/all-MiniLM-L6-v2`) and the
-/// fixture (`FLEET_MINILM_REFERENCE`, default `<repo>/../shared/fixtures/minilm_reference.json`);
+/// fixture (`FLEET_MINILM_REFERENCE`, default `<repo>/fixtures/minilm_reference.json`);
 /// on a GPU machine without them this test fails, saying so.
 #[test]
 fn minilm_on_gpu_matches_sentence_transformers() {
@@ -293,8 +293,6 @@ fn minilm_on_gpu_matches_sentence_transformers() {
         .map(PathBuf::from)
         .unwrap_or_else(|| {
             workspace_root()
-                .join("..")
-                .join("shared")
                 .join("fixtures")
                 .join("minilm_reference.json")
         });

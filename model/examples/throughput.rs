@@ -24,7 +24,7 @@ struct Args {
     #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u64).range(1..))]
     runs: u64,
     /// JSONL corpus, one `{"id", "text"}` object per line.
-    #[arg(long, env = "FLEET_BENCH_CORPUS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/bench/corpus.jsonl"))]
+    #[arg(long, env = "FLEET_BENCH_CORPUS", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../fixtures/corpus.jsonl"))]
     corpus: PathBuf,
     /// Model directory (`config.json`, `model.safetensors`, `tokenizer.json`).
     #[arg(long, env = "FLEET_MODEL_DIR", default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../models/all-MiniLM-L6-v2"))]

@@ -1,5 +1,5 @@
 //! The real all-MiniLM-L6-v2 against the embeddings sentence-transformers gives
-//! (`../shared/fixtures/minilm_reference.json`). Needs the model: `ops/fetch-model.sh`, or
+//! (`fixtures/minilm_reference.json`, made by `ops/make-reference.sh`). Needs the model: `ops/fetch-model.sh`, or
 //! `FLEET_MODEL_DIR` pointing at a copy. Without it these tests fail, saying so.
 
 use std::path::{Path, PathBuf};
@@ -53,8 +53,6 @@ fn fixture() -> &'static Fixture {
     static FIXTURE: OnceLock<Fixture> = OnceLock::new();
     FIXTURE.get_or_init(|| {
         let path = workspace_root()
-            .join("..")
-            .join("shared")
             .join("fixtures")
             .join("minilm_reference.json");
         let bytes =
