@@ -1,6 +1,6 @@
 use std::collections::BTreeMap;
 
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 /// The only envelope version this build speaks.
 pub const ENVELOPE_VERSION: u8 = 1;
@@ -8,8 +8,11 @@ pub const ENVELOPE_VERSION: u8 = 1;
 /// What travels on `fleet.infer.<model>` and `fleet.submit.<model>`: a MessagePack-encoded
 /// [`Job`] and an Ed25519 signature over exactly those bytes. Keeping the body as bytes (not
 /// a nested map) means the verifier checks what the signer signed, with no re-encoding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+///
+/// Read with [`decode`](crate::decode), which accepts exactly what WIRE.md describes. Neither
+/// this nor [`Job`] derives serde's `Deserialize`, which would read them leniently (and would
+/// conflict with their strict `Decode`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct SignedJob {
     pub v: u8,
     pub key_id: String,
@@ -19,24 +22,23 @@ pub struct SignedJob {
     pub body: Vec<u8>,
 }
 
-/// One unit of work and of acknowledgement.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+/// One unit of work and of acknowledgement. Read with [`decode`](crate::decode), strictly like
+/// [`SignedJob`]; an absent optional key takes the default given on its field.
+#[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Job {
     pub job_id: String,
     pub tenant: String,
     pub model: String,
     pub task: Task,
-    /// 0 is normal. Reserved for ordering: workers do not yet order by it.
-    #[serde(default)]
+    /// 0 (the default) is normal. Reserved for ordering: workers do not yet order by it.
     pub priority: u8,
     /// When the client made the job, Unix milliseconds; bounds replay.
     pub created_at_ms: u64,
-    /// After this instant (Unix milliseconds) the job is answered `expired`, not run.
-    #[serde(default)]
+    /// After this instant (Unix milliseconds) the job is answered `expired`, not run. None by
+    /// default.
     pub deadline_ms: Option<u64>,
     /// Free-form client annotations, signed and queued with the job (not copied into the result).
-    #[serde(default)]
+    /// Empty by default.
     pub meta: BTreeMap<String, String>,
 }
 
@@ -68,23 +70,17 @@ impl Job {
 }
 
 /// What to compute. Tagged by `kind` on the wire, so new kinds can be added.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
 pub enum Task {
     /// Sentence embeddings, one vector per input text.
     Embed {
         inputs: Vec<String>,
-        /// L2-normalise each vector.
-        #[serde(default = "default_true")]
+        /// L2-normalise each vector (true by default).
         normalize: bool,
-        /// Cut inputs longer than the model's maximum instead of failing them.
-        #[serde(default = "default_true")]
+        /// Cut inputs longer than the model's maximum instead of failing them (true by default).
         truncate: bool,
     },
-}
-
-fn default_true() -> bool {
-    true
 }
 
 impl Task {

@@ -8,9 +8,10 @@ mod job;
 mod name;
 mod result;
 mod signing;
+mod strict;
 pub mod subject;
 
-pub use codec::{CodecError, decode, encode};
+pub use codec::{CodecError, Decode, DecodeError, WireType, decode, encode};
 pub use error_code::{ErrorCode, UnknownErrorCode};
 pub use job::{ENVELOPE_VERSION, Job, SignedJob, Task};
 pub use name::{InvalidName, validate_name};
