@@ -27,10 +27,20 @@ fn key_bytes(hex_str: &str) -> Result<[u8; 32], KeyError> {
     bytes.try_into().map_err(|_| KeyError::BadLength(len))
 }
 
-/// A tenant's secret key and the id the dispatcher knows its public half by.
+/// A tenant's secret key and the id the dispatcher knows its public half by. Its `Debug`
+/// shows the key id and the public key, never the secret.
 pub struct SigningKey {
     pub key_id: String,
     inner: ed25519_dalek::SigningKey,
+}
+
+impl std::fmt::Debug for SigningKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SigningKey")
+            .field("key_id", &self.key_id)
+            .field("public_key", &self.verifying_key().to_hex())
+            .finish_non_exhaustive()
+    }
 }
 
 impl SigningKey {
@@ -103,14 +113,25 @@ impl VerifyingKey {
     }
 }
 
-/// The on-disk form of a tenant's secret key (TOML, written with 0600 permissions).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+/// The on-disk form of a tenant's secret key (TOML, written with 0600 permissions). Its
+/// `Debug` redacts the secret.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SecretKeyFile {
     pub tenant: String,
     pub key_id: String,
     /// 32 bytes, hex.
     pub secret_key: String,
+}
+
+impl std::fmt::Debug for SecretKeyFile {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecretKeyFile")
+            .field("tenant", &self.tenant)
+            .field("key_id", &self.key_id)
+            .field("secret_key", &"<redacted>")
+            .finish()
+    }
 }
 
 impl SecretKeyFile {
@@ -144,6 +165,72 @@ mod tests {
         assert_eq!(public.verify(&short), Err(VerifyError::BadLength(63)));
         let other = SigningKey::generate("k2").verifying_key();
         assert_eq!(other.verify(&envelope), Err(VerifyError::Mismatch));
+    }
+
+    /// Standard base64 with padding; the URL-safe and unpadded forms are derived from it.
+    fn base64(bytes: &[u8]) -> String {
+        const ALPHABET: &[u8; 64] =
+            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, &b)| acc | u32::from(b) << (16 - 8 * i));
+            for i in 0..4 {
+                if i <= chunk.len() {
+                    out.push(char::from(ALPHABET[(n >> (18 - 6 * i)) as usize & 63]));
+                } else {
+                    out.push('=');
+                }
+            }
+        }
+        out
+    }
+
+    /// Every printable form of `secret` a careless `Debug` would show.
+    fn secret_forms(secret: &[u8; 32]) -> Vec<String> {
+        let b64 = base64(secret);
+        assert_eq!(base64(b"foob"), "Zm9vYg==", "the test's own base64");
+        vec![
+            hex::encode(secret),
+            hex::encode_upper(secret),
+            b64.clone(),
+            b64.trim_end_matches('=').to_owned(),
+            b64.replace('+', "-").replace('/', "_"),
+            format!("{secret:?}"),
+            format!("{:?}", secret.to_vec()),
+        ]
+    }
+
+    #[test]
+    fn debug_output_never_shows_the_secret() {
+        let key = SigningKey::generate("acme-1");
+        let secret = key.inner.to_bytes();
+        let file = SecretKeyFile {
+            tenant: "acme".into(),
+            key_id: key.key_id.clone(),
+            secret_key: key.secret_hex(),
+        };
+        let shown = [
+            format!("{key:?}"),
+            format!("{key:#?}"),
+            format!("{file:?}"),
+            format!("{file:#?}"),
+            format!("{:?}", file.signing_key().expect("valid file")),
+        ];
+        for text in &shown {
+            for form in secret_forms(&secret) {
+                assert!(!text.contains(&form), "{text} shows the secret as {form}");
+            }
+            assert!(text.contains("acme-1"), "the key id still helps: {text}");
+        }
+        assert!(
+            shown[0].contains(&key.verifying_key().to_hex()),
+            "{}",
+            shown[0]
+        );
+        assert!(shown[2].contains("acme") && shown[2].contains("redacted"));
     }
 
     #[test]
