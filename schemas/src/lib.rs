@@ -22,3 +22,11 @@ pub use signing::{KeyError, SecretKeyFile, SigningKey, VerifyError, VerifyingKey
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 /// The model every Fleet program serves or asks for unless told otherwise (as named in subjects).
 pub const DEFAULT_MODEL: &str = "all-minilm-l6-v2";
+
+/// Unix time in milliseconds, the unit of `created_at_ms` and `deadline_ms`. A clock before 1970
+/// reads as 0, which every age check then treats as very old.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
