@@ -13,6 +13,8 @@ use std::{
 use fleet_schemas::{SigningKey, VerifyingKey};
 use nix::{sys::signal, unistd::Pid};
 
+pub mod openbao;
+
 /// A `nats-server` with JetStream and a temporary store, on a random loopback port.
 pub struct NatsServer {
     process: Process,
