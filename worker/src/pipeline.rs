@@ -5,11 +5,11 @@ use std::{
     future::Future,
     pin::pin,
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
-use fleet_schemas::{ErrorCode, Job, Task, Timings, subject};
+use fleet_schemas::{ErrorCode, Job, Task, Timings, now_ms, subject};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -458,12 +458,6 @@ impl<E: Embedder> Intake<'_, E> {
         }
         Ok(job)
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 async fn answer_expired(responder: &Responder, held: Held, job: &Job) {
