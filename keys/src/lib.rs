@@ -10,8 +10,11 @@
 //! - [`KeyStore`] is the shared handle: lookups from an in-memory snapshot swapped atomically,
 //!   refreshed in the background (every interval, on file change, on demand), surviving a source
 //!   that fails later by keeping the last snapshot; see [`KeyStoreMetrics`] for what it counts.
+//! - [`KeyStore::verify`] and [`KeyStore::authorize`] are the checks a job passes under its key
+//!   (signature, validity, tenant, model), the same for the dispatcher and the workers.
 //! - [`TenantAdmin`] writes: add a tenant, add a key (rotation), retire or revoke a key.
 
+mod authorize;
 mod file;
 mod model;
 mod store;
@@ -19,6 +22,7 @@ mod vault;
 
 use std::future::Future;
 
+pub use authorize::Denied;
 pub use file::FileSource;
 pub use model::{KeyRecord, KeyRefusal, NewKey, Tenant, TenantPolicy, Tenants, TenantsError};
 pub use store::{KeyStore, KeyStoreMetrics, StoreOptions};

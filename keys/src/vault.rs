@@ -182,6 +182,7 @@ impl VaultSource {
     }
 
     fn error(&self, action: String, e: ClientError) -> StoreError {
+        use rustify::errors::ClientError as Http;
         let addr = self.config.addr.clone();
         match e {
             ClientError::APIError { code, errors } => StoreError::Refused {
@@ -190,7 +191,17 @@ impl VaultSource {
                 status: code,
                 errors,
             },
-            ClientError::RestClientError { .. } => StoreError::Unreachable {
+            ClientError::RestClientError {
+                source: Http::ServerResponseError { code, content },
+            } => StoreError::Refused {
+                addr,
+                action,
+                status: code,
+                errors: content.into_iter().collect(),
+            },
+            ClientError::RestClientError {
+                source: Http::RequestError { .. } | Http::ResponseError { .. },
+            } => StoreError::Unreachable {
                 addr,
                 detail: chain(&e),
             },
@@ -207,7 +218,7 @@ impl VaultSource {
             // Sub-folders end in '/': they are not tenants.
             Ok(names) => Ok(names.into_iter().filter(|n| !n.ends_with('/')).collect()),
             // Nothing was ever written under the prefix.
-            Err(ClientError::APIError { code: 404, .. }) => Ok(Vec::new()),
+            Err(e) if not_found(&e) => Ok(Vec::new()),
             Err(e) => Err(self.error(
                 format!("list {}/{}", self.config.mount, self.config.prefix),
                 e,
@@ -215,28 +226,31 @@ impl VaultSource {
         }
     }
 
-    /// The tenant's current data and version; None when it does not exist or is deleted.
-    async fn read_tenant(&self, name: &str) -> Result<Option<(TenantDoc, u64)>, StoreError> {
+    /// The tenant's current data, in one request (what a refresh reads); None when it does not
+    /// exist or its latest version is deleted.
+    async fn read_tenant(&self, name: &str) -> Result<Option<TenantDoc>, StoreError> {
+        let path = self.path(name);
+        match kv2::read(&self.client, &self.config.mount, &path).await {
+            Ok(value) => Ok(Some(parse_doc(name, value)?)),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(self.error(format!("read {}/{path}", self.config.mount), e)),
+        }
+    }
+
+    /// The tenant's current data and version, for a check-and-set write; None as above.
+    async fn read_versioned(&self, name: &str) -> Result<Option<(TenantDoc, u64)>, StoreError> {
         let path = self.path(name);
         let action = || format!("read {}/{path}", self.config.mount);
         let version = match kv2::read_metadata(&self.client, &self.config.mount, &path).await {
             Ok(meta) => meta.current_version,
-            Err(ClientError::APIError { code: 404, .. }) => return Ok(None),
+            Err(e) if not_found(&e) => return Ok(None),
             Err(e) => return Err(self.error(action(), e)),
         };
-        let value: serde_json::Value =
-            match kv2::read_version(&self.client, &self.config.mount, &path, version).await {
-                Ok(value) => value,
-                // The latest version is deleted (or destroyed): the tenant is gone.
-                Err(ClientError::APIError { code: 404, .. })
-                | Err(ClientError::ResponseDataEmptyError) => return Ok(None),
-                Err(e) => return Err(self.error(action(), e)),
-            };
-        let doc = serde_json::from_value(value).map_err(|e| TenantsError::BadDocument {
-            tenant: name.to_owned(),
-            reason: e.to_string(),
-        })?;
-        Ok(Some((doc, version)))
+        match kv2::read_version(&self.client, &self.config.mount, &path, version).await {
+            Ok(value) => Ok(Some((parse_doc(name, value)?, version))),
+            Err(e) if not_found(&e) => Ok(None),
+            Err(e) => Err(self.error(action(), e)),
+        }
     }
 
     /// Writes the tenant if its version is still `version` (0: if it does not exist), so two
@@ -278,12 +292,34 @@ impl VaultSource {
         change: impl FnOnce(&mut TenantDoc),
     ) -> Result<(), AdminError> {
         let (mut doc, version) = self
-            .read_tenant(name)
+            .read_versioned(name)
             .await?
             .ok_or_else(|| AdminError::UnknownTenant(name.to_owned()))?;
         change(&mut doc);
         self.write_tenant(name, &doc, version).await
     }
+}
+
+/// Nothing stored there: never written, or its latest version deleted (Vault answers that 404
+/// without an `errors` list, which vaultrs reports differently).
+fn not_found(e: &ClientError) -> bool {
+    match e {
+        ClientError::APIError { code, .. } => *code == 404,
+        ClientError::RestClientError {
+            source: rustify::errors::ClientError::ServerResponseError { code, .. },
+        } => *code == 404,
+        ClientError::ResponseDataEmptyError => true,
+        _ => false,
+    }
+}
+
+fn parse_doc(name: &str, value: serde_json::Value) -> Result<TenantDoc, StoreError> {
+    serde_json::from_value(value).map_err(|e| {
+        StoreError::Invalid(TenantsError::BadDocument {
+            tenant: name.to_owned(),
+            reason: e.to_string(),
+        })
+    })
 }
 
 fn set_on_key(doc: &mut TenantDoc, key_id: &str, change: impl FnOnce(&mut KeySpec)) {
@@ -325,7 +361,7 @@ impl TenantSource for VaultSource {
             .await;
         let mut defs = Vec::with_capacity(reads.len());
         for (name, doc) in reads {
-            if let Some((doc, _)) = doc? {
+            if let Some(doc) = doc? {
                 defs.push(doc.def(&name));
             }
         }
@@ -361,7 +397,7 @@ impl TenantAdmin for VaultSource {
                         .await
                     {
                         Ok(meta) => meta.current_version,
-                        Err(ClientError::APIError { code: 404, .. }) => 0,
+                        Err(e) if not_found(&e) => 0,
                         Err(e) => {
                             let action =
                                 format!("read {}/{}", self.config.mount, self.path(&tenant));

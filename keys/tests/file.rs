@@ -10,7 +10,7 @@ use fleet_keys::{
     AdminError, Change, FileSource, KeyRefusal, KeyStore, NewKey, Retire, StoreError, StoreOptions,
     TenantAdmin, TenantPolicy, Tenants, TenantsError,
 };
-use fleet_schemas::{SigningKey, now_ms};
+use fleet_schemas::{Job, SigningKey, now_ms};
 
 fn tenant_block(name: &str, rate: u32, keys: &[(&str, &SigningKey)]) -> String {
     let keys: Vec<String> = keys
@@ -516,6 +516,16 @@ async fn the_store_follows_file_changes_and_keeps_the_last_good_snapshot() {
     })
     .await;
     assert_eq!(store.metrics().source_up.get(), 1);
+
+    // What the dispatcher and the workers ask: a2's signature still verifies, but a2 may sign
+    // nothing any more; a1 may.
+    for (signer, allowed) in [(&k1, true), (&k2, false)] {
+        let job = Job::embed("j1", "acme", "m", vec!["hi".into()], now_ms());
+        let envelope = signer.sign_job(&job).unwrap();
+        let key = store.verify(&envelope).unwrap();
+        let verdict = store.authorize(&key, &job, now_ms());
+        assert_eq!(verdict.is_ok(), allowed, "{}: {verdict:?}", signer.key_id);
+    }
 }
 
 #[tokio::test]

@@ -31,20 +31,29 @@ fn fast() -> StoreOptions {
     }
 }
 
-/// Writes a tenant's secret as an operator would with `bao kv put`, in the documented layout.
-async fn put(bao: &OpenBao, tenant: &str, data: serde_json::Value) {
+/// A client of its own, as an operator's tools would use.
+fn client(bao: &OpenBao) -> vaultrs::client::VaultClient {
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let client = vaultrs::client::VaultClient::new(
+    vaultrs::client::VaultClient::new(
         vaultrs::client::VaultClientSettingsBuilder::default()
             .address(bao.addr())
             .token(bao.token())
             .build()
             .unwrap(),
     )
+    .unwrap()
+}
+
+/// Writes a tenant's secret as an operator would with `bao kv put`, in the documented layout.
+async fn put(bao: &OpenBao, tenant: &str, data: serde_json::Value) {
+    vaultrs::kv2::set(
+        &client(bao),
+        "secret",
+        &format!("fleet/tenants/{tenant}"),
+        &data,
+    )
+    .await
     .unwrap();
-    vaultrs::kv2::set(&client, "secret", &format!("fleet/tenants/{tenant}"), &data)
-        .await
-        .unwrap();
 }
 
 #[tokio::test]
@@ -92,6 +101,29 @@ async fn the_documented_layout_is_read_at_start() {
     assert!(snapshot.policy("beta").unwrap().allows_model("anything"));
     assert_eq!(store.metrics().source_up.get(), 1);
     assert!(store.describe().contains(bao.addr()));
+
+    // Deleting a tenant's secret removes the tenant and its keys.
+    vaultrs::kv2::delete_latest(&client(&bao), "secret", "fleet/tenants/beta")
+        .await
+        .unwrap();
+    within(Duration::from_secs(3), "the deleted tenant gone", || {
+        store.key("b1").is_none()
+    })
+    .await;
+    assert!(store.tenant("beta").is_none());
+    assert!(store.key("a1").is_some());
+
+    // And it can be added again, over its deleted history.
+    source(&bao)
+        .apply(Change::AddTenant {
+            tenant: "beta".into(),
+            policy: policy(),
+            key: NewKey::new("b2", SigningKey::generate("b2").verifying_key()),
+        })
+        .await
+        .unwrap();
+    store.reload().await.unwrap();
+    assert_eq!(store.key("b2").unwrap().tenant, "beta");
 }
 
 #[tokio::test]
