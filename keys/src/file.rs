@@ -148,18 +148,24 @@ impl FileSource {
         parse(&self.read_text()?, &self.shown())
     }
 
+    /// The file's text; None when it does not exist.
+    fn current_text(&self) -> Result<Option<String>, AdminError> {
+        match std::fs::read_to_string(&self.path) {
+            Ok(text) => Ok(Some(text)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::from(TenantsError::Read {
+                path: self.shown(),
+                source,
+            })
+            .into()),
+        }
+    }
+
     fn apply_now(&self, change: &Change) -> Result<(), AdminError> {
+        let before = self.current_text()?;
         // The first tenant added makes the file.
-        let text = match std::fs::read_to_string(&self.path) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
-            read => read.map_err(|source| {
-                StoreError::from(TenantsError::Read {
-                    path: self.shown(),
-                    source,
-                })
-            })?,
-        };
-        let current = parse(&text, &self.shown()).map_err(StoreError::from)?;
+        let text = before.as_deref().unwrap_or_default();
+        let current = parse(text, &self.shown()).map_err(StoreError::from)?;
         change.check(&current)?;
         let mut doc: DocumentMut = text.parse().map_err(|e| AdminError::Unsupported {
             path: self.shown(),
@@ -168,10 +174,20 @@ impl FileSource {
         self.edit(&mut doc, change)?;
         let edited = doc.to_string();
         parse(&edited, &self.shown()).map_err(AdminError::Invalid)?;
-        write_atomically(&self.path, &edited).map_err(|source| AdminError::Write {
-            path: self.shown(),
-            source,
-        })
+        // Another edit that landed since the read would be lost by the rename: refuse instead,
+        // as the Vault backend's check-and-set does.
+        let unchanged = || matches!(self.current_text(), Ok(now) if now == before);
+        match write_atomically(&self.path, &edited, unchanged) {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(AdminError::Conflict(format!(
+                "tenants file {}",
+                self.shown()
+            ))),
+            Err(source) => Err(AdminError::Write {
+                path: self.shown(),
+                source,
+            }),
+        }
     }
 
     /// Edits the document in place, so comments and layout around the change survive.
@@ -305,7 +321,13 @@ fn key_table(spec: &KeySpec, tenant: Option<&str>) -> toml_edit::Table {
 /// The new file keeps the old one's permissions and, where allowed, its owner (a new file is
 /// 0644: it holds public keys only); a symbolic link is followed, so the file it points to is
 /// replaced and the link kept.
-fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+/// `unchanged` is asked last, just before the rename; when it says no, nothing is replaced and
+/// the answer is false.
+fn write_atomically(
+    path: &Path,
+    text: &str,
+    unchanged: impl FnOnce() -> bool,
+) -> std::io::Result<bool> {
     let (target, old) = match std::fs::canonicalize(path) {
         Ok(real) => {
             let meta = std::fs::metadata(&real)?;
@@ -340,9 +362,13 @@ fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
     }
     tmp.write_all(text.as_bytes())?;
     tmp.as_file().sync_all()?;
+    if !unchanged() {
+        return Ok(false);
+    }
     tmp.persist(&target).map_err(|e| e.error)?;
     // Makes the rename itself durable.
-    std::fs::File::open(dir)?.sync_all()
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(true)
 }
 
 impl TenantSource for FileSource {
@@ -389,5 +415,45 @@ impl TenantAdmin for FileSource {
                     source: std::io::Error::other(e),
                 })
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_changed_by_someone_else_meanwhile_is_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.toml");
+        std::fs::write(&path, "# theirs\n").unwrap();
+        let replaced = write_atomically(&path, "# mine\n", || false).unwrap();
+        assert!(!replaced);
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "# theirs\n");
+        assert_eq!(
+            std::fs::read_dir(dir.path()).unwrap().count(),
+            1,
+            "no temporary file left"
+        );
+
+        assert!(write_atomically(&path, "# mine\n", || true).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "# mine\n");
+    }
+
+    #[test]
+    fn a_symbolic_link_is_kept_and_its_target_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.toml");
+        let link = dir.path().join("tenants.toml");
+        std::fs::write(&real, "# old\n").unwrap();
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        assert!(write_atomically(&link, "# new\n", || true).unwrap());
+        assert!(
+            std::fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(std::fs::read_to_string(&real).unwrap(), "# new\n");
     }
 }

@@ -179,6 +179,7 @@ pub enum AdminError {
         path: String,
         source: std::io::Error,
     },
-    #[error("tenant {0:?} was changed by someone else meanwhile; nothing was written, try again")]
+    /// The tenant (Vault) or the file was changed by someone else meanwhile.
+    #[error("{0} was changed by someone else meanwhile; nothing was written, try again")]
     Conflict(String),
 }

@@ -341,7 +341,10 @@ impl TimeText {
 impl<'de> Deserialize<'de> for TimeText {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
-        #[serde(untagged)]
+        #[serde(
+            untagged,
+            expecting = "an RFC 3339 time with an offset, like \"2027-01-31T00:00:00Z\""
+        )]
         enum Either {
             Text(String),
             Toml(toml::value::Datetime),

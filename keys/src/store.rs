@@ -163,7 +163,7 @@ impl KeyStore {
             changes: watch::Sender::new(0),
             metrics: KeyStoreMetrics::default(),
         });
-        shared.install(tenants);
+        shared.install(tenants, true);
         let task = tokio::spawn(refresh(source, shared.clone(), options, stamp));
         Ok(KeyStore {
             shared,
@@ -284,7 +284,7 @@ impl Shared {
                 if self.metrics.source_up.get() == 0 {
                     tracing::info!(source = %self.describe, "tenant keys load again");
                 }
-                self.install(tenants);
+                self.install(tenants, false);
                 None
             }
             Err(error) => {
@@ -307,7 +307,8 @@ impl Shared {
         });
     }
 
-    fn install(&self, tenants: Tenants) {
+    /// Serves `tenants`; `first` for the load at start, which is announced even when empty.
+    fn install(&self, tenants: Tenants, first: bool) {
         let m = &self.metrics;
         m.reloads.inc();
         m.source_up.set(1);
@@ -317,22 +318,23 @@ impl Shared {
         m.last_reload_seconds.set(now);
         m.tenants.set(tenants.tenant_count() as i64);
         m.keys.set(tenants.key_count() as i64);
+        if !first && **self.snapshot.load() == tenants {
+            return;
+        }
+        tracing::info!(
+            source = %self.describe,
+            tenants = tenants.tenant_count(),
+            keys = tenants.key_count(),
+            "tenant keys loaded"
+        );
         if tenants.is_empty() {
             tracing::warn!(
                 source = %self.describe,
                 "no tenants are registered: every job will be refused"
             );
         }
-        if **self.snapshot.load() != tenants {
-            tracing::info!(
-                source = %self.describe,
-                tenants = tenants.tenant_count(),
-                keys = tenants.key_count(),
-                "tenant keys loaded"
-            );
-            self.snapshot.store(Arc::new(tenants));
-            self.changes.send_modify(|generation| *generation += 1);
-        }
+        self.snapshot.store(Arc::new(tenants));
+        self.changes.send_modify(|generation| *generation += 1);
     }
 }
 

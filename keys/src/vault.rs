@@ -111,9 +111,18 @@ impl VaultConfig {
 /// ```
 ///
 /// `not_before`, `not_after` (RFC 3339 with an offset) and `revoked` are optional. A tenant is
-/// removed by deleting its secret. The token needs `list` on `<mount>/metadata/<prefix>` and
-/// `read` on `<mount>/data/<prefix>/*` to serve; the management operations also need `create`
-/// and `update` there and `read` on `<mount>/metadata/<prefix>/*`.
+/// removed by deleting its secret. Written by hand, nested JSON goes in from a file:
+/// `bao kv put -mount=secret fleet/tenants/acme @acme.json` (or `vault kv put ...`).
+///
+/// What the serving token (dispatcher, workers) needs, as a policy:
+///
+/// ```hcl
+/// path "secret/metadata/fleet/tenants" { capabilities = ["list"] }
+/// path "secret/data/fleet/tenants/*"   { capabilities = ["read"] }
+/// ```
+///
+/// The management operations also need `create` and `update` on `secret/data/fleet/tenants/*`
+/// and `read` on `secret/metadata/fleet/tenants/*` (writes are check-and-set on the version).
 pub struct VaultSource {
     config: VaultConfig,
     client: VaultClient,
@@ -263,7 +272,9 @@ impl VaultSource {
     ) -> Result<(), AdminError> {
         Tenants::build(vec![doc.clone().def(name)]).map_err(AdminError::Invalid)?;
         let path = self.path(name);
-        let cas = u32::try_from(version).map_err(|_| AdminError::Conflict(name.to_owned()))?;
+        let conflict = || AdminError::Conflict(format!("tenant {name:?}"));
+        // Versions count writes; none reaches 2^32. Should one, the check-and-set fails safe.
+        let cas = u32::try_from(version).map_err(|_| conflict())?;
         let written = kv2::set_with_options(
             &self.client,
             &self.config.mount,
@@ -277,7 +288,7 @@ impl VaultSource {
             Err(ClientError::APIError { code: 400, errors })
                 if errors.iter().any(|e| e.contains("check-and-set")) =>
             {
-                Err(AdminError::Conflict(name.to_owned()))
+                Err(conflict())
             }
             Err(e) => Err(self
                 .error(format!("write {}/{path}", self.config.mount), e)

@@ -375,3 +375,56 @@ async fn management_on_vault_refuses_what_does_not_fit_and_an_invalid_secret_kee
     assert!(store.key("a1").is_some());
     assert!(store.metrics().reload_failures.get() >= 1);
 }
+
+#[tokio::test]
+async fn the_documented_serving_policy_serves_and_cannot_write() {
+    let bao = OpenBao::start();
+    let admin = source(&bao);
+    admin
+        .apply(Change::AddTenant {
+            tenant: "acme".into(),
+            policy: policy(),
+            key: NewKey::new("a1", SigningKey::generate("a1").verifying_key()),
+        })
+        .await
+        .unwrap();
+    // The policy as VaultSource's documentation gives it.
+    let serving = r#"
+        path "secret/metadata/fleet/tenants" { capabilities = ["list"] }
+        path "secret/data/fleet/tenants/*"   { capabilities = ["read"] }
+    "#;
+    let root = client(&bao);
+    vaultrs::sys::policy::set(&root, "fleet-serving", serving)
+        .await
+        .unwrap();
+    let token = vaultrs::token::new(
+        &root,
+        Some(
+            vaultrs::api::token::requests::CreateTokenRequest::builder()
+                .policies(vec!["fleet-serving".to_owned()])
+                .no_default_policy(true),
+        ),
+    )
+    .await
+    .unwrap()
+    .client_token;
+
+    let limited = VaultSource::new(VaultConfig::new(bao.addr(), &token)).unwrap();
+    let store = KeyStore::start(limited, fast()).await.unwrap();
+    assert!(store.key("a1").is_some());
+
+    let limited = VaultSource::new(VaultConfig::new(bao.addr(), &token)).unwrap();
+    let write = limited
+        .apply(Change::Revoke {
+            key_id: "a1".into(),
+        })
+        .await;
+    assert!(
+        matches!(
+            write,
+            Err(AdminError::Store(StoreError::Refused { status: 403, .. }))
+        ),
+        "{write:?}"
+    );
+    assert!(!admin.load().await.unwrap().key("a1").unwrap().revoked);
+}
