@@ -171,9 +171,9 @@ impl KeyStore {
         })
     }
 
-    /// The key registered as `key_id`, if any. Check it with [`KeyRecord::check`] before
-    /// trusting a signature it verifies. An unknown id starts a background reload, at most once
-    /// per refresh interval, and returns None at once.
+    /// The key registered as `key_id`, if any: a signature it verifies is trusted only after
+    /// [`KeyStore::authorize`] (or [`KeyRecord::check`]) accepted the job. An unknown id starts a
+    /// background reload, at most once per refresh interval, and returns None at once.
     pub fn key(&self, key_id: &str) -> Option<Arc<KeyRecord>> {
         let found = self.shared.snapshot.load().key(key_id).cloned();
         if found.is_none() && self.shared.claim_unknown_reload() {
