@@ -4,13 +4,13 @@
 
 use std::{
     path::{Path, PathBuf},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::Duration,
 };
 
-use async_nats::Client;
+use async_nats::{Client, RequestErrorKind};
 use fleet_schemas::{
     CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, decode, encode,
-    subject,
+    now_ms, subject,
 };
 
 /// Largest answer a client accepts (a batch of embeddings is far smaller).
@@ -32,21 +32,27 @@ pub enum ClientError {
     Key(#[from] KeyError),
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("request failed: {0}")]
-    Request(#[from] async_nats::RequestError),
-    #[error("cannot connect to {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
+    #[error(
+        "nobody serves {subject}: no dispatcher is running for this model on this NATS server \
+         (or this connection may not reach one)"
+    )]
+    NoDispatcher { subject: String },
+    #[error("no answer on {subject} within {timeout:?}")]
+    TimedOut { subject: String, timeout: Duration },
+    #[error("request on {subject} failed: {source}")]
+    Request {
+        subject: String,
+        source: async_nats::RequestError,
     },
+    #[error(transparent)]
+    Nats(#[from] fleet_service::NatsError),
 }
 
 /// Who calls the fleet, where and for which model: the flags every Fleet client program takes.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CallerArgs {
-    /// NATS server of the fleet.
-    #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub nats: fleet_service::NatsArgs,
     /// The tenant's secret key file.
     #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
     pub key: PathBuf,
@@ -65,14 +71,9 @@ impl CallerArgs {
     pub async fn connect(&self) -> Result<(Tenant, Client), ClientError> {
         let tenant = Tenant::from_key_file(&self.key)?;
         // Answers come only to the tenant's own inboxes (WIRE.md), so requests must use them.
-        let client = async_nats::ConnectOptions::new()
-            .custom_inbox_prefix(fleet_schemas::subject::inbox_prefix(&tenant.name))
-            .connect(&self.nats_url)
-            .await
-            .map_err(|source| ClientError::Connect {
-                url: self.nats_url.clone(),
-                source,
-            })?;
+        let options = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(fleet_schemas::subject::inbox_prefix(&tenant.name));
+        let client = self.nats.connect(options).await?;
         Ok((tenant, client))
     }
 }
@@ -116,21 +117,24 @@ pub fn new_job_id() -> String {
     format!("{:032x}", rand::random::<u128>())
 }
 
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Sends a job on `fleet.infer.<model>` and waits for its result (or the dispatcher's
-/// rejection, which is a `JobResult` with status `rejected`).
+/// rejection, which is a `JobResult` with status `rejected`). A job without a `deadline_ms` is
+/// given one at the end of `timeout`: nobody waits for its answer after that, so a worker that
+/// reaches it later answers `expired` instead of running it.
 pub async fn infer(
     client: &Client,
     tenant: &Tenant,
     job: &Job,
     timeout: Duration,
 ) -> Result<JobResult, ClientError> {
-    request(client, tenant, job, subject::infer(&job.model), timeout).await
+    let subject = subject::infer(&job.model);
+    if job.deadline_ms.is_some() {
+        return request(client, tenant, job, subject, timeout).await;
+    }
+    let mut job = job.clone();
+    let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+    job.deadline_ms = Some(now_ms().saturating_add(timeout_ms));
+    request(client, tenant, &job, subject, timeout).await
 }
 
 /// Sends a job on `fleet.submit.<model>`; the answer says whether it was queued.
@@ -154,6 +158,15 @@ async fn request<T: serde::de::DeserializeOwned>(
     let request = async_nats::Request::new()
         .payload(tenant.sign(job)?.into())
         .timeout(Some(timeout));
-    let answer = client.send_request(subject, request).await?;
+    let answer = client
+        .send_request(subject.clone(), request)
+        .await
+        .map_err(|source| match source.kind() {
+            RequestErrorKind::NoResponders => ClientError::NoDispatcher { subject },
+            RequestErrorKind::TimedOut => ClientError::TimedOut { subject, timeout },
+            RequestErrorKind::Other
+            | RequestErrorKind::InvalidSubject
+            | RequestErrorKind::MaxPayloadExceeded => ClientError::Request { subject, source },
+        })?;
     Ok(decode(&answer.payload, MAX_ANSWER_BYTES)?)
 }

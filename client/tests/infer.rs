@@ -43,3 +43,104 @@ fn a_model_name_no_subject_can_carry_or_a_zero_timeout_is_refused_up_front() {
         assert!(stderr.contains(expected), "{stderr}");
     }
 }
+
+fn key_file(dir: &std::path::Path, tenant: &str) -> std::path::PathBuf {
+    let key = fleet_schemas::SigningKey::generate(format!("{tenant}-1"));
+    let file = fleet_schemas::SecretKeyFile {
+        tenant: tenant.into(),
+        key_id: key.key_id.clone(),
+        secret_key: key.secret_hex(),
+    };
+    let path = dir.join("key.toml");
+    std::fs::write(&path, toml::to_string(&file).unwrap()).unwrap();
+    path
+}
+
+/// With no dispatcher running, the user is told which subject nobody serves, not the client
+/// library's bare "no responders".
+#[test]
+fn a_call_nobody_serves_names_the_subject() {
+    let nats = fleet_tests::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_fleet"))
+        .args([
+            "infer",
+            "--nats-url",
+            nats.url(),
+            "--text",
+            "hello",
+            "--key",
+        ])
+        .arg(key_file(dir.path(), "acme"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{output:?}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("nobody serves fleet.infer.all-minilm-l6-v2")
+            && stderr.contains("no dispatcher is running"),
+        "{stderr}"
+    );
+}
+
+/// An abandoned call's job must not run for nobody: `infer` dates the job's deadline at the end
+/// of the call's timeout (a worker answers `expired` past it), unless the caller set one.
+#[tokio::test]
+async fn infer_gives_the_job_a_deadline_at_the_end_of_its_timeout() {
+    use futures::StreamExt;
+
+    let nats = fleet_tests::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let tenant = fleet_client::Tenant::from_key_file(&key_file(dir.path(), "acme")).unwrap();
+    let client = async_nats::ConnectOptions::new()
+        .custom_inbox_prefix(fleet_schemas::subject::inbox_prefix("acme"))
+        .connect(nats.url())
+        .await
+        .unwrap();
+    let mut calls = client.subscribe("fleet.infer.m").await.unwrap();
+    client.flush().await.unwrap();
+    // A stand-in dispatcher: reports the deadline of each job it gets and answers it.
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let answerer = client.clone();
+    tokio::spawn(async move {
+        while let Some(call) = calls.next().await {
+            let envelope: fleet_schemas::SignedJob =
+                fleet_schemas::decode(&call.payload, 1 << 20).unwrap();
+            let job: fleet_schemas::Job = fleet_schemas::decode(&envelope.body, 1 << 20).unwrap();
+            seen_tx.send(job.deadline_ms).unwrap();
+            let result = fleet_schemas::JobResult {
+                job_id: job.job_id,
+                tenant: job.tenant,
+                model: job.model,
+                status: fleet_schemas::ResultStatus::Ok,
+                output: None,
+                error: None,
+                worker: "stand-in".into(),
+                timings: Default::default(),
+            };
+            let reply = call.reply.unwrap();
+            let body = fleet_schemas::encode(&result).unwrap();
+            answerer.publish(reply, body.into()).await.unwrap();
+        }
+    });
+
+    let timeout = std::time::Duration::from_secs(7);
+    let job = tenant.embed_job("m", vec!["hello".into()]);
+    let before = fleet_schemas::now_ms();
+    fleet_client::infer(&client, &tenant, &job, timeout)
+        .await
+        .unwrap();
+    let after = fleet_schemas::now_ms();
+    let deadline = seen_rx.recv().await.unwrap().expect("a deadline is set");
+    assert!(
+        (before + 7_000..=after + 7_000).contains(&deadline),
+        "deadline {deadline} not {before}..{after} + 7 s"
+    );
+
+    let mut own = tenant.embed_job("m", vec!["hello".into()]);
+    own.deadline_ms = Some(before + 1_000_000);
+    fleet_client::infer(&client, &tenant, &own, timeout)
+        .await
+        .unwrap();
+    assert_eq!(seen_rx.recv().await.unwrap(), Some(before + 1_000_000));
+}

@@ -53,3 +53,31 @@ fn keygen_refuses_names_that_cannot_be_subject_tokens() {
     assert!(!output.status.success());
     assert!(!dir.path().join("k.toml").exists());
 }
+
+/// The README's way to give a tenant a second key: run `fleet keygen` again and append its
+/// output to the same tenants file. The dispatcher then knows both keys, for the one tenant.
+#[test]
+fn a_second_keygen_appended_to_the_tenants_file_adds_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut tenants_file = String::new();
+    let mut keys = Vec::new();
+    for name in ["first.toml", "second.toml"] {
+        let key_path = dir.path().join(name);
+        let output = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["keygen", "--tenant", "acme", "--out"])
+            .arg(&key_path)
+            .output()
+            .unwrap();
+        assert!(output.status.success(), "{output:?}");
+        tenants_file.push_str(&String::from_utf8(output.stdout).unwrap());
+        keys.push(Tenant::from_key_file(&key_path).unwrap().key);
+    }
+    let path = dir.path().join("tenants.toml");
+    std::fs::write(&path, tenants_file).unwrap();
+    let tenants = StaticTenants::from_file(&path).expect("the dispatcher accepts the file");
+    for key in &keys {
+        let registered = tenants.key(&key.key_id).expect("each key registered");
+        assert_eq!(registered.tenant, "acme");
+        assert_eq!(registered.public_key, key.verifying_key());
+    }
+}

@@ -6,10 +6,9 @@ use std::{hint::black_box, sync::Arc};
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use fleet_dispatcher::{
     StaticTenants,
-    service::now_ms,
     validate::{AdmissionLimits, Validator},
 };
-use fleet_schemas::{Job, SigningKey, encode};
+use fleet_schemas::{Job, SigningKey, encode, now_ms};
 
 fn validate(c: &mut Criterion) {
     let key = SigningKey::generate("acme-1");

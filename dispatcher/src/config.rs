@@ -15,9 +15,8 @@ pub struct DispatcherConfig {
     /// TOML file of settings (keys are the long flag names).
     #[arg(long, env = "FLEET_CONFIG")]
     pub config: Option<PathBuf>,
-    /// NATS server to connect to.
-    #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
-    pub nats_url: String,
+    #[command(flatten)]
+    pub nats: fleet_service::NatsArgs,
     /// Tenants, their public keys, models and rates (TOML).
     #[arg(long, env = "FLEET_TENANTS", default_value = "tenants.toml")]
     pub tenants: PathBuf,
@@ -47,12 +46,17 @@ pub struct DispatcherConfig {
     /// How far in the future a job's `created_at_ms` may be, in seconds.
     #[arg(long, env = "FLEET_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]
     pub max_clock_skew_secs: u64,
-    /// Publishes awaiting their JetStream ack at once; past it, new jobs wait.
-    #[arg(long, env = "FLEET_MAX_PENDING_PUBLISHES", default_value_t = 512)]
-    pub max_pending_publishes: usize,
-    /// How long a job may wait for a publish slot or its ack before `overloaded`, in ms.
+    /// Jobs being checked or awaiting their JetStream ack at once; past it, new jobs are
+    /// answered `overloaded` at once.
+    #[arg(long, env = "FLEET_MAX_PENDING_PUBLISHES", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_pending_publishes: u32,
+    /// How long a job may wait for its JetStream ack before `overloaded`, in ms.
     #[arg(long, env = "FLEET_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
     pub publish_timeout_ms: u64,
+    /// Requests NATS holds for this dispatcher, per subject, while it is busy; past it NATS drops
+    /// them (each drop counted in `fleet_dispatcher_requests_dropped` and logged).
+    #[arg(long, env = "FLEET_MAX_BUFFERED_REQUESTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_buffered_requests: u32,
     /// How long an `infer` repeating a queued job id waits for that job's stored result, in ms.
     #[arg(long, env = "FLEET_RELAY_WAIT_MS", default_value_t = 60_000)]
     pub relay_wait_ms: u64,

@@ -26,11 +26,8 @@ pub enum StartError {
     Config(#[from] config::ConfigError),
     #[error(transparent)]
     Tenants(#[from] tenants::TenantsError),
-    #[error("cannot connect to NATS at {url}: {source}")]
-    Connect {
-        url: String,
-        source: async_nats::ConnectError,
-    },
+    #[error(transparent)]
+    Nats(#[from] fleet_service::NatsError),
     #[error(transparent)]
     Topology(#[from] fleet_streams::TopologyError),
 }
@@ -43,29 +40,33 @@ impl Dispatcher {
         registry: &mut Registry,
     ) -> Result<Arc<Dispatcher>, StartError> {
         config.validate()?;
-        let client = async_nats::ConnectOptions::new()
-            .name(config.name.clone())
-            .connect(&config.nats_url)
-            .await
-            .map_err(|source| StartError::Connect {
-                url: config.nats_url.clone(),
-                source,
-            })?;
+        let metrics = metrics::DispatcherMetrics::register(registry);
+        let events = fleet_service::ConnectionEvents::new(
+            config.nats.shown_url(),
+            metrics.requests_dropped.clone(),
+            "dropped requests go unanswered (their callers time out): add dispatchers or raise \
+             --max-buffered-requests",
+        );
+        let options = events.options(
+            async_nats::ConnectOptions::new()
+                .name(config.name.clone())
+                .subscription_capacity(config.max_buffered_requests as usize),
+        );
+        let client = config.nats.connect(options).await?;
         let jetstream = jetstream::new(client.clone());
         let streams = fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
         let rate_limits = rate::TenantRateLimits::new(tenants.tenants());
         let validator =
             validate::Validator::new(tenants, config.models.clone(), config.admission_limits());
-        let capacity = u32::try_from(config.max_pending_publishes.max(1)).unwrap_or(u32::MAX);
         Ok(Arc::new(Dispatcher {
             name: config.name.clone(),
             client,
             jetstream,
             validator,
             rate_limits,
-            metrics: metrics::DispatcherMetrics::register(registry),
-            publish_slots: Arc::new(Semaphore::new(capacity as usize)),
-            publish_slots_capacity: capacity,
+            metrics,
+            publish_slots: Arc::new(Semaphore::new(config.max_pending_publishes as usize)),
+            publish_slots_capacity: config.max_pending_publishes,
             publish_timeout: config.publish_timeout(),
             results: streams.results,
             relay_wait: config.relay_wait(),

@@ -15,6 +15,7 @@ pub struct DispatcherMetrics {
     pub accepted: Counter,
     pub duplicates: Counter,
     pub relayed: Counter,
+    pub requests_dropped: Counter,
     pub rejected: Family<CodeLabel, Counter>,
     pub publish_seconds: Histogram,
 }
@@ -25,6 +26,7 @@ impl DispatcherMetrics {
             accepted: Counter::default(),
             duplicates: Counter::default(),
             relayed: Counter::default(),
+            requests_dropped: Counter::default(),
             rejected: Family::default(),
             publish_seconds: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
@@ -45,6 +47,12 @@ impl DispatcherMetrics {
             "results_relayed",
             "Stored results sent to an infer call that repeated a queued job id",
             metrics.relayed.clone(),
+        );
+        fleet.register(
+            "requests_dropped",
+            "Requests the NATS client dropped unread because this dispatcher's buffer was full \
+             (a lower bound: a burst of drops can overflow the client's event queue too)",
+            metrics.requests_dropped.clone(),
         );
         fleet.register(
             "jobs_rejected",

@@ -3,7 +3,7 @@
 
 use std::{
     sync::Arc,
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
 use async_nats::{
@@ -162,9 +162,10 @@ impl Dispatcher {
         Ok(())
     }
 
-    /// Takes a slot for the request (waiting at most the publish timeout, else `overloaded`),
-    /// then admits, publishes and answers it on its own task, so verification runs on every
-    /// core while the subscription keeps being drained.
+    /// Takes a slot for the request, then admits, publishes and answers it on its own task, so
+    /// verification runs on every core while the subscription keeps being drained. With no slot
+    /// free the request is answered `overloaded` at once: waiting here would stop the loop that
+    /// reads the subscription, and NATS drops what a full subscription cannot hold, unanswered.
     async fn handle(self: Arc<Self>, message: Message) {
         let Some(ingress) = subject::parse_ingress(&message.subject) else {
             return;
@@ -179,20 +180,15 @@ impl Dispatcher {
             tracing::warn!(subject = %message.subject, "infer request without a reply subject dropped");
             return;
         }
-        let slot = match tokio::time::timeout(
-            self.publish_timeout,
-            self.publish_slots.clone().acquire_owned(),
-        )
-        .await
-        {
-            Ok(Ok(slot)) => slot,
-            _ => {
+        let slot = match self.publish_slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
                 let rejection = Rejection {
                     job_id: String::new(),
                     tenant: String::new(),
                     error: ErrorBody::new(
                         ErrorCode::Overloaded,
-                        "too many jobs awaiting the queue's ack",
+                        "too many jobs being checked or awaiting the queue's ack",
                     ),
                 };
                 self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
@@ -308,7 +304,9 @@ impl Dispatcher {
     /// Every stateless check, then the tenant's rate limit (last, so refused jobs spend no
     /// tokens).
     fn admit(&self, model: &str, payload: &[u8]) -> Result<Admitted, Rejection> {
-        let admitted = self.validator.admit(model, payload, now_ms())?;
+        let admitted = self
+            .validator
+            .admit(model, payload, fleet_schemas::now_ms())?;
         if self.rate_limits.try_take(&admitted.job.tenant) {
             Ok(admitted)
         } else {
@@ -478,10 +476,4 @@ fn is_queue_full(err: &jetstream::context::PublishError) -> bool {
                 || code == jetstream::ErrorCode::MEMORY_RESOURCES_EXCEEDED
                 || code == jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
         })
-}
-
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }

@@ -27,6 +27,16 @@ impl TenantPolicy {
     pub fn allows_model(&self, model: &str) -> bool {
         self.models.iter().any(|m| m == "*" || m == model)
     }
+
+    /// Same rights, whatever the order or repetition of the models.
+    fn same_as(&self, other: &TenantPolicy) -> bool {
+        fn models(p: &TenantPolicy) -> std::collections::BTreeSet<&str> {
+            p.models.iter().map(String::as_str).collect()
+        }
+        models(self) == models(other)
+            && self.rate_per_second == other.rate_per_second
+            && self.burst == other.burst
+    }
 }
 
 /// Where the dispatcher looks up keys and tenants. The TOML file is the default (and so far
@@ -62,8 +72,17 @@ pub enum TenantsError {
     },
     #[error("key id {0:?} is registered twice")]
     DuplicateKey(String),
-    #[error("tenant {0:?} is defined twice")]
+    #[error(
+        "tenant {0:?} is defined twice with different models, rate_per_second or burst; to give \
+         it another key, add the key to the `keys` list of its first block (a repeated block with \
+         the same settings, as a second `fleet keygen --tenant` prints, adds its keys)"
+    )]
     DuplicateTenant(String),
+    #[error(
+        "tenants file {path} defines no tenant, so every job would be refused; add one with \
+         `fleet keygen --tenant <name> >> {path}`"
+    )]
+    Empty { path: String },
     #[error("tenant {0:?}: rate_per_second and burst must be at least 1")]
     ZeroRate(String),
 }
@@ -78,6 +97,10 @@ pub enum TenantsError {
 /// burst = 200
 /// keys = [{ key_id = "acme-1", public_key = "<64 hex>" }]
 /// ```
+///
+/// A block repeated with the same models, rate and burst adds its keys to the tenant, so the
+/// output of a second `fleet keygen --tenant acme` can be appended as it is; a repeated block
+/// with other settings is refused, since either could be meant.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TenantsFile {
@@ -116,13 +139,17 @@ impl StaticTenants {
             path: shown.clone(),
             source,
         })?;
-        Self::from_toml(&text).map_err(|err| match err {
+        let tenants = Self::from_toml(&text).map_err(|err| match err {
             TenantsError::Parse { source, .. } => TenantsError::Parse {
-                path: shown,
+                path: shown.clone(),
                 source,
             },
             other => other,
-        })
+        })?;
+        if tenants.policies.is_empty() {
+            return Err(TenantsError::Empty { path: shown });
+        }
+        Ok(tenants)
     }
 
     pub fn from_toml(text: &str) -> Result<Self, TenantsError> {
@@ -164,12 +191,12 @@ impl StaticTenants {
                 rate_per_second: entry.rate_per_second,
                 burst: entry.burst,
             };
-            if tenants
-                .policies
-                .insert(entry.name.clone(), policy)
-                .is_some()
-            {
-                return Err(TenantsError::DuplicateTenant(entry.name));
+            match tenants.policies.get(&entry.name) {
+                None => {
+                    tenants.policies.insert(entry.name, policy);
+                }
+                Some(defined) if defined.same_as(&policy) => {}
+                Some(_) => return Err(TenantsError::DuplicateTenant(entry.name)),
             }
         }
         Ok(tenants)
@@ -218,6 +245,39 @@ mod tests {
         assert!(policy.allows_model("m"));
         assert!(!policy.allows_model("other"));
         assert!(tenants.key("nope").is_none());
+    }
+
+    /// What a user gets by running `fleet keygen --tenant acme >> tenants.toml` twice.
+    #[test]
+    fn a_repeated_block_with_the_same_settings_adds_its_keys() {
+        let first = SigningKey::generate("acme-1");
+        let second = SigningKey::generate("acme-2");
+        let text = format!(
+            "{}{}",
+            file_with(&first.verifying_key().to_hex(), ""),
+            file_with(&second.verifying_key().to_hex(), "").replace("acme-1", "acme-2")
+        );
+        let tenants = StaticTenants::from_toml(&text).expect("the tenant gains a key");
+        for key in [&first, &second] {
+            let registered = tenants.key(&key.key_id).expect("both keys registered");
+            assert_eq!(registered.tenant, "acme");
+            assert_eq!(registered.public_key, key.verifying_key());
+        }
+        assert_eq!(tenants.tenants().len(), 1);
+        let other_rate = text.replacen("rate_per_second = 5", "rate_per_second = 6", 1);
+        let err = StaticTenants::from_toml(&other_rate).unwrap_err();
+        assert!(matches!(err, TenantsError::DuplicateTenant(ref t) if t == "acme"));
+        assert!(err.to_string().contains("keys"), "{err}");
+    }
+
+    #[test]
+    fn a_file_without_tenants_is_refused_saying_how_to_add_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tenants.toml");
+        std::fs::write(&path, "# nobody yet\n").unwrap();
+        let err = StaticTenants::from_file(&path).unwrap_err();
+        assert!(matches!(err, TenantsError::Empty { .. }));
+        assert!(err.to_string().contains("fleet keygen --tenant"), "{err}");
     }
 
     #[test]

@@ -62,6 +62,21 @@ pub fn load_config<C: Parser>(args: impl IntoIterator<Item = OsString>) -> Resul
     Ok(C::from_arg_matches(&matches)?)
 }
 
+/// [`load_config`] for a binary's `main`: `--help` and `--version` print and exit 0, and a bad
+/// flag, environment variable or config file prints why and exits 2, clap's convention for
+/// usage errors (an error returned from `main` would exit 1 and prefix `--version` with
+/// "Error:").
+pub fn load_config_or_exit<C: Parser>() -> C {
+    match load_config(std::env::args_os()) {
+        Ok(config) => config,
+        Err(ConfigError::Args(error)) => error.exit(),
+        Err(error) => {
+            eprintln!("error: {error}");
+            std::process::exit(2);
+        }
+    }
+}
+
 fn config_path(args: &[OsString]) -> Option<PathBuf> {
     let mut iter = args.iter().skip(1);
     while let Some(arg) = iter.next() {

@@ -1,15 +1,20 @@
 //! Process plumbing shared by Fleet's binaries, so each states only what is its own.
 
 mod config;
+mod events;
 mod metrics;
+pub mod nats;
 
-pub use config::{ConfigError, load_config};
+pub use config::{ConfigError, load_config, load_config_or_exit};
+pub use events::ConnectionEvents;
 pub use metrics::{MetricsServer, serve_metrics};
+pub use nats::{NatsArgs, NatsAuthArgs, NatsError, Secret, redact_url};
 
-/// JSON lines on stdout, filtered by `RUST_LOG` (default `info`).
+/// JSON lines on stdout, filtered by `RUST_LOG` (default `info`, async-nats at `warn`).
 pub fn init_logging() {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // async-nats logs each (re)connection at info without the server; Fleet logs its own.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
     let _ = tracing_subscriber::fmt()
         .json()
         .with_env_filter(filter)

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use async_nats::jetstream::{
     self, Context,
-    context::{CreateStreamError, GetStreamError, GetStreamErrorKind},
+    context::{
+        CreateStreamError, GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+    },
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use fleet_schemas::subject;
@@ -71,6 +73,11 @@ pub enum TopologyError {
     },
     #[error("stream {stream} does not exist yet")]
     Missing { stream: String },
+    #[error(
+        "JetStream is not enabled on this NATS server (or not for this connection's account): \
+         start nats-server with -js (or `jetstream {{}}` in its config)"
+    )]
+    JetStreamDisabled,
 }
 
 /// One setting that is not what Fleet defined.
@@ -263,10 +270,7 @@ pub async fn ensure_stream(
             tracing::info!(stream = %name, "created stream");
             Ok(created)
         }
-        Err(source) => Err(TopologyError::Get {
-            stream: name,
-            source,
-        }),
+        Err(source) => Err(get_error(name, source)),
     }
 }
 
@@ -277,10 +281,22 @@ pub async fn existing_stream(js: &Context, name: &str) -> Result<stream::Stream,
         Err(err) if is_not_found(&err) => Err(TopologyError::Missing {
             stream: name.to_owned(),
         }),
-        Err(source) => Err(TopologyError::Get {
-            stream: name.to_owned(),
-            source,
-        }),
+        Err(source) => Err(get_error(name.to_owned(), source)),
+    }
+}
+
+/// A JetStream API request nobody answers means the server runs without JetStream: async-nats
+/// words that "requested JetStream resource does not exist", which sends users looking for a
+/// stream instead of the server's flags.
+fn get_error(stream: String, source: GetStreamError) -> TopologyError {
+    let unanswered = matches!(source.kind(), GetStreamErrorKind::Request)
+        && std::error::Error::source(&source)
+            .and_then(|inner| inner.downcast_ref::<RequestError>())
+            .is_some_and(|inner| inner.kind() == RequestErrorKind::NoResponders);
+    if unanswered {
+        TopologyError::JetStreamDisabled
+    } else {
+        TopologyError::Get { stream, source }
     }
 }
 

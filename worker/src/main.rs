@@ -1,34 +1,67 @@
 use std::sync::Arc;
 
-use anyhow::Context as _;
+use anyhow::{Context as _, bail};
+use clap::Parser;
+use fleet_service::{ConnectionEvents, NatsAuthArgs};
 use fleet_worker::{WorkerArgs, WorkerConfig, metrics::Metrics, model};
-use prometheus_client::registry::Registry;
+use prometheus_client::{metrics::counter::Counter, registry::Registry};
+
+/// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
+/// sends the results.
+#[derive(Debug, Parser)]
+// A flag given twice takes the last value, so scripts can append overrides.
+#[command(name = "worker", version, args_override_self = true)]
+struct Cli {
+    #[command(flatten)]
+    worker: WorkerArgs,
+    #[command(flatten)]
+    nats: NatsAuthArgs,
+}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    let args: WorkerArgs = fleet_service::load_config(std::env::args_os())?;
+    let cli: Cli = fleet_service::load_config_or_exit();
     fleet_service::init_logging();
-    let config = WorkerConfig::from_args(args)?;
+    let config = WorkerConfig::from_args(cli.worker)?;
+    let nats_url = fleet_service::redact_url(&config.nats_url);
     tracing::info!(
         worker = %config.worker_name,
         model = %config.model,
         device = %config.device,
-        nats_url = %config.nats_url,
+        nats_url = %nats_url,
         "starting worker"
     );
+    if !config.model_dir.join("model.safetensors").is_file() {
+        let shown = std::path::absolute(&config.model_dir).unwrap_or(config.model_dir.clone());
+        bail!(
+            "no model at {} (model.safetensors missing): fetch it with ops/fetch-model.sh in \
+             Fleet's repository, or point --model-dir (FLEET_MODEL_DIR) at a copy",
+            shown.display()
+        );
+    }
+    // Connect before the slow model load, so an unreachable server is reported at once; a
+    // connection made once is kept up by reconnecting.
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let dropped = Counter::default();
+    registry.register(
+        "fleet_worker_nats_messages_dropped",
+        "Messages (jobs, advisories) the NATS client dropped unread because this worker's buffer \
+         for them was full",
+        dropped.clone(),
+    );
+    let events = ConnectionEvents::new(
+        nats_url,
+        dropped,
+        "dropped jobs are redelivered after the ack wait",
+    );
+    let options = events.options(async_nats::ConnectOptions::new().name(&config.worker_name));
+    let client = fleet_service::nats::connect(&config.nats_url, &cli.nats, options).await?;
     fleet_service::serve_metrics(config.metrics_addr, Arc::new(registry))
         .await
         .with_context(|| format!("cannot serve metrics on {}", config.metrics_addr))?;
     let embedder = model::load(&config.model_dir, config.device)
         .with_context(|| format!("cannot load model from {}", config.model_dir.display()))?;
-    let client = async_nats::ConnectOptions::new()
-        .name(&config.worker_name)
-        .retry_on_initial_connect()
-        .connect(&config.nats_url)
-        .await
-        .with_context(|| format!("cannot connect to NATS at {}", config.nats_url))?;
     fleet_worker::run(
         &config,
         client.clone(),

@@ -18,7 +18,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
-    /// Makes a key pair: writes the secret key file (mode 0600) and prints the tenants-file entry.
+    /// Makes a key pair: writes the secret key file (mode 0600) and prints the tenants-file entry
+    /// (append it to the tenants file; for a tenant already there it adds a key).
     Keygen {
         /// Tenant the key speaks for.
         #[arg(long, env = "FLEET_TENANT")]
@@ -33,7 +34,7 @@ enum Command {
     /// Embeds texts through request-reply and prints the result as JSON.
     Infer {
         #[command(flatten)]
-        caller: CallerArgs,
+        caller: Box<CallerArgs>,
         /// A text to embed (repeat for several; the environment holds one).
         #[arg(long = "text", env = "FLEET_TEXT", required = true)]
         texts: Vec<String>,
@@ -93,7 +94,12 @@ fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Resul
         let _ = std::fs::remove_file(&out);
         return Err(error).with_context(|| format!("cannot write {}", out.display()));
     }
-    eprintln!("secret key written to {}", out.display());
+    eprintln!(
+        "secret key written to {}; append the entry printed on stdout to the dispatcher's tenants \
+         file (`>> tenants.toml`: for a tenant already there it adds this key) and restart the \
+         dispatcher",
+        out.display()
+    );
     println!(
         "[[tenants]]\nname = \"{tenant}\"\nmodels = [\"*\"]\nrate_per_second = 100\nburst = 200\n\
          keys = [{{ key_id = \"{key_id}\", public_key = \"{}\" }}]",
