@@ -14,6 +14,7 @@
 //!   (signature, validity, tenant, model), the same for the dispatcher and the workers.
 //! - [`TenantAdmin`] writes: add a tenant, add a key (rotation), retire or revoke a key.
 
+mod args;
 mod authorize;
 mod file;
 mod model;
@@ -22,6 +23,7 @@ mod vault;
 
 use std::future::Future;
 
+pub use args::KeyStoreArgs;
 pub use authorize::Denied;
 pub use file::FileSource;
 pub use model::{KeyRecord, KeyRefusal, NewKey, Tenant, TenantPolicy, Tenants, TenantsError};
