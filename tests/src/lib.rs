@@ -10,24 +10,79 @@ use std::{
     time::{Duration, Instant},
 };
 
-use fleet_schemas::{SigningKey, VerifyingKey};
+use async_nats::{
+    HeaderMap,
+    jetstream::{self, consumer, consumer::PullConsumer, message::StreamMessage, stream::Stream},
+};
+use fleet_schemas::{Job, JobResult, SigningKey, VerifyingKey, decode, encode, subject};
 use nix::{sys::signal, unistd::Pid};
 
 pub mod openbao;
 
-/// A `nats-server` with JetStream and a temporary store, on a random loopback port.
+/// A `nats-server` with JetStream and a temporary store, on a random loopback port. It can be
+/// stopped (a clean SIGTERM or a crash by SIGKILL) and started again on the same port and store,
+/// as nats.rs's own test server does, so clients reconnect to the same URL and find their
+/// streams.
 pub struct NatsServer {
     process: Process,
+    port: u16,
     url: String,
-    _store: tempfile::TempDir,
+    store: tempfile::TempDir,
+    /// The configuration file it runs with ([`NatsServer::start_with_config`]), if any.
+    config: Option<PathBuf>,
 }
 
 impl NatsServer {
     pub fn start() -> NatsServer {
         let store = tempfile::tempdir().expect("temporary JetStream store");
-        let mut child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", "-1", "-js", "-sd"])
-            .arg(store.path())
+        // Port -1: the server picks a free one and says which in its log.
+        let (process, port) = NatsServer::spawn(store.path(), -1, None);
+        NatsServer {
+            process,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+            config: None,
+        }
+    }
+
+    /// Starts `nats-server` with a configuration file (such as the broker configuration
+    /// `ops/nats/render.sh` writes, TLS and auth on), still on a free loopback port (the
+    /// command line overrides the file's listen address). The file must set JetStream's
+    /// store_dir (a temporary one): nats-server refuses a reload when `-sd` gave it instead.
+    /// [`NatsServer::client`] cannot connect to it; pass credentials with
+    /// [`NatsServer::connect_with`].
+    pub fn start_with_config(config: &Path) -> NatsServer {
+        let store = tempfile::tempdir().expect("temporary JetStream store");
+        let (process, port) = NatsServer::spawn(store.path(), -1, Some(config));
+        NatsServer {
+            process,
+            port,
+            url: format!("nats://127.0.0.1:{port}"),
+            store,
+            config: Some(config.to_owned()),
+        }
+    }
+
+    /// Connects with `options` (credentials, TLS, inbox prefix), for a server started with
+    /// [`NatsServer::start_with_config`]; a refusal is the test's to judge.
+    pub async fn connect_with(
+        &self,
+        options: async_nats::ConnectOptions,
+    ) -> Result<async_nats::Client, async_nats::ConnectError> {
+        options.connect(&self.url).await
+    }
+
+    /// Starts `nats-server` on `port` with its JetStream store in `store`, and returns once it
+    /// listens (JetStream has recovered its streams by then) with the port it listens on.
+    fn spawn(store: &Path, port: i32, config: Option<&Path>) -> (Process, u16) {
+        let mut command = Command::new("nats-server");
+        command.args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js"]);
+        match config {
+            Some(config) => command.arg("-c").arg(config),
+            None => command.arg("-sd").arg(store),
+        };
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()
@@ -47,11 +102,12 @@ impl NatsServer {
         let addr = port_rx
             .recv_timeout(Duration::from_secs(20))
             .expect("nats-server did not start listening within 20 s");
-        NatsServer {
-            process,
-            url: format!("nats://{addr}"),
-            _store: store,
-        }
+        let port = addr
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.parse().ok())
+            .unwrap_or_else(|| panic!("nats-server listens on {addr:?}, not host:port"));
+        (process, port)
     }
 
     pub fn url(&self) -> &str {
@@ -64,8 +120,185 @@ impl NatsServer {
             .expect("connect to the test nats-server")
     }
 
+    /// A client whose requests take their answers on `tenant`'s inboxes (`_INBOX.<tenant>.…`),
+    /// as a tenant's clients must: workers answer no other inbox.
+    pub async fn tenant_client(&self, tenant: &str) -> async_nats::Client {
+        async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(subject::inbox_prefix(tenant))
+            .connect(&self.url)
+            .await
+            .expect("connect to the test nats-server")
+    }
+
     pub fn pid(&self) -> u32 {
         self.process.pid()
+    }
+
+    /// Stops the server with `signal` (SIGTERM: a clean shutdown; SIGKILL: a crash) and waits
+    /// until it has exited. Its store is kept for [`NatsServer::restart`].
+    pub fn stop(&mut self, signal: Signal) {
+        self.process.signal(signal);
+        self.process.wait_exit(Duration::from_secs(30));
+    }
+
+    /// Starts the server again on the same port with the same store (after [`NatsServer::stop`]
+    /// or a crash), and returns once it listens.
+    pub fn restart(&mut self) {
+        if self.process.is_running() {
+            self.stop(Signal::SIGTERM);
+        }
+        let (process, port) = NatsServer::spawn(
+            self.store.path(),
+            i32::from(self.port),
+            self.config.as_deref(),
+        );
+        assert_eq!(port, self.port, "nats-server restarted on another port");
+        self.process = process;
+    }
+}
+
+/// What a test needs of Fleet's JetStream side: the streams as Fleet creates them, and what
+/// workers and dispatchers leave in them (queued jobs, stored results, the workers' consumer).
+#[derive(Clone)]
+pub struct Streams {
+    pub client: async_nats::Client,
+    pub js: jetstream::Context,
+}
+
+impl Streams {
+    /// Connects to `server` and creates Fleet's streams with their default limits.
+    pub async fn create(server: &NatsServer) -> Streams {
+        let streams = Streams::connect(server).await;
+        fleet_streams::ensure_all(&streams.js, &fleet_streams::StreamLimits::default())
+            .await
+            .expect("Fleet's streams");
+        streams
+    }
+
+    /// Connects to `server`, leaving the streams to whoever creates them (a dispatcher).
+    pub async fn connect(server: &NatsServer) -> Streams {
+        let client = server.client().await;
+        let js = jetstream::new(client.clone());
+        Streams { client, js }
+    }
+
+    pub async fn stream(&self, name: &str) -> Stream {
+        self.js.get_stream(name).await.expect("stream exists")
+    }
+
+    pub async fn messages_in(&self, name: &str) -> u64 {
+        self.stream(name)
+            .await
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .messages
+    }
+
+    /// Queues a job as the dispatcher does: the signed envelope (the worker does not check the
+    /// signature: the dispatcher did), the job's `Nats-Msg-Id`, and the caller's inbox (if
+    /// any) as `Fleet-Reply-To`. Returns the job's sequence on `FLEET_JOBS`.
+    pub async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
+        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            subject::MSG_ID,
+            subject::msg_id(&job.tenant, &job.job_id).as_str(),
+        );
+        if let Some(reply_to) = reply_to {
+            headers.insert(subject::REPLY_TO, reply_to);
+        }
+        self.enqueue_raw(&job.model, encode(&envelope).expect("encode"), headers)
+            .await
+    }
+
+    /// Queues any payload on `fleet.jobs.<model>`; returns its sequence.
+    pub async fn enqueue_raw(&self, model: &str, payload: Vec<u8>, headers: HeaderMap) -> u64 {
+        self.js
+            .publish_with_headers(subject::jobs(model), headers, payload.into())
+            .await
+            .expect("publish")
+            .await
+            .expect("publish ack")
+            .sequence
+    }
+
+    /// The job's stored result, if there is one.
+    pub async fn stored_result(&self, job: &Job) -> Option<JobResult> {
+        let message = self.stored_result_message(job).await?;
+        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+    }
+
+    pub async fn stored_result_message(&self, job: &Job) -> Option<StreamMessage> {
+        self.stream(subject::RESULTS_STREAM)
+            .await
+            .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
+            .await
+            .ok()
+    }
+
+    /// Waits for the job's stored result.
+    pub async fn wait_result(&self, job: &Job, timeout: Duration) -> JobResult {
+        eventually(timeout, &format!("stored result of {}", job.job_id), || {
+            self.stored_result(job)
+        })
+        .await
+    }
+
+    /// Results in `FLEET_RESULTS` (it keeps one per job).
+    pub async fn stored_results(&self) -> u64 {
+        self.messages_in(subject::RESULTS_STREAM).await
+    }
+
+    /// Results stored over one already stored for the same job. `FLEET_RESULTS` keeps one
+    /// message per subject, but every store takes a sequence: each store beyond a job's first
+    /// shows as a sequence with no message left (nothing else deletes results).
+    pub async fn results_stored_again(&self) -> u64 {
+        let state = self
+            .stream(subject::RESULTS_STREAM)
+            .await
+            .info()
+            .await
+            .expect("stream info")
+            .state
+            .clone();
+        state.last_sequence - state.messages
+    }
+
+    /// Waits until every job has been settled and left the work queue.
+    pub async fn wait_queue_empty(&self, timeout: Duration) {
+        eventually(
+            timeout,
+            "jobs settled and gone from the work queue",
+            || async { (self.messages_in(subject::JOBS_STREAM).await == 0).then_some(()) },
+        )
+        .await;
+    }
+
+    /// The workers' shared consumer of `model`; None until a worker has created it.
+    pub async fn consumer_info(&self, model: &str) -> Option<consumer::Info> {
+        let mut consumer: PullConsumer = self
+            .stream(subject::JOBS_STREAM)
+            .await
+            .get_consumer(&format!("fleet-worker-{model}"))
+            .await
+            .ok()?;
+        Some(consumer.info().await.expect("consumer info").clone())
+    }
+
+    /// Jobs of `model` that workers hold unacknowledged; None until a worker has created the
+    /// consumer.
+    pub async fn held(&self, model: &str) -> Option<usize> {
+        Some(self.consumer_info(model).await?.num_ack_pending)
+    }
+
+    /// Waits until workers of `model` hold exactly `count` jobs unacknowledged.
+    pub async fn wait_held(&self, model: &str, count: usize, timeout: Duration) {
+        eventually(timeout, &format!("{count} jobs held"), || async {
+            (self.held(model).await? == count).then_some(())
+        })
+        .await;
     }
 }
 

@@ -5,10 +5,9 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream;
 use fleet_client::Tenant;
-use fleet_schemas::{JobResult, Output, ResultStatus, SubmitStatus, decode, subject};
-use fleet_tests::{NatsServer, Process, TestTenant, binary, eventually, model_dir};
+use fleet_schemas::{JobResult, Output, ResultStatus, SubmitStatus};
+use fleet_tests::{NatsServer, Process, Streams, TestTenant, binary, eventually, model_dir};
 use serde::Deserialize;
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -28,9 +27,9 @@ struct ReferenceItem {
 fn reference() -> Vec<ReferenceItem> {
     let path = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/fixtures/minilm_reference.json"
+        "/../fixtures/minilm_reference.json"
     );
-    let text = std::fs::read_to_string(path).expect("the reference fixture in ../shared");
+    let text = std::fs::read_to_string(path).expect("the reference fixture in fixtures/");
     serde_json::from_str::<Reference>(&text)
         .expect("fixture parses")
         .items
@@ -119,7 +118,7 @@ fn embeddings(result: &JobResult) -> &[Vec<f32>] {
 #[tokio::test]
 async fn request_reply_and_async_submit_through_the_whole_fleet() {
     let fleet = LocalFleet::start();
-    let client = fleet.nats.client().await;
+    let client = fleet.nats.tenant_client(&fleet.tenant.name).await;
     let reference = reference();
     let texts: Vec<String> = reference.iter().take(4).map(|r| r.text.clone()).collect();
 
@@ -151,23 +150,8 @@ async fn request_reply_and_async_submit_through_the_whole_fleet() {
         .expect("submit answered");
     assert_eq!(reply.status, SubmitStatus::Accepted, "{reply:?}");
     assert_eq!(reply.job_id, job.job_id);
-    let js = jetstream::new(client.clone());
-    let results = js
-        .get_stream(subject::RESULTS_STREAM)
-        .await
-        .expect("results stream");
-    let stored = eventually(WAIT, "the stored result", || {
-        let results = results.clone();
-        let result_subject = subject::results(&job.tenant, &job.job_id);
-        async move {
-            results
-                .get_last_raw_message_by_subject(&result_subject)
-                .await
-                .ok()
-        }
-    })
-    .await;
-    let stored: JobResult = decode(&stored.payload, 1 << 20).expect("a JobResult");
+    let streams = Streams::connect(&fleet.nats).await;
+    let stored = streams.wait_result(&job, WAIT).await;
     assert_eq!(stored.job_id, job.job_id);
     let vectors = embeddings(&stored);
     assert!(cosine(&vectors[0], &reference[5].embedding) >= 0.9999);

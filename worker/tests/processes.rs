@@ -3,26 +3,22 @@
 
 use std::{collections::BTreeSet, time::Duration};
 
-use async_nats::{HeaderMap, jetstream};
-use fleet_schemas::{Job, JobResult, Output, ResultStatus, SigningKey, decode, encode, subject};
-use fleet_tests::{NatsServer, Process, Signal, eventually, model_dir};
+use fleet_schemas::{Job, JobResult, Output, ResultStatus};
+use fleet_tests::{NatsServer, Process, Signal, Streams, model_dir};
 
 const MODEL: &str = "all-minilm-l6-v2";
 const WAIT: Duration = Duration::from_secs(60);
 
 struct Fleet {
     server: NatsServer,
-    js: jetstream::Context,
+    streams: Streams,
 }
 
 impl Fleet {
     async fn start() -> Fleet {
         let server = NatsServer::start();
-        let js = jetstream::new(server.client().await);
-        fleet_streams::ensure_all(&js, &fleet_streams::StreamLimits::default())
-            .await
-            .expect("streams");
-        Fleet { server, js }
+        let streams = Streams::create(&server).await;
+        Fleet { server, streams }
     }
 
     /// A `worker` process on the real model with a short ack wait, plus `extra` flags.
@@ -45,75 +41,27 @@ impl Fleet {
         Process::spawn_binary("worker", &args, &[("RUST_LOG", "warn")])
     }
 
-    async fn enqueue(&self, job: &Job) {
-        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            subject::MSG_ID,
-            subject::msg_id(&job.tenant, &job.job_id).as_str(),
-        );
-        self.js
-            .publish_with_headers(
-                subject::jobs(MODEL),
-                headers,
-                encode(&envelope).expect("encode").into(),
-            )
-            .await
-            .expect("publish")
-            .await
-            .expect("publish ack");
-    }
-
-    async fn result(&self, job: &Job) -> Option<JobResult> {
-        let stream = self.js.get_stream(subject::RESULTS_STREAM).await.ok()?;
-        let message = stream
-            .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
-            .await
-            .ok()?;
-        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+    async fn enqueue_all(&self, jobs: &[Job]) {
+        for job in jobs {
+            self.streams.enqueue(job, None).await;
+        }
     }
 
     /// Waits for every job's stored result.
     async fn all_results(&self, jobs: &[Job]) -> Vec<JobResult> {
         let mut results = Vec::new();
         for job in jobs {
-            results.push(
-                eventually(WAIT, &format!("result of {}", job.job_id), || {
-                    self.result(job)
-                })
-                .await,
-            );
+            results.push(self.streams.wait_result(job, WAIT).await);
         }
         results
     }
 
-    async fn stored_results(&self) -> u64 {
-        let mut stream = self
-            .js
-            .get_stream(subject::RESULTS_STREAM)
+    /// Jobs held unacknowledged; the consumer must exist by then (a worker created it).
+    async fn held(&self) -> usize {
+        self.streams
+            .held(MODEL)
             .await
-            .expect("stream");
-        stream.info().await.expect("info").state.messages
-    }
-
-    async fn unacked(&self) -> usize {
-        let stream = self
-            .js
-            .get_stream(subject::JOBS_STREAM)
-            .await
-            .expect("stream");
-        stream
-            .consumer_info(format!("fleet-worker-{MODEL}"))
-            .await
-            .map_or(0, |info| info.num_ack_pending)
-    }
-
-    /// Waits until workers hold `count` jobs unacknowledged.
-    async fn wait_held(&self, count: usize) {
-        eventually(WAIT, &format!("{count} jobs held"), || async {
-            (self.unacked().await == count).then_some(())
-        })
-        .await;
+            .expect("the workers' consumer exists")
     }
 }
 
@@ -157,14 +105,12 @@ async fn two_worker_processes_share_one_consumer_and_both_work() {
     let _a = fleet.worker("worker-a", &small);
     let _b = fleet.worker("worker-b", &small);
     let jobs = jobs("shared", 40);
-    for job in &jobs {
-        fleet.enqueue(job).await;
-    }
+    fleet.enqueue_all(&jobs).await;
     let results = fleet.all_results(&jobs).await;
     results.iter().for_each(assert_embedded);
     let workers: BTreeSet<&str> = results.iter().map(|r| r.worker.as_str()).collect();
     assert_eq!(workers, BTreeSet::from(["worker-a", "worker-b"]));
-    assert_eq!(fleet.stored_results().await, 40);
+    assert_eq!(fleet.streams.stored_results().await, 40);
 }
 
 #[tokio::test]
@@ -176,10 +122,8 @@ async fn jobs_held_by_a_killed_worker_are_answered_once_by_the_other() {
         &["--max-delay-ms", "60000", "--max-batch-size", "64"],
     );
     let jobs = jobs("failover", 5);
-    for job in &jobs {
-        fleet.enqueue(job).await;
-    }
-    fleet.wait_held(5).await;
+    fleet.enqueue_all(&jobs).await;
+    fleet.streams.wait_held(MODEL, 5, WAIT).await;
     let _survivor = fleet.worker("survivor", &[]);
     doomed.signal(Signal::SIGKILL);
     doomed.wait_exit(Duration::from_secs(10));
@@ -189,8 +133,13 @@ async fn jobs_held_by_a_killed_worker_are_answered_once_by_the_other() {
         assert_embedded(result);
         assert_eq!(result.worker, "survivor");
     }
-    fleet.wait_held(0).await;
-    assert_eq!(fleet.stored_results().await, 5, "one stored result per job");
+    fleet.streams.wait_held(MODEL, 0, WAIT).await;
+    assert_eq!(
+        fleet.streams.stored_results().await,
+        5,
+        "one result per job"
+    );
+    assert_eq!(fleet.streams.results_stored_again().await, 0);
 }
 
 #[tokio::test]
@@ -201,16 +150,20 @@ async fn sigterm_finishes_the_jobs_in_flight_and_exits_zero() {
         &["--max-delay-ms", "60000", "--max-batch-size", "64"],
     );
     let jobs = jobs("graceful", 5);
-    for job in &jobs {
-        fleet.enqueue(job).await;
-    }
-    fleet.wait_held(5).await;
+    fleet.enqueue_all(&jobs).await;
+    fleet.streams.wait_held(MODEL, 5, WAIT).await;
     worker.signal(Signal::SIGTERM);
     assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
     // Answered before the exit, not after a redelivery: no worker runs any more.
     for job in &jobs {
-        assert_embedded(&fleet.result(job).await.expect("answered before exit"));
+        assert_embedded(
+            &fleet
+                .streams
+                .stored_result(job)
+                .await
+                .expect("answered before exit"),
+        );
     }
-    assert_eq!(fleet.unacked().await, 0);
-    assert_eq!(fleet.stored_results().await, 5);
+    assert_eq!(fleet.held().await, 0);
+    assert_eq!(fleet.streams.stored_results().await, 5);
 }
