@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
-# Installs what Fleet needs at run and test time on a Debian machine: nats-server, Python's pip
-# and venv (the model download and the wire check use them), and the model.
+# Installs what Fleet needs at run and test time on a Debian machine: nats-server, openssl (test
+# certificates), Python's pip and venv (the model download and the wire check use them), and the
+# model.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 missing=()
 command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
+# The NATS TLS tests make their certificates with openssl.
+command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then

@@ -230,7 +230,12 @@ impl NatsAuthArgs {
         from_url: UrlCredentials,
     ) -> Result<ConnectOptions, NatsError> {
         if let Some(path) = &self.nats_creds {
-            let text = read_secret("NATS credentials", path)?;
+            // Read as written: the parser needs the newline after the last marker line.
+            let text = std::fs::read_to_string(path).map_err(|source| NatsError::ReadSecret {
+                what: "NATS credentials",
+                path: path.clone(),
+                source,
+            })?;
             options = options
                 .credentials(&text)
                 .map_err(|e| NatsError::BadSecret {

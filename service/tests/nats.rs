@@ -381,3 +381,103 @@ async fn tls_with_a_ca_file_and_a_client_certificate() {
     .unwrap_err();
     assert!(matches!(err, NatsError::Tls { .. }), "{err}");
 }
+
+#[tokio::test]
+async fn a_missing_or_malformed_credentials_file_is_named_before_connecting() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("none.creds");
+    let err = connect(&args(&[
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--nats-creds",
+        missing.to_str().unwrap(),
+    ]))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, NatsError::ReadSecret { .. }), "{err}");
+    assert!(err.to_string().contains("none.creds"), "{err}");
+    let garbled = secret_file(dir.path(), "bad.creds", "not a creds file");
+    let err = connect(&args(&[
+        "--nats-url",
+        "nats://127.0.0.1:1",
+        "--nats-creds",
+        garbled.to_str().unwrap(),
+    ]))
+    .await
+    .unwrap_err();
+    assert!(matches!(err, NatsError::BadSecret { .. }), "{err}");
+    assert!(!err.to_string().contains("not a creds file"), "{err}");
+}
+
+/// A JWT as nsc writes one: `header.claims.signature`, signed by the issuer's nkey.
+fn jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD};
+    let header = URL_SAFE_NO_PAD.encode(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        // The claims' id; the server does not check how it was made.
+        "jti": format!("fleet-test-{subject}"),
+        "iat": 1_700_000_000,
+        "iss": issuer.public_key(),
+        "sub": subject,
+        "name": "fleet-test",
+        "nats": nats,
+    });
+    let claims = URL_SAFE_NO_PAD.encode(claims.to_string());
+    let signed = format!("{header}.{claims}");
+    let signature = URL_SAFE_NO_PAD.encode(issuer.sign(signed.as_bytes()).unwrap());
+    format!("{signed}.{signature}")
+}
+
+/// Operator mode (decentralized JWT auth): an operator signs an account, the account signs a
+/// user, and the user connects with the `.creds` file holding its JWT and nkey seed.
+#[tokio::test]
+async fn a_credentials_file_with_a_user_jwt_is_accepted() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let operator_jwt = jwt(
+        &operator,
+        &operator.public_key(),
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let account_jwt = jwt(
+        &operator,
+        &account.public_key(),
+        serde_json::json!({"type": "account", "version": 2, "limits": {
+            "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+            "wildcards": true, "conn": -1, "leaf": -1}}),
+    );
+    let user_jwt = jwt(
+        &account,
+        &user.public_key(),
+        serde_json::json!({"type": "user", "version": 2, "subs": -1, "data": -1, "payload": -1}),
+    );
+    let server = Server::start(&format!(
+        "operator: {operator_jwt}\nresolver: MEMORY\nresolver_preload: {{ {}: {account_jwt} }}\n",
+        account.public_key()
+    ));
+    let dir = tempfile::tempdir().unwrap();
+    let creds = secret_file(
+        dir.path(),
+        "user.creds",
+        &format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n\
+             -----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    );
+    let url = server.url();
+    connect(&args(&[
+        "--nats-url",
+        &url,
+        "--nats-creds",
+        creds.to_str().unwrap(),
+    ]))
+    .await
+    .expect("a user JWT and its seed from a credentials file");
+    let err = connect(&args(&["--nats-url", &url])).await.unwrap_err();
+    assert!(
+        matches!(err, NatsError::Refused { .. }),
+        "no credentials: {err}"
+    );
+}
