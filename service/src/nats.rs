@@ -124,6 +124,13 @@ pub enum NatsError {
     },
     #[error("--nats-user {user:?} needs a password (--nats-password-file or NATS_PASSWORD)")]
     NoPassword { user: String },
+    #[error("a NATS password is given without --nats-user")]
+    PasswordWithoutUser,
+    #[error(
+        "more than one way to authenticate to NATS is given (credentials file, nkey seed, user, \
+         token); give one"
+    )]
+    TwoAuthMethods,
     #[error("cannot reach NATS at {url}: {reason} (is nats-server running there?)")]
     Unreachable {
         url: String,
@@ -215,11 +222,21 @@ impl NatsArgs {
 
 impl NatsAuthArgs {
     fn any_auth(&self) -> bool {
-        self.nats_creds.is_some()
-            || self.nats_nkey_file.is_some()
-            || self.nats_user.is_some()
-            || self.nats_token.is_some()
-            || self.nats_token_file.is_some()
+        self.auth_methods() > 0
+    }
+
+    /// How many ways of authenticating are given. Clap refuses two on the command line, but
+    /// values from a config file are defaults, which its conflict rules do not see.
+    fn auth_methods(&self) -> usize {
+        [
+            self.nats_creds.is_some(),
+            self.nats_nkey_file.is_some(),
+            self.nats_user.is_some(),
+            self.nats_token.is_some() || self.nats_token_file.is_some(),
+        ]
+        .into_iter()
+        .filter(|given| *given)
+        .count()
     }
 
     /// `options` with these flags' authentication and TLS, every secret read now, so a missing
@@ -229,6 +246,14 @@ impl NatsAuthArgs {
         mut options: ConnectOptions,
         from_url: UrlCredentials,
     ) -> Result<ConnectOptions, NatsError> {
+        if self.auth_methods() > 1 {
+            return Err(NatsError::TwoAuthMethods);
+        }
+        if self.nats_user.is_none()
+            && (self.nats_password.is_some() || self.nats_password_file.is_some())
+        {
+            return Err(NatsError::PasswordWithoutUser);
+        }
         if let Some(path) = &self.nats_creds {
             // Read as written: the parser needs the newline after the last marker line.
             let text = std::fs::read_to_string(path).map_err(|source| NatsError::ReadSecret {

@@ -66,8 +66,11 @@ impl Drop for Server {
     }
 }
 
+/// The config file's own flag, as every binary declares it.
 #[derive(Parser)]
 struct Flags {
+    #[arg(long, env = "FLEET_CONFIG")]
+    config: Option<PathBuf>,
     #[command(flatten)]
     nats: NatsArgs,
 }
@@ -196,6 +199,33 @@ fn two_ways_of_authenticating_at_once_are_refused_up_front() {
         let parsed = Flags::try_parse_from(std::iter::once("test").chain(flags.iter().copied()));
         assert!(parsed.is_err(), "{flags:?} accepted");
     }
+}
+
+/// A config file's values reach clap as defaults, which its conflict rules do not check.
+#[tokio::test]
+async fn two_ways_of_authenticating_from_a_config_file_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("fleet.toml");
+    std::fs::write(&config, "nats_token = \"t\"\nnats_user = \"u\"\n").unwrap();
+    let flags: Flags = fleet_service::load_config(
+        ["test", "--nats-url", "nats://127.0.0.1:1", "--config"]
+            .into_iter()
+            .map(Into::into)
+            .chain([config.clone().into_os_string()]),
+    )
+    .unwrap();
+    let err = connect(&flags.nats).await.unwrap_err();
+    assert!(matches!(err, NatsError::TwoAuthMethods), "{err}");
+    std::fs::write(&config, "nats_password = \"p\"\n").unwrap();
+    let flags: Flags = fleet_service::load_config(
+        ["test", "--nats-url", "nats://127.0.0.1:1", "--config"]
+            .into_iter()
+            .map(Into::into)
+            .chain([config.into_os_string()]),
+    )
+    .unwrap();
+    let err = connect(&flags.nats).await.unwrap_err();
+    assert!(matches!(err, NatsError::PasswordWithoutUser), "{err}");
 }
 
 #[tokio::test]
