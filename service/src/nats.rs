@@ -189,9 +189,12 @@ fn split_credentials(url: &str) -> Result<(ServerAddr, UrlCredentials), std::io:
             UrlCredentials::UserPassword(decode(user), Secret(decode(password)))
         }
     };
-    // Url refuses these only for URLs that cannot carry credentials, and NATS URLs can.
-    let _ = inner.set_username("");
-    let _ = inner.set_password(None);
+    // Url refuses these only for URLs without a host, which no NATS server has; such a URL is
+    // refused rather than shown with what might be a secret.
+    inner
+        .set_username("")
+        .and_then(|()| inner.set_password(None))
+        .map_err(|()| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no host"))?;
     Ok((ServerAddr::from_url(inner)?, credentials))
 }
 
