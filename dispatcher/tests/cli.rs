@@ -89,3 +89,86 @@ fn an_unreachable_server_is_named_without_the_password_in_its_url() {
     );
     assert!(!everything.contains("hunter2"), "{everything}");
 }
+
+/// The dispatcher as a NATS user whose password comes from the environment (never the command
+/// line): it serves, and its output never shows the password.
+#[tokio::test]
+async fn the_dispatcher_authenticates_with_a_password_from_the_environment() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("jetstream");
+    let conf = dir.path().join("nats.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "jetstream {{ store_dir: {store:?} }}\n\
+             authorization {{ users = [ {{ user: \"fleet\", password: \"pw-6x9q\" }} ] }}\n"
+        ),
+    )
+    .unwrap();
+    let nats = fleet_tests::NatsServer::start_with_config(&conf);
+    let key = fleet_schemas::SigningKey::generate("acme-1");
+    let tenants = dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[[tenants]]\nname = \"acme\"\nmodels = [\"*\"]\nrate_per_second = 10\nburst = 10\n\
+             keys = [{{ key_id = \"acme-1\", public_key = \"{}\" }}]\n",
+            key.verifying_key().to_hex()
+        ),
+    )
+    .unwrap();
+    let log_path = dir.path().join("dispatcher.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let child = Command::new(env!("CARGO_BIN_EXE_dispatcher"))
+        .args(["--nats-url", nats.url(), "--nats-user", "fleet"])
+        .args(["--metrics-addr", "127.0.0.1:0", "--tenants"])
+        .arg(&tenants)
+        .env("NATS_PASSWORD", "pw-6x9q")
+        .env("RUST_LOG", "debug")
+        .env_remove("FLEET_CONFIG")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let dispatcher = fleet_tests::Process::adopt("dispatcher", child);
+
+    let client = nats
+        .connect_with(async_nats::ConnectOptions::with_user_and_password(
+            "fleet".into(),
+            "pw-6x9q".into(),
+        ))
+        .await
+        .unwrap();
+    let job = fleet_schemas::Job::embed(
+        "j-1",
+        "acme",
+        fleet_schemas::DEFAULT_MODEL,
+        vec!["x".into()],
+        fleet_schemas::now_ms(),
+    );
+    let payload = fleet_schemas::encode(&key.sign_job(&job).unwrap()).unwrap();
+    let subject = fleet_schemas::subject::submit(fleet_schemas::DEFAULT_MODEL);
+    // No responders until the dispatcher has connected and subscribed.
+    let answer = fleet_tests::eventually(
+        std::time::Duration::from_secs(20),
+        "the dispatcher answers",
+        || async {
+            client
+                .request(subject.clone(), payload.clone().into())
+                .await
+                .ok()
+        },
+    )
+    .await;
+    let reply: fleet_schemas::SubmitReply =
+        fleet_schemas::decode(&answer.payload, 1 << 20).unwrap();
+    assert_eq!(
+        reply.status,
+        fleet_schemas::SubmitStatus::Accepted,
+        "{reply:?}"
+    );
+    drop(dispatcher);
+    let output = std::fs::read_to_string(&log_path).unwrap();
+    assert!(output.contains("dispatcher serving"), "{output}");
+    assert!(!output.contains("pw-6x9q"), "{output}");
+}
