@@ -1,0 +1,920 @@
+//! The shipped broker configuration (`ops/nats/`), rendered as an operator renders it and run
+//! by the real nats-server with TLS and auth on: every role can do its job, and what a tenant
+//! could do to another tenant or to the fleet's own subjects is refused.
+//!
+//! The server refuses a subscription or a publish asynchronously: it drops the message (or never
+//! registers the subscription) and sends the connection an `-ERR 'Permissions Violation …'`,
+//! which async-nats reports to the event callback. Every refusal below is shown both ways: the
+//! server says so, and nothing happens (no message arrives, no answer comes, no stream changes).
+
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use async_nats::{
+    Client, ConnectErrorKind, ConnectOptions, Event, HeaderMap, ServerError,
+    jetstream::{self, consumer, stream::Stream},
+};
+use fleet_tests::NatsServer;
+use futures::StreamExt;
+use nkeys::KeyPair;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::mpsc,
+};
+
+/// How long a refused action is given to show itself (and an allowed one to be answered).
+const WINDOW: Duration = Duration::from_millis(800);
+
+const ACME: &str = "acme";
+const BOLT: &str = "bolt";
+const MODEL: &str = "embed";
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(command: &mut Command) {
+    let output = command.output().expect("run a shipped script");
+    assert!(
+        output.status.success(),
+        "{command:?} failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+/// A broker as an operator sets one up: development PKI, users.list, render.sh, nats-server.
+struct Broker {
+    server: NatsServer,
+    dir: tempfile::TempDir,
+    users: Vec<(&'static str, &'static str, KeyPair)>,
+}
+
+impl Broker {
+    fn start() -> Broker {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        run(Command::new(workspace().join("ops/make-dev-pki.sh"))
+            .arg("--out")
+            .arg(dir.path().join("pki"))
+            .arg("client"));
+        let users = vec![
+            ("dispatcher", "dispatcher-1", KeyPair::new_user()),
+            ("worker", "worker-1", KeyPair::new_user()),
+            ("operator", "ops", KeyPair::new_user()),
+            ("tenant", ACME, KeyPair::new_user()),
+            ("tenant", BOLT, KeyPair::new_user()),
+        ];
+        let conf = dir.path().join("conf");
+        std::fs::create_dir(&conf).expect("config directory");
+        let list: String = users
+            .iter()
+            .map(|(role, name, key)| format!("{role} {name} {}\n", key.public_key()))
+            .collect();
+        std::fs::write(conf.join("users.list"), list).expect("users.list");
+        run(Command::new(workspace().join("ops/nats/render.sh"))
+            .arg(&conf)
+            .arg("--pki")
+            .arg(dir.path().join("pki"))
+            .arg("--store")
+            .arg(dir.path().join("jetstream")));
+        // nats-server's own check of the rendered files, with its message if they are wrong.
+        run(Command::new("nats-server")
+            .arg("-t")
+            .arg("-c")
+            .arg(conf.join("fleet.conf")));
+        let server = NatsServer::start_with_config(&conf.join("fleet.conf"));
+        Broker { server, dir, users }
+    }
+
+    /// Starts a broker and has a dispatcher create Fleet's streams, as `dispatcher` does.
+    async fn with_streams() -> Broker {
+        let broker = Broker::start();
+        let dispatcher = broker.connect("dispatcher-1").await;
+        fleet_streams::ensure_all(
+            &jetstream::new(dispatcher.client.clone()),
+            &fleet_streams::StreamLimits::default(),
+        )
+        .await
+        .expect("a dispatcher creates the streams");
+        broker
+    }
+
+    fn pki(&self, file: &str) -> PathBuf {
+        self.dir.path().join("pki").join(file)
+    }
+
+    /// TLS with the development CA and a client certificate, as the config demands.
+    fn tls(&self) -> ConnectOptions {
+        ConnectOptions::new()
+            .require_tls(true)
+            .add_root_certificates(self.pki("ca.pem"))
+            .add_client_certificate(
+                self.pki("client-client.pem"),
+                self.pki("client-client-key.pem"),
+            )
+            .connection_timeout(Duration::from_secs(5))
+    }
+
+    fn seed(&self, name: &str) -> String {
+        let (_, _, key) = self
+            .users
+            .iter()
+            .find(|(_, user, _)| *user == name)
+            .unwrap_or_else(|| panic!("no user {name}"));
+        key.seed().expect("a generated key has a seed")
+    }
+
+    /// Connects as `name` with its nkey; a tenant uses its own inbox prefix, as WIRE.md says.
+    async fn connect(&self, name: &str) -> Conn {
+        let (errors_tx, errors) = mpsc::unbounded_channel();
+        let mut options = self
+            .tls()
+            .nkey(self.seed(name))
+            .request_timeout(Some(WINDOW))
+            .event_callback(move |event| {
+                let errors_tx = errors_tx.clone();
+                async move {
+                    if let Event::ServerError(ServerError::Other(message)) = event {
+                        let _ = errors_tx.send(message);
+                    }
+                }
+            });
+        // Any request the server answers will do; each role has one it may send.
+        let mut answered = "$JS.API.STREAM.INFO.FLEET_JOBS".to_owned();
+        if self
+            .users
+            .iter()
+            .any(|(role, user, _)| *role == "tenant" && *user == name)
+        {
+            options = options.custom_inbox_prefix(format!("_INBOX.{name}"));
+            answered = format!("$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.{name}.none");
+        }
+        let client = self
+            .server
+            .connect_with(options)
+            .await
+            .unwrap_or_else(|e| panic!("{name} cannot connect: {e}"));
+        Conn {
+            client,
+            errors,
+            answered,
+        }
+    }
+
+    /// What an operator sees (operators may do anything).
+    async fn operator(&self) -> jetstream::Context {
+        jetstream::new(self.connect("ops").await.client)
+    }
+}
+
+/// A connection and the errors the server sent it.
+struct Conn {
+    client: Client,
+    errors: mpsc::UnboundedReceiver<String>,
+    /// A request the server answers this user.
+    answered: String,
+}
+
+impl Conn {
+    /// Returns once the server has handled everything sent before (subscriptions included:
+    /// `flush` only empties the client's buffer), by a request it answers on this connection.
+    async fn sync(&self) {
+        self.client
+            .request(self.answered.clone(), "".into())
+            .await
+            .expect("the server answers");
+    }
+
+    /// True when the server reports, within the window, that it refused `verb` ("Publish" or
+    /// "Subscription") on exactly `subject`.
+    async fn refused(&mut self, verb: &str, subject: &str) -> bool {
+        let wanted = format!("permissions violation for {verb} to \"{subject}\"");
+        let deadline = tokio::time::Instant::now() + WINDOW;
+        loop {
+            match tokio::time::timeout_at(deadline, self.errors.recv()).await {
+                Ok(Some(message)) if message.to_lowercase() == wanted.to_lowercase() => {
+                    return true;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) | Err(_) => return false,
+            }
+        }
+    }
+
+    /// Subscribes to each subject, which the server must refuse.
+    async fn subscribe_refused(&mut self, subjects: &[&str]) -> Vec<async_nats::Subscriber> {
+        let mut subscriptions = Vec::new();
+        for subject in subjects {
+            // The client accepts it; the server does not register it.
+            subscriptions.push(self.client.subscribe(subject.to_string()).await.unwrap());
+            assert!(
+                self.refused("subscription", subject).await,
+                "the server did not refuse a subscription to {subject}"
+            );
+        }
+        subscriptions
+    }
+
+    /// Sends requests (subject, body) that the server must drop: it says so for each, and no
+    /// answer comes (a JetStream API request would have been answered, if only with an error).
+    /// All at once, so the file does not wait out one window per request.
+    async fn requests_refused(&mut self, requests: &[(&str, &str)]) {
+        let answers = futures::future::join_all(requests.iter().map(|(subject, body)| {
+            self.client
+                .request(subject.to_string(), body.to_string().into())
+        }))
+        .await;
+        for ((subject, _), answer) in requests.iter().zip(answers) {
+            assert!(
+                answer.is_err(),
+                "{subject} was answered: {:?}",
+                answer.map(|m| m.payload)
+            );
+        }
+        let mut unreported: Vec<String> = requests
+            .iter()
+            .map(|(subject, _)| format!("permissions violation for publish to \"{subject}\""))
+            .collect();
+        while !unreported.is_empty() {
+            match tokio::time::timeout(WINDOW, self.errors.recv()).await {
+                Ok(Some(message)) => {
+                    let message = message.to_lowercase();
+                    unreported.retain(|wanted| wanted.to_lowercase() != message);
+                }
+                Ok(None) | Err(_) => break,
+            }
+        }
+        assert!(
+            unreported.is_empty(),
+            "not refused by the server: {unreported:?}"
+        );
+    }
+}
+
+/// Asserts that none of the subscriptions receives anything within the window.
+async fn nothing_arrives(subscriptions: &mut [async_nats::Subscriber]) {
+    let mut all = futures::stream::select_all(subscriptions.iter_mut());
+    if let Ok(Some(message)) = tokio::time::timeout(WINDOW, all.next()).await {
+        panic!("a refused subscription received {}", message.subject);
+    }
+}
+
+async fn count(js: &jetstream::Context, stream: &str) -> u64 {
+    js.get_stream(stream)
+        .await
+        .expect("operator reads the stream")
+        .info()
+        .await
+        .expect("stream info")
+        .state
+        .messages
+}
+
+/// Stores a result the way a worker does, with the worker's credentials.
+async fn store_result(broker: &Broker, tenant: &str, job_id: &str, body: &str) -> u64 {
+    let worker = broker.connect("worker-1").await;
+    let js = jetstream::new(worker.client.clone());
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", format!("{tenant}.{job_id}").as_str());
+    js.publish_with_headers(
+        format!("fleet.results.{tenant}.{job_id}"),
+        headers,
+        body.to_owned().into(),
+    )
+    .await
+    .expect("worker publishes a result")
+    .await
+    .expect("the results stream acknowledges it")
+    .sequence
+}
+
+/// The pull consumer a tenant reads its results with, made by an operator (tenants may not
+/// create consumers: a consumer's deliver subject could point stored messages anywhere).
+async fn tenant_consumer(operator: &jetstream::Context, tenant: &str) {
+    operator
+        .create_consumer_on_stream(
+            consumer::pull::Config {
+                durable_name: Some(tenant.to_owned()),
+                filter_subject: format!("fleet.results.{tenant}.*"),
+                ack_policy: consumer::AckPolicy::Explicit,
+                ..Default::default()
+            },
+            "FLEET_RESULTS",
+        )
+        .await
+        .expect("operator creates a tenant's consumer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_valid_credentials_is_refused() {
+    let broker = Broker::start();
+    let url = broker.server.url().to_owned();
+
+    // Plain text: the server announces TLS as required and answers nothing in plain text.
+    // (async-nats would switch to TLS by itself, so this speaks the protocol by hand.)
+    let address = url.trim_start_matches("nats://");
+    let mut plain = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut info = vec![0; 4096];
+    let read = plain.read(&mut info).await.unwrap();
+    let info = String::from_utf8_lossy(&info[..read]);
+    assert!(info.contains(r#""tls_required":true"#), "{info}");
+    plain
+        .write_all(b"CONNECT {\"verbose\":false}\r\nPING\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(WINDOW, plain.read_to_end(&mut answer)).await;
+    assert!(
+        !String::from_utf8_lossy(&answer).contains("PONG"),
+        "the server answered in plain text"
+    );
+
+    // TLS with a client certificate but no credentials: there is no user to fall back to.
+    let anonymous = broker.server.connect_with(broker.tls()).await;
+    assert_eq!(
+        anonymous.map(|_| ()).unwrap_err().kind(),
+        ConnectErrorKind::AuthorizationViolation,
+        "a connection without credentials"
+    );
+
+    // A well-formed nkey the server does not know.
+    let stranger = KeyPair::new_user().seed().unwrap();
+    let unknown = broker
+        .server
+        .connect_with(broker.tls().nkey(stranger))
+        .await;
+    assert_eq!(
+        unknown.map(|_| ()).unwrap_err().kind(),
+        ConnectErrorKind::AuthorizationViolation,
+        "an unknown nkey"
+    );
+
+    // A known nkey without a client certificate (a leaked seed alone does not get in).
+    let no_cert = ConnectOptions::new()
+        .require_tls(true)
+        .add_root_certificates(broker.pki("ca.pem"))
+        .nkey(broker.seed(ACME))
+        .connection_timeout(Duration::from_secs(2))
+        .connect(&url)
+        .await;
+    let no_cert = no_cert.map(|_| ()).unwrap_err().to_string();
+    assert!(
+        no_cert.to_lowercase().contains("certificate"),
+        "a connection without a client certificate: {no_cert}"
+    );
+
+    // The same tenant with everything it needs gets in: the refusals above are not a broken
+    // setup.
+    let acme = broker.connect(ACME).await;
+    acme.client
+        .flush()
+        .await
+        .expect("a tenant's connection works");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_reads_nothing_of_another_tenant_nor_anyone_s_envelopes() {
+    let broker = Broker::with_streams().await;
+    let operator = broker.operator().await;
+    store_result(&broker, BOLT, "job-1", "bolt's result").await;
+    tenant_consumer(&operator, BOLT).await;
+
+    let mut acme = broker.connect(ACME).await;
+    let mut subscriptions = acme
+        .subscribe_refused(&[
+            "_INBOX.bolt.>",
+            "_INBOX.>",
+            "fleet.results.>",
+            "fleet.results.bolt.>",
+            "fleet.results.*.job-2",
+            "fleet.infer.>",
+            "fleet.infer.embed",
+            "fleet.submit.*",
+            "fleet.jobs.>",
+            "fleet.dlq.>",
+            ">",
+        ])
+        .await;
+    // Traffic on every one of those subjects, sent by those allowed to send it.
+    let dispatcher = broker.connect("dispatcher-1").await.client;
+    let worker = broker.connect("worker-1").await.client;
+    let bolt = broker.connect(BOLT).await.client;
+    bolt.publish("fleet.infer.embed", "bolt's envelope".into())
+        .await
+        .unwrap();
+    bolt.publish("fleet.submit.embed", "bolt's envelope".into())
+        .await
+        .unwrap();
+    dispatcher
+        .publish("_INBOX.bolt.x", "an answer to bolt".into())
+        .await
+        .unwrap();
+    dispatcher
+        .publish("fleet.jobs.embed", "a queued job".into())
+        .await
+        .unwrap();
+    worker
+        .publish("fleet.results.bolt.job-2", "bolt's result".into())
+        .await
+        .unwrap();
+    worker
+        .publish("fleet.dlq.embed", "a dead letter".into())
+        .await
+        .unwrap();
+    for client in [&dispatcher, &worker, &bolt] {
+        client.flush().await.unwrap();
+    }
+    nothing_arrives(&mut subscriptions).await;
+
+    // Stored results of another tenant: by subject, by wildcard, by sequence, by stream API.
+    acme.requests_refused(&[
+        (
+            "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.bolt.job-1",
+            "",
+        ),
+        ("$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.*.job-1", ""),
+        ("$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.>", ""),
+        ("$JS.API.DIRECT.GET.FLEET_RESULTS", r#"{"seq":1}"#),
+        ("$JS.API.STREAM.MSG.GET.FLEET_RESULTS", r#"{"seq":1}"#),
+        // Stream info with a subjects filter would list every tenant's job ids.
+        (
+            "$JS.API.STREAM.INFO.FLEET_RESULTS",
+            r#"{"subjects_filter":">"}"#,
+        ),
+        ("$JS.API.STREAM.NAMES", ""),
+        ("$JS.API.INFO", ""),
+        // Another tenant's consumer: read it, pull from it.
+        ("$JS.API.CONSUMER.INFO.FLEET_RESULTS.bolt", ""),
+        (
+            "$JS.API.CONSUMER.MSG.NEXT.FLEET_RESULTS.bolt",
+            r#"{"batch":1,"expires":500000000}"#,
+        ),
+        // Creating consumers, even on its own results (see tenant_consumer).
+        (
+            "$JS.API.CONSUMER.CREATE.FLEET_RESULTS.bolt.fleet.results.bolt.*",
+            r#"{"stream_name":"FLEET_RESULTS","config":{"name":"bolt","filter_subject":"fleet.results.bolt.*","ack_policy":"explicit"}}"#,
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.FLEET_RESULTS.acme.fleet.results.acme.*",
+            r#"{"stream_name":"FLEET_RESULTS","config":{"name":"acme","filter_subject":"fleet.results.acme.*","ack_policy":"explicit","deliver_subject":"fleet.jobs.embed"}}"#,
+        ),
+        (
+            "$JS.API.CONSUMER.CREATE.FLEET_RESULTS",
+            r#"{"stream_name":"FLEET_RESULTS","config":{"ack_policy":"none"}}"#,
+        ),
+        (
+            "$JS.API.CONSUMER.DURABLE.CREATE.FLEET_RESULTS.acme",
+            r#"{"stream_name":"FLEET_RESULTS","config":{"durable_name":"acme","ack_policy":"explicit"}}"#,
+        ),
+    ])
+    .await;
+    // Nothing was taken from bolt's consumer, and no consumer was made.
+    let results = operator.get_stream("FLEET_RESULTS").await.unwrap();
+    let mut bolt_consumer = results
+        .get_consumer::<consumer::pull::Config>(BOLT)
+        .await
+        .unwrap();
+    let info = bolt_consumer.info().await.unwrap();
+    // Nothing delivered to anyone (bolt's job-1 and job-2 wait for bolt).
+    assert_eq!(
+        (
+            info.delivered.stream_sequence,
+            info.num_ack_pending,
+            info.num_pending
+        ),
+        (0, 0, 2)
+    );
+    let consumers: Vec<String> = results
+        .consumer_names()
+        .collect::<Vec<_>>()
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(consumers, [BOLT]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_cannot_write_where_only_fleet_processes_write() {
+    let broker = Broker::with_streams().await;
+    let operator = broker.operator().await;
+    let mut acme = broker.connect(ACME).await;
+    let js = jetstream::new(acme.client.clone());
+    for subject in [
+        // Jobs that bypass the dispatcher's checks.
+        "fleet.jobs.embed",
+        // Results forged for itself or for another tenant.
+        "fleet.results.acme.job-1",
+        "fleet.results.bolt.job-1",
+        "fleet.dlq.embed",
+    ] {
+        // A JetStream publish that the server drops is never acknowledged.
+        let ack = async { js.publish(subject, "forged".into()).await?.await }.await;
+        assert!(ack.is_err(), "{subject} was stored: {ack:?}");
+        assert!(
+            acme.refused("publish", subject).await,
+            "the server did not refuse a publish to {subject}"
+        );
+    }
+    for stream in ["FLEET_JOBS", "FLEET_RESULTS", "FLEET_DLQ"] {
+        assert_eq!(count(&operator, stream).await, 0, "{stream} changed");
+    }
+
+    // Another tenant's inbox (a forged answer), and the streams' own API.
+    let bolt = broker.connect(BOLT).await;
+    // One inbox subject (bolt's own sync answer goes to another).
+    let mut bolt_inbox = bolt.client.subscribe("_INBOX.bolt.x").await.unwrap();
+    bolt.sync().await;
+    acme.client
+        .publish("_INBOX.bolt.x", "a forged answer".into())
+        .await
+        .unwrap();
+    assert!(acme.refused("publish", "_INBOX.bolt.x").await);
+    assert!(
+        tokio::time::timeout(WINDOW, bolt_inbox.next())
+            .await
+            .is_err(),
+        "a forged answer reached another tenant's inbox"
+    );
+    acme.requests_refused(&[
+        ("$JS.API.STREAM.DELETE.FLEET_RESULTS", ""),
+        ("$JS.API.STREAM.PURGE.FLEET_JOBS", "{}"),
+        ("$JS.API.STREAM.MSG.DELETE.FLEET_JOBS", r#"{"seq":1}"#),
+        ("$JS.API.STREAM.UPDATE.FLEET_RESULTS", "{}"),
+        ("$JS.API.CONSUMER.DELETE.FLEET_JOBS.fleet-worker-embed", ""),
+    ])
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_does_everything_a_tenant_does() {
+    let broker = Broker::with_streams().await;
+    let operator = broker.operator().await;
+    let acme = broker.connect(ACME).await;
+
+    // A stand-in dispatcher answers requests as the real one does: in its queue group.
+    let dispatcher_conn = broker.connect("dispatcher-1").await;
+    let dispatcher = dispatcher_conn.client.clone();
+    let mut infer = dispatcher
+        .queue_subscribe("fleet.infer.*", "dispatchers".to_owned())
+        .await
+        .unwrap();
+    let mut submit = dispatcher
+        .queue_subscribe("fleet.submit.*", "dispatchers".to_owned())
+        .await
+        .unwrap();
+    dispatcher_conn.sync().await;
+    let answering = tokio::spawn(async move {
+        let mut replies = Vec::new();
+        for _ in 0..2 {
+            let message = tokio::select! {
+                Some(m) = infer.next() => m,
+                Some(m) = submit.next() => m,
+            };
+            let reply = message.reply.clone().expect("a request has a reply inbox");
+            dispatcher
+                .publish(
+                    reply.clone(),
+                    format!("answer to {}", message.subject).into(),
+                )
+                .await
+                .unwrap();
+            replies.push(reply.to_string());
+        }
+        dispatcher.flush().await.unwrap();
+        replies
+    });
+    let answer = acme
+        .client
+        .request("fleet.infer.embed", "acme's envelope".into())
+        .await
+        .expect("an infer request is answered");
+    assert_eq!(answer.payload, "answer to fleet.infer.embed");
+    let answer = acme
+        .client
+        .request("fleet.submit.embed", "acme's envelope".into())
+        .await
+        .expect("a submit request is answered");
+    assert_eq!(answer.payload, "answer to fleet.submit.embed");
+    for reply in answering.await.unwrap() {
+        assert!(
+            reply.starts_with("_INBOX.acme."),
+            "the reply subject {reply} is not in acme's inbox prefix"
+        );
+    }
+
+    // Its stored results: live, by direct get of the subject, and through its consumer.
+    let mut live = acme.client.subscribe("fleet.results.acme.*").await.unwrap();
+    acme.sync().await;
+    let seq = store_result(&broker, ACME, "job-1", "acme's result").await;
+    let landed = tokio::time::timeout(WINDOW, live.next())
+        .await
+        .expect("the result is seen live")
+        .unwrap();
+    assert_eq!(landed.payload, "acme's result");
+
+    let stored = acme
+        .client
+        .request(
+            "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.acme.job-1",
+            "".into(),
+        )
+        .await
+        .expect("a direct get of its own result is answered");
+    assert_eq!(stored.payload, "acme's result");
+    let headers = stored.headers.expect("a direct get answers with headers");
+    assert_eq!(
+        headers.get("Nats-Sequence").map(|v| v.as_str().to_owned()),
+        Some(seq.to_string())
+    );
+
+    tenant_consumer(&operator, ACME).await;
+    let js = jetstream::new(acme.client.clone());
+    let consumer: consumer::PullConsumer = js
+        .get_consumer_from_stream(ACME, "FLEET_RESULTS")
+        .await
+        .expect("a tenant reads its consumer");
+    let mut batch = consumer
+        .fetch()
+        .max_messages(1)
+        .expires(WINDOW)
+        .messages()
+        .await
+        .expect("a tenant pulls from its consumer");
+    let message = batch
+        .next()
+        .await
+        .expect("its result is delivered")
+        .unwrap();
+    assert_eq!(message.payload, "acme's result");
+    message.double_ack().await.expect("a tenant acks");
+    let info = operator
+        .get_stream("FLEET_RESULTS")
+        .await
+        .unwrap()
+        .get_consumer::<consumer::pull::Config>(ACME)
+        .await
+        .unwrap()
+        .info()
+        .await
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (info.ack_floor.stream_sequence, info.num_ack_pending),
+        (seq, 0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dispatchers_and_workers_do_their_jobs_and_only_theirs() {
+    let broker = Broker::with_streams().await;
+    let operator = broker.operator().await;
+
+    // The dispatcher finds the streams as it made them (its check at every start).
+    let mut dispatcher = broker.connect("dispatcher-1").await;
+    let djs = jetstream::new(dispatcher.client.clone());
+    fleet_streams::ensure_all(&djs, &fleet_streams::StreamLimits::default())
+        .await
+        .expect("a dispatcher verifies the streams");
+    // It queues a job and the queue acknowledges it.
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "acme.job-1");
+    headers.insert("Fleet-Reply-To", "_INBOX.acme.x");
+    let queued = djs
+        .publish_with_headers("fleet.jobs.embed", headers, "a job".into())
+        .await
+        .unwrap()
+        .await
+        .expect("a dispatcher's job is queued");
+    assert_eq!(queued.stream, "FLEET_JOBS");
+
+    // A worker binds its model's consumer, takes the job, stores its result, answers, acks.
+    let mut worker = broker.connect("worker-1").await;
+    let wjs = jetstream::new(worker.client.clone());
+    let mut advisories = worker
+        .client
+        .queue_subscribe(
+            "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.FLEET_JOBS.fleet-worker-embed",
+            "fleet-worker-embed-exhausted".to_owned(),
+        )
+        .await
+        .unwrap();
+    let jobs: Stream = wjs.get_stream("FLEET_JOBS").await.unwrap();
+    let config = consumer::pull::Config {
+        durable_name: Some(format!("fleet-worker-{MODEL}")),
+        filter_subject: format!("fleet.jobs.{MODEL}"),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: Duration::from_millis(300),
+        max_deliver: 2,
+        ..Default::default()
+    };
+    let pull = jobs
+        .get_or_create_consumer(&format!("fleet-worker-{MODEL}"), config)
+        .await
+        .expect("a worker creates its model's consumer");
+    let job = pull
+        .fetch()
+        .max_messages(1)
+        .messages()
+        .await
+        .unwrap()
+        .next()
+        .await
+        .expect("the job is delivered")
+        .unwrap();
+    assert_eq!(job.payload, "a job");
+    let results = wjs.get_stream("FLEET_RESULTS").await.unwrap();
+    assert!(
+        results
+            .get_last_raw_message_by_subject("fleet.results.acme.job-1")
+            .await
+            .is_err(),
+        "no result is stored yet"
+    );
+    let mut headers = HeaderMap::new();
+    headers.insert("Nats-Msg-Id", "acme.job-1");
+    // Stored only if nothing is stored for the job yet (the worker's compare and set).
+    headers.insert("Nats-Expected-Last-Subject-Sequence", "0");
+    wjs.publish_with_headers("fleet.results.acme.job-1", headers, "a result".into())
+        .await
+        .unwrap()
+        .await
+        .expect("a worker stores a result");
+    let stored = results
+        .get_last_raw_message_by_subject("fleet.results.acme.job-1")
+        .await
+        .expect("a worker reads a stored result");
+    assert_eq!(stored.payload, "a result");
+    job.double_ack().await.expect("a worker acks a job");
+
+    // The dispatcher's relay reads the stored result too.
+    let relayed = djs
+        .get_stream("FLEET_RESULTS")
+        .await
+        .unwrap()
+        .get_last_raw_message_by_subject("fleet.results.acme.job-1")
+        .await
+        .expect("a dispatcher reads a stored result");
+    assert_eq!(relayed.payload, "a result");
+
+    // A job whose deliveries run out: the server says so, and the worker dead-letters it.
+    let queued = djs
+        .publish("fleet.jobs.embed", "a job no worker finishes".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        // Taken and left unacknowledged until its ack wait passes, twice; the third pull
+        // makes the server notice the deliveries are used up.
+        let _ = pull
+            .fetch()
+            .max_messages(1)
+            .expires(Duration::from_millis(400))
+            .messages()
+            .await
+            .unwrap()
+            .next()
+            .await;
+        tokio::time::sleep(Duration::from_millis(350)).await;
+    }
+    let advisory = tokio::time::timeout(Duration::from_secs(3), advisories.next())
+        .await
+        .expect("a max-deliveries advisory reaches the worker")
+        .unwrap();
+    let advisory: serde_json::Value = serde_json::from_slice(&advisory.payload).unwrap();
+    assert_eq!(advisory["stream_seq"], queued.sequence);
+    let exhausted = jobs
+        .get_raw_message(queued.sequence)
+        .await
+        .expect("a worker reads a queued job by sequence");
+    let next = jobs
+        .raw_message_builder()
+        .sequence(1)
+        .next_by_subject(format!("fleet.jobs.{MODEL}"))
+        .send()
+        .await
+        .expect("a worker reads the next job of its model");
+    assert_eq!(next.sequence, queued.sequence);
+    wjs.publish("fleet.dlq.embed", exhausted.payload.clone())
+        .await
+        .unwrap()
+        .await
+        .expect("a worker dead-letters a job");
+    assert!(
+        jobs.delete_message(queued.sequence)
+            .await
+            .expect("a worker removes a settled job")
+    );
+    pull.clone()
+        .info()
+        .await
+        .expect("a worker reads its consumer");
+    assert_eq!(count(&operator, "FLEET_JOBS").await, 0);
+    assert_eq!(count(&operator, "FLEET_RESULTS").await, 1);
+    assert_eq!(count(&operator, "FLEET_DLQ").await, 1);
+
+    // Neither does the other's work, nor reads the callers' envelopes outside the queue group.
+    for subject in ["fleet.results.acme.job-2", "fleet.dlq.embed"] {
+        let ack = async { djs.publish(subject, "forged".into()).await?.await }.await;
+        assert!(ack.is_err(), "a dispatcher stored on {subject}");
+        assert!(dispatcher.refused("publish", subject).await);
+    }
+    let ack = async {
+        wjs.publish("fleet.jobs.embed", "forged".into())
+            .await?
+            .await
+    }
+    .await;
+    assert!(ack.is_err(), "a worker queued a job");
+    assert!(worker.refused("publish", "fleet.jobs.embed").await);
+    let mut outside_group = dispatcher
+        .subscribe_refused(&["fleet.infer.*", "fleet.submit.>"])
+        .await;
+    outside_group.extend(
+        worker
+            .subscribe_refused(&["fleet.infer.*", "fleet.submit.*"])
+            .await,
+    );
+    let acme = broker.connect(ACME).await.client;
+    acme.publish("fleet.infer.embed", "acme's envelope".into())
+        .await
+        .unwrap();
+    acme.publish("fleet.submit.embed", "acme's envelope".into())
+        .await
+        .unwrap();
+    acme.flush().await.unwrap();
+    nothing_arrives(&mut outside_group).await;
+    assert_eq!(count(&operator, "FLEET_JOBS").await, 0);
+    assert_eq!(count(&operator, "FLEET_RESULTS").await, 1);
+    assert_eq!(count(&operator, "FLEET_DLQ").await, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tenant_appended_to_the_users_list_connects_after_a_reload() {
+    let broker = Broker::start();
+    let carol = KeyPair::new_user();
+    let options = || broker.tls().nkey(carol.seed().unwrap());
+    assert!(broker.server.connect_with(options()).await.is_err());
+    // Still connected after the reload: existing users are not disturbed.
+    let acme = broker.connect(ACME).await;
+
+    let conf = broker.dir.path().join("conf");
+    let mut list = std::fs::read_to_string(conf.join("users.list")).unwrap();
+    list.push_str(&format!("tenant carol {}\n", carol.public_key()));
+    std::fs::write(conf.join("users.list"), list).unwrap();
+    run(Command::new(workspace().join("ops/nats/render.sh")).arg(&conf));
+    run(Command::new("nats-server")
+        .arg("--signal")
+        .arg(format!("reload={}", broker.server.pid())));
+
+    let carol = fleet_tests::eventually(Duration::from_secs(5), "carol admitted", || async {
+        broker.server.connect_with(options()).await.ok()
+    })
+    .await;
+    carol
+        .flush()
+        .await
+        .expect("the new tenant's connection works");
+    acme.client.flush().await.expect("acme stays connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_to_a_tenant_s_requests_never_land_in_the_fleet_s_streams() {
+    // The server answers a request on the reply subject the requester names, with the server's
+    // rights. Were tenants in the streams' account, a direct get of a tenant's own result
+    // "answered" onto fleet.jobs.* would be queued as a job (nats-server 2.9.10 does that).
+    let broker = Broker::with_streams().await;
+    let operator = broker.operator().await;
+    // Stored without a message id, so no duplicate check would hide a copy.
+    let worker = jetstream::new(broker.connect("worker-1").await.client);
+    worker
+        .publish("fleet.results.acme.job-1", "acme's result".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let acme = broker.connect(ACME).await;
+    let own = "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.acme.job-1";
+    for reply in [
+        "fleet.jobs.embed",
+        "fleet.results.bolt.job-9",
+        "fleet.results.acme.job-9",
+        "fleet.dlq.embed",
+    ] {
+        acme.client
+            .publish_with_reply(own, reply, "".into())
+            .await
+            .unwrap();
+    }
+    acme.client.flush().await.unwrap();
+    // The same request with its own inbox is answered: the server did serve the ones above.
+    let answer = acme.client.request(own, "".into()).await.unwrap();
+    assert_eq!(answer.payload, "acme's result");
+    tokio::time::sleep(WINDOW).await;
+    assert_eq!(count(&operator, "FLEET_JOBS").await, 0);
+    assert_eq!(count(&operator, "FLEET_RESULTS").await, 1);
+    assert_eq!(count(&operator, "FLEET_DLQ").await, 0);
+}
