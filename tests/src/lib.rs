@@ -200,6 +200,14 @@ impl Streams {
     /// signature: the dispatcher did), the job's `Nats-Msg-Id`, and the caller's inbox (if
     /// any) as `Fleet-Reply-To`. Returns the job's sequence on `FLEET_JOBS`.
     pub async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
+        self.try_enqueue(job, reply_to)
+            .await
+            .unwrap_or_else(|error| panic!("cannot queue {}: {error}", job.job_id))
+    }
+
+    /// [`Streams::enqueue`] that reports a failed publish (a server restarting) instead of
+    /// panicking. Sending the same job again is safe: the queue stores its `Nats-Msg-Id` once.
+    pub async fn try_enqueue(&self, job: &Job, reply_to: Option<&str>) -> Result<u64, String> {
         let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
         let mut headers = HeaderMap::new();
         headers.insert(
@@ -209,8 +217,13 @@ impl Streams {
         if let Some(reply_to) = reply_to {
             headers.insert(subject::REPLY_TO, reply_to);
         }
-        self.enqueue_raw(&job.model, encode(&envelope).expect("encode"), headers)
+        let payload = encode(&envelope).expect("encode");
+        let ack = self
+            .js
+            .publish_with_headers(subject::jobs(&job.model), headers, payload.into())
             .await
+            .map_err(|e| e.to_string())?;
+        Ok(ack.await.map_err(|e| e.to_string())?.sequence)
     }
 
     /// Queues any payload on `fleet.jobs.<model>`; returns its sequence.
@@ -318,7 +331,12 @@ impl Process {
 
     /// Starts one of this workspace's binaries with the given arguments and environment.
     pub fn spawn_binary(name: &str, args: &[&str], env: &[(&str, &str)]) -> Process {
-        let child = Command::new(binary(name))
+        Process::spawn(name, &binary(name), args, env)
+    }
+
+    /// Starts `program` (called `name` in messages) with the given arguments and environment.
+    pub fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let child = Command::new(program)
             .args(args)
             .envs(env.iter().copied())
             .stdin(Stdio::null())
