@@ -918,3 +918,139 @@ async fn answers_to_a_tenant_s_requests_never_land_in_the_fleet_s_streams() {
     assert_eq!(count(&operator, "FLEET_RESULTS").await, 1);
     assert_eq!(count(&operator, "FLEET_DLQ").await, 0);
 }
+
+/// Writes `name`'s nkey seed to a file only its owner reads, as the processes are given it.
+fn seed_file(broker: &Broker, name: &str) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    let path = broker.dir.path().join(format!("{name}.nk"));
+    std::fs::write(&path, broker.seed(name)).unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config() {
+    use fleet_schemas::{JobResult, ResultStatus, SubmitStatus};
+    use fleet_tests::{Process, TestTenant, eventually, model_dir};
+
+    const REAL_MODEL: &str = "all-minilm-l6-v2";
+    let broker = Broker::start();
+    let acme = TestTenant::new(ACME);
+    let tenants = broker.dir.path().join("tenants.toml");
+    std::fs::write(
+        &tenants,
+        format!(
+            "[[tenants]]\nname = \"{ACME}\"\nmodels = [\"*\"]\nrate_per_second = 1000\nburst = 1000\n\
+             keys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n",
+            acme.key.key_id,
+            acme.public_key().to_hex()
+        ),
+    )
+    .unwrap();
+    let pki = |file: &str| broker.pki(file).to_string_lossy().into_owned();
+    let nats = |name: &str| -> Vec<String> {
+        [
+            "--nats-url",
+            broker.server.url(),
+            "--nats-nkey-file",
+            &seed_file(&broker, name),
+            "--nats-tls-ca",
+            &pki("ca.pem"),
+            "--nats-tls-cert",
+            &pki("client-client.pem"),
+            "--nats-tls-key",
+            &pki("client-client-key.pem"),
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ]
+        .map(str::to_owned)
+        .to_vec()
+    };
+    let mut dispatcher_args = nats("dispatcher-1");
+    dispatcher_args.extend([
+        "--tenants".to_owned(),
+        tenants.to_string_lossy().into_owned(),
+    ]);
+    let mut worker_args = nats("worker-1");
+    worker_args.extend([
+        "--model-dir".to_owned(),
+        model_dir().to_string_lossy().into_owned(),
+    ]);
+    // Their logs are kept: a subject the config forgot shows up there as a server error.
+    let spawn = |name: &str, args: &[String]| {
+        let log = broker.dir.path().join(format!("{name}.log"));
+        let file = std::fs::File::create(&log).unwrap();
+        let child = Command::new(fleet_tests::binary(name))
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stdin(std::process::Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        (Process::adopt(name, child), log)
+    };
+    let (mut dispatcher, dispatcher_log) = spawn("dispatcher", &dispatcher_args);
+    let (mut worker, worker_log) = spawn("worker", &worker_args);
+
+    let client = broker.connect(ACME).await.client;
+    let tenant = fleet_client::Tenant {
+        name: acme.name.clone(),
+        key: acme.key,
+    };
+    let texts = vec!["NATS permissions per tenant".to_owned()];
+    // The first calls may find no dispatcher yet, or a worker still loading the model.
+    let result = eventually(Duration::from_secs(120), "an embedding", || {
+        let job = tenant.embed_job(REAL_MODEL, texts.clone());
+        let (client, tenant) = (client.clone(), &tenant);
+        async move {
+            fleet_client::infer(&client, tenant, &job, Duration::from_secs(10))
+                .await
+                .ok()
+                .filter(|result| result.status == ResultStatus::Ok)
+        }
+    })
+    .await;
+    assert_eq!(result.tenant, ACME);
+
+    // Submitted, then read back by direct get with the tenant's own rights.
+    let job = tenant.embed_job(REAL_MODEL, texts.clone());
+    let reply = fleet_client::submit(&client, &tenant, &job, Duration::from_secs(10))
+        .await
+        .expect("submit answered");
+    assert_eq!(reply.status, SubmitStatus::Accepted, "{reply:?}");
+    let subject = format!(
+        "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.{ACME}.{}",
+        job.job_id
+    );
+    let stored = eventually(Duration::from_secs(30), "the stored result", || {
+        let (client, subject) = (client.clone(), subject.clone());
+        async move {
+            let message = client.request(subject, "".into()).await.ok()?;
+            fleet_schemas::decode::<JobResult>(&message.payload, usize::MAX).ok()
+        }
+    })
+    .await;
+    assert_eq!(
+        (stored.job_id.as_str(), stored.status),
+        (job.job_id.as_str(), ResultStatus::Ok)
+    );
+
+    // The same job again by infer: the dispatcher relays the stored result.
+    let relayed = fleet_client::infer(&client, &tenant, &job, Duration::from_secs(10))
+        .await
+        .expect("a repeated infer is answered");
+    assert_eq!(
+        (relayed.job_id.as_str(), relayed.status),
+        (job.job_id.as_str(), ResultStatus::Ok)
+    );
+
+    assert!(dispatcher.is_running() && worker.is_running());
+    for log in [dispatcher_log, worker_log] {
+        let log = std::fs::read_to_string(&log).unwrap();
+        assert!(
+            !log.to_lowercase().contains("permissions violation"),
+            "a Fleet process was refused a subject: {log}"
+        );
+    }
+}
