@@ -1045,6 +1045,19 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         (job.job_id.as_str(), ResultStatus::Ok)
     );
 
+    // An envelope over the dispatcher's 1 MiB limit passes the broker (max_payload 2 MiB) and
+    // gets the dispatcher's typed answer, not a protocol error.
+    let big = tenant.embed_job(REAL_MODEL, vec!["x".repeat(30_000); 40]);
+    assert!(tenant.sign(&big).unwrap().len() > 1 << 20);
+    let refused = fleet_client::infer(&client, &tenant, &big, Duration::from_secs(10))
+        .await
+        .expect("an oversized envelope is answered");
+    assert_eq!(refused.status, ResultStatus::Rejected);
+    assert_eq!(
+        refused.error.map(|error| error.code),
+        Some(fleet_schemas::ErrorCode::TooLarge)
+    );
+
     assert!(dispatcher.is_running() && worker.is_running());
     for log in [dispatcher_log, worker_log] {
         let log = std::fs::read_to_string(&log).unwrap();
