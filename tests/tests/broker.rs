@@ -629,9 +629,26 @@ async fn a_tenant_does_everything_a_tenant_does() {
         headers.get("Nats-Sequence").map(|v| v.as_str().to_owned()),
         Some(seq.to_string())
     );
+    // The same with async-nats's own calls (a stream handle without STREAM.INFO, which
+    // tenants may not ask).
+    let js = jetstream::new(acme.client.clone());
+    let results = js.get_stream_no_info("FLEET_RESULTS").await.unwrap();
+    let stored = results
+        .direct_get_last_for_subject("fleet.results.acme.job-1")
+        .await
+        .expect("async-nats's direct get works for a tenant");
+    assert_eq!(
+        (stored.sequence, stored.payload.as_ref()),
+        (seq, &b"acme's result"[..])
+    );
+    assert!(
+        results
+            .direct_get_last_for_subject("fleet.results.bolt.job-1")
+            .await
+            .is_err()
+    );
 
     tenant_consumer(&operator, ACME).await;
-    let js = jetstream::new(acme.client.clone());
     let consumer: consumer::PullConsumer = js
         .get_consumer_from_stream(ACME, "FLEET_RESULTS")
         .await
