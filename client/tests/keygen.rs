@@ -4,7 +4,7 @@
 use std::{os::unix::fs::PermissionsExt, process::Command};
 
 use fleet_client::Tenant;
-use fleet_dispatcher::{StaticTenants, TenantStore};
+use fleet_keys::{FileSource, Tenants};
 
 #[test]
 fn keygen_writes_a_private_key_and_a_matching_tenants_entry() {
@@ -22,7 +22,7 @@ fn keygen_writes_a_private_key_and_a_matching_tenants_entry() {
     let tenant = Tenant::from_key_file(&key_path).expect("the key file loads");
     assert_eq!(tenant.name, "acme");
     let entry = String::from_utf8(output.stdout).unwrap();
-    let tenants = StaticTenants::from_toml(&entry).expect("the printed entry is a tenants file");
+    let tenants = Tenants::from_toml(&entry).expect("the printed entry is a tenants file");
     let registered = tenants.key("acme-1").expect("key registered");
     assert_eq!(registered.tenant, "acme");
     assert_eq!(registered.public_key, tenant.key.verifying_key());
@@ -74,7 +74,9 @@ fn a_second_keygen_appended_to_the_tenants_file_adds_a_key() {
     }
     let path = dir.path().join("tenants.toml");
     std::fs::write(&path, tenants_file).unwrap();
-    let tenants = StaticTenants::from_file(&path).expect("the dispatcher accepts the file");
+    let tenants = FileSource::new(&path)
+        .read()
+        .expect("the dispatcher accepts the file");
     for key in &keys {
         let registered = tenants.key(&key.key_id).expect("each key registered");
         assert_eq!(registered.tenant, "acme");

@@ -1,25 +1,23 @@
 //! Signed jobs validated per second on one core: decode, key lookup, strict Ed25519
 //! verification and every admission check, without NATS.
 
-use std::{hint::black_box, sync::Arc};
+use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use fleet_dispatcher::{
-    StaticTenants,
-    validate::{AdmissionLimits, Validator},
-};
+use fleet_dispatcher::validate::{AdmissionLimits, Validator};
+use fleet_keys::{KeyStore, Tenants};
 use fleet_schemas::{Job, SigningKey, encode, now_ms};
 
 fn validate(c: &mut Criterion) {
     let key = SigningKey::generate("acme-1");
-    let tenants = StaticTenants::from_toml(&format!(
+    let tenants = Tenants::from_toml(&format!(
         "[[tenants]]\nname = \"acme\"\nmodels = [\"*\"]\nrate_per_second = 1\nburst = 1\n\
          keys = [{{ key_id = \"acme-1\", public_key = \"{}\" }}]\n",
         key.verifying_key().to_hex()
     ))
     .expect("tenants");
     let validator = Validator::new(
-        Arc::new(tenants),
+        KeyStore::fixed(tenants),
         ["all-minilm-l6-v2".to_string()],
         AdmissionLimits::default(),
     );

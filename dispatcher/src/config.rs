@@ -17,9 +17,8 @@ pub struct DispatcherConfig {
     pub config: Option<PathBuf>,
     #[command(flatten)]
     pub nats: fleet_service::NatsArgs,
-    /// Tenants, their public keys, models and rates (TOML).
-    #[arg(long, env = "FLEET_TENANTS", default_value = "tenants.toml")]
-    pub tenants: PathBuf,
+    #[command(flatten)]
+    pub key_store: fleet_keys::KeyStoreArgs,
     /// Models this fleet serves; jobs for others are answered `unknown_model`.
     #[arg(
         long,

@@ -7,25 +7,27 @@ pub mod config;
 pub mod metrics;
 pub mod rate;
 pub mod service;
-pub mod tenants;
 pub mod validate;
 
 use std::sync::Arc;
 
 use async_nats::jetstream;
+use fleet_keys::KeyStore;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
 pub use config::DispatcherConfig;
 pub use service::{Dispatcher, ServeError};
-pub use tenants::{StaticTenants, TenantStore};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Config(#[from] config::ConfigError),
-    #[error(transparent)]
-    Tenants(#[from] tenants::TenantsError),
+    #[error(
+        "{0} defines no tenant, so every job would be refused: add one with \
+         `fleet keygen --tenant <name> --out <name>-key.toml >> tenants.toml`"
+    )]
+    NoTenants(String),
     #[error(transparent)]
     Nats(#[from] fleet_service::NatsError),
     #[error(transparent)]
@@ -36,10 +38,13 @@ impl Dispatcher {
     /// Connects, creates or verifies the streams, and readies a dispatcher to serve.
     pub async fn start(
         config: &DispatcherConfig,
-        tenants: Arc<dyn TenantStore>,
+        keys: KeyStore,
         registry: &mut Registry,
     ) -> Result<Arc<Dispatcher>, StartError> {
         config.validate()?;
+        if keys.snapshot().is_empty() {
+            return Err(StartError::NoTenants(keys.describe().to_owned()));
+        }
         let metrics = metrics::DispatcherMetrics::register(registry);
         let events = fleet_service::ConnectionEvents::new(
             config.nats.shown_url(),
@@ -55,9 +60,9 @@ impl Dispatcher {
         let client = config.nats.connect(options).await?;
         let jetstream = jetstream::new(client.clone());
         let streams = fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
-        let rate_limits = rate::TenantRateLimits::new(tenants.tenants());
+        let rate_limits = rate::TenantRateLimits::default();
         let validator =
-            validate::Validator::new(tenants, config.models.clone(), config.admission_limits());
+            validate::Validator::new(keys, config.models.clone(), config.admission_limits());
         Ok(Arc::new(Dispatcher {
             name: config.name.clone(),
             client,

@@ -16,6 +16,8 @@ pub struct DispatcherMetrics {
     pub duplicates: Counter,
     pub relayed: Counter,
     pub requests_dropped: Counter,
+    /// Answers not sent because their reply subject is not an inbox.
+    pub unanswerable: Counter,
     pub rejected: Family<CodeLabel, Counter>,
     pub publish_seconds: Histogram,
 }
@@ -27,6 +29,7 @@ impl DispatcherMetrics {
             duplicates: Counter::default(),
             relayed: Counter::default(),
             requests_dropped: Counter::default(),
+            unanswerable: Counter::default(),
             rejected: Family::default(),
             publish_seconds: Histogram::new([
                 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
@@ -53,6 +56,11 @@ impl DispatcherMetrics {
             "Requests the NATS client dropped unread because this dispatcher's buffer was full \
              (a lower bound: a burst of drops can overflow the client's event queue too)",
             metrics.requests_dropped.clone(),
+        );
+        fleet.register(
+            "answers_not_sent",
+            "Answers not sent because the request's reply subject is not an inbox",
+            metrics.unanswerable.clone(),
         );
         fleet.register(
             "jobs_rejected",

@@ -197,7 +197,9 @@ impl Dispatcher {
             }
         };
         tokio::spawn(async move {
-            let admitted = match self.admit(&model, &message.payload) {
+            let admitted = match self.admit(&model, &message.payload).and_then(|admitted| {
+                check_reply(&admitted, message.reply.as_deref(), reply_to_job).map(|()| admitted)
+            }) {
                 Ok(admitted) => admitted,
                 Err(rejection) => {
                     self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
@@ -307,7 +309,9 @@ impl Dispatcher {
         let admitted = self
             .validator
             .admit(model, payload, fleet_schemas::now_ms())?;
-        if self.rate_limits.try_take(&admitted.job.tenant) {
+        let tenant = self.validator.keys().tenant(&admitted.job.tenant);
+        let within_rate = tenant.is_some_and(|t| self.rate_limits.try_take(&t.name, &t.policy));
+        if within_rate {
             Ok(admitted)
         } else {
             Err(Rejection {
@@ -449,10 +453,49 @@ impl Dispatcher {
         }
     }
 
+    /// Answers only ever go to inboxes: a reply subject is the caller's to choose, and an
+    /// answer published on, say, `fleet.results.<tenant>.<id>` would be stored as a result.
     async fn send(&self, reply: Subject, headers: HeaderMap, body: Bytes) {
+        if !reply.starts_with(INBOX_PREFIX) {
+            self.metrics.unanswerable.inc();
+            tracing::warn!(reply = %reply, "not answering on a subject that is not an inbox");
+            return;
+        }
         if let Err(err) = self.client.publish_with_headers(reply, headers, body).await {
             tracing::warn!(%err, "cannot answer the caller");
         }
+    }
+}
+
+/// The start of every inbox subject.
+const INBOX_PREFIX: &str = "_INBOX.";
+
+/// An `infer` is answered by a worker on its reply subject, which the signature does not cover:
+/// only an inbox of the job's own tenant is accepted, so no tenant can have Fleet publish on a
+/// subject of its choosing (another tenant's inbox, a results subject).
+fn check_reply(
+    admitted: &Admitted,
+    reply: Option<&str>,
+    reply_to_job: bool,
+) -> Result<(), Rejection> {
+    let job = &admitted.job;
+    match reply {
+        Some(reply) if reply_to_job && !subject::is_tenant_inbox(&job.tenant, reply) => {
+            Err(Rejection {
+                job_id: job.job_id.clone(),
+                tenant: job.tenant.clone(),
+                error: ErrorBody::new(
+                    ErrorCode::Forbidden,
+                    format!(
+                        "the reply subject must be an inbox of tenant {:?} ({}.…): connect with \
+                         that inbox prefix",
+                        job.tenant,
+                        subject::inbox_prefix(&job.tenant)
+                    ),
+                ),
+            })
+        }
+        _ => Ok(()),
     }
 }
 

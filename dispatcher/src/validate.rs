@@ -1,13 +1,13 @@
 //! Admission of one signed job: every check that needs no I/O, cheapest and least revealing
 //! first, so a forged or garbled envelope costs little and learns nothing about tenants.
 
-use std::{collections::HashSet, sync::Arc, time::Duration};
+use std::{collections::HashSet, time::Duration};
 
 use fleet_schemas::{
     CodecError, ENVELOPE_VERSION, ErrorBody, ErrorCode, Job, SignedJob, decode, validate_name,
 };
 
-use crate::tenants::TenantStore;
+use fleet_keys::{Denied, KeyStore};
 
 /// Limits on what a job may carry and when it may arrive.
 #[derive(Debug, Clone)]
@@ -66,6 +66,10 @@ impl Rejection {
     }
 }
 
+fn refusal(denied: &Denied) -> Rejection {
+    Rejection::new(denied.code(), denied.to_string())
+}
+
 /// A job that passed every stateless check.
 #[derive(Debug, Clone)]
 pub struct Admitted {
@@ -74,22 +78,27 @@ pub struct Admitted {
 }
 
 pub struct Validator {
-    tenants: Arc<dyn TenantStore>,
+    keys: KeyStore,
     models: HashSet<String>,
     limits: AdmissionLimits,
 }
 
 impl Validator {
     pub fn new(
-        tenants: Arc<dyn TenantStore>,
+        keys: KeyStore,
         models: impl IntoIterator<Item = String>,
         limits: AdmissionLimits,
     ) -> Self {
         Validator {
-            tenants,
+            keys,
             models: models.into_iter().collect(),
             limits,
         }
+    }
+
+    /// The tenants' keys and policies the checks read.
+    pub fn keys(&self) -> &KeyStore {
+        &self.keys
     }
 
     /// Checks an envelope that arrived on the subject of `subject_model`, at `now_ms`.
@@ -116,15 +125,11 @@ impl Validator {
                 ),
             ));
         }
-        let key = self.tenants.key(&envelope.key_id).ok_or_else(|| {
-            Rejection::new(
-                ErrorCode::UnknownKey,
-                format!("no key is registered as {:?}", envelope.key_id),
-            )
-        })?;
-        key.public_key
+        // The body is read only once its signature verified.
+        let key = self
+            .keys
             .verify(&envelope)
-            .map_err(|e| Rejection::new(ErrorCode::BadSignature, e.to_string()))?;
+            .map_err(|denied| refusal(&denied))?;
         let job: Job =
             decode(&envelope.body, self.limits.max_envelope_bytes).map_err(codec_rejection)?;
         for (what, value) in [
@@ -134,16 +139,6 @@ impl Validator {
         ] {
             validate_name(what, value)
                 .map_err(|e| Rejection::new(ErrorCode::Malformed, e.to_string()))?;
-        }
-        if job.tenant != key.tenant {
-            return Err(Rejection::for_job(
-                &job,
-                ErrorCode::Forbidden,
-                format!(
-                    "key {:?} speaks for tenant {:?}, not {:?}",
-                    envelope.key_id, key.tenant, job.tenant
-                ),
-            ));
         }
         if job.model != subject_model {
             return Err(Rejection::for_job(
@@ -155,17 +150,9 @@ impl Validator {
                 ),
             ));
         }
-        let allowed = self
-            .tenants
-            .policy(&job.tenant)
-            .is_some_and(|policy| policy.allows_model(&job.model));
-        if !allowed {
-            return Err(Rejection::for_job(
-                &job,
-                ErrorCode::Forbidden,
-                format!("tenant {:?} may not use model {:?}", job.tenant, job.model),
-            ));
-        }
+        self.keys
+            .authorize(&key, &job, now_ms)
+            .map_err(|denied| Rejection::for_job(&job, denied.code(), denied.to_string()))?;
         self.check_time(&job, now_ms)?;
         self.check_size(&job)?;
         Ok(Admitted {

@@ -1,17 +1,13 @@
 //! Admission as a specification: whatever bytes arrive, the answer is a typed rejection or an
 //! admission, never a panic; only a correctly signed, in-policy job is admitted.
 
-use std::sync::Arc;
-
-use fleet_dispatcher::{
-    StaticTenants,
-    validate::{AdmissionLimits, Validator},
-};
+use fleet_dispatcher::validate::{AdmissionLimits, Validator};
+use fleet_keys::{KeyStore, Tenants};
 use fleet_schemas::{ErrorCode, Job, SigningKey, encode, now_ms};
 use proptest::prelude::*;
 
 fn validator(key: &SigningKey) -> Validator {
-    let tenants = StaticTenants::from_toml(&format!(
+    let tenants = Tenants::from_toml(&format!(
         "[[tenants]]\nname = \"acme\"\nmodels = [\"m\"]\nrate_per_second = 1\nburst = 1\n\
          keys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n",
         key.key_id,
@@ -19,7 +15,7 @@ fn validator(key: &SigningKey) -> Validator {
     ))
     .expect("tenants");
     Validator::new(
-        Arc::new(tenants),
+        KeyStore::fixed(tenants),
         ["m".to_string()],
         AdmissionLimits::default(),
     )

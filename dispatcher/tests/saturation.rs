@@ -2,9 +2,10 @@
 //! (accepted, or `overloaded` when no publish slot is free), and what NATS drops before the
 //! dispatcher could read it is counted and logged, never lost silently.
 
-use std::{sync::Arc, time::Duration};
+use std::time::Duration;
 
-use fleet_dispatcher::{Dispatcher, DispatcherConfig, StaticTenants};
+use fleet_dispatcher::{Dispatcher, DispatcherConfig};
+use fleet_keys::{KeyStore, Tenants};
 use fleet_schemas::{
     ErrorCode, Job, SigningKey, SubmitReply, SubmitStatus, decode, encode, now_ms, subject,
 };
@@ -25,7 +26,7 @@ struct Running {
 async fn start(extra: &[&str]) -> Running {
     let nats = NatsServer::start();
     let key = SigningKey::generate("acme-1");
-    let tenants = StaticTenants::from_toml(&format!(
+    let tenants = Tenants::from_toml(&format!(
         "[[tenants]]\nname = \"acme\"\nmodels = [\"*\"]\nrate_per_second = 100000\nburst = 100000\n\
          keys = [{{ key_id = \"acme-1\", public_key = \"{}\" }}]\n",
         key.verifying_key().to_hex()
@@ -42,7 +43,7 @@ async fn start(extra: &[&str]) -> Running {
     let config: DispatcherConfig =
         fleet_service::load_config(args.into_iter().map(Into::into)).unwrap();
     let mut registry = Registry::default();
-    let dispatcher = Dispatcher::start(&config, Arc::new(tenants), &mut registry)
+    let dispatcher = Dispatcher::start(&config, KeyStore::fixed(tenants), &mut registry)
         .await
         .unwrap();
     let listening = dispatcher.listen().await.unwrap();

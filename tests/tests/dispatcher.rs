@@ -4,7 +4,8 @@
 use std::{sync::Arc, time::Duration};
 
 use async_nats::jetstream;
-use fleet_dispatcher::{Dispatcher, DispatcherConfig, StartError, StaticTenants};
+use fleet_dispatcher::{Dispatcher, DispatcherConfig, StartError};
+use fleet_keys::{KeyStore, Tenants};
 use fleet_schemas::{
     ErrorCode, Job, JobResult, ResultStatus, SignedJob, SigningKey, SubmitReply, SubmitStatus,
     decode, encode, now_ms, subject,
@@ -78,9 +79,9 @@ async fn start_dispatcher(
     let mut args = vec!["--name", name];
     args.extend_from_slice(extra);
     let config = config(nats, &args);
-    let tenants = StaticTenants::from_toml(&tenants_toml(acme, globex)).expect("tenants");
+    let tenants = Tenants::from_toml(&tenants_toml(acme, globex)).expect("tenants");
     let dispatcher =
-        Dispatcher::start(&config, Arc::new(tenants), &mut Registry::default()).await?;
+        Dispatcher::start(&config, KeyStore::fixed(tenants), &mut Registry::default()).await?;
     let (stop, stopped) = oneshot::channel::<()>();
     let listening = dispatcher.clone().listen().await.expect("subscribes");
     let task = tokio::spawn(listening.run(async {
@@ -96,7 +97,8 @@ async fn start_dispatcher(
 impl Fleet {
     async fn start(dispatchers: usize, extra: &[&str]) -> Fleet {
         let nats = NatsServer::start();
-        let client = nats.client().await;
+        // Calls are acme's: answers come only to its own inboxes.
+        let client = nats.tenant_client("acme").await;
         let streams = Streams::connect(&nats).await;
         let acme = TestTenant::new("acme");
         let globex = TestTenant::new("globex");
@@ -596,4 +598,42 @@ async fn a_stream_with_other_settings_stops_the_dispatcher_with_the_reason() {
         }
         other => panic!("unexpected error: {other}"),
     }
+}
+
+#[tokio::test]
+async fn an_infer_whose_reply_subject_is_not_its_tenants_inbox_is_refused_and_not_queued() {
+    let fleet = Fleet::start(1, &[]).await;
+    // Another tenant's inbox: refused `forbidden`, the refusal (only) sent there, so a client
+    // connected with the wrong inbox prefix learns why.
+    let mut globex_inbox = fleet.client.subscribe("_INBOX.globex.x").await.unwrap();
+    let job = fleet.job("acme", vec!["x".into()]);
+    fleet
+        .send_to_inbox(
+            subject::infer(MODEL),
+            "_INBOX.globex.x",
+            fleet.signed(&fleet.acme.key, &job),
+        )
+        .await;
+    let refusal = tokio::time::timeout(TIMEOUT, futures_next(&mut globex_inbox))
+        .await
+        .expect("answered in time")
+        .expect("an answer");
+    let result: JobResult = decode(&refusal.payload, 1 << 20).expect("a JobResult");
+    assert_eq!(result.status, ResultStatus::Rejected);
+    assert_eq!(result.error_code(), Some(ErrorCode::Forbidden));
+    // A subject that is no inbox at all (here one the results stream would store): nothing is
+    // published there, not even the refusal.
+    let mut results = fleet.client.subscribe("fleet.results.>").await.unwrap();
+    let other = fleet.job("acme", vec!["y".into()]);
+    fleet
+        .send_to_inbox(
+            subject::infer(MODEL),
+            "fleet.results.globex.row-1",
+            fleet.signed(&fleet.acme.key, &other),
+        )
+        .await;
+    let silence =
+        tokio::time::timeout(Duration::from_millis(500), futures_next(&mut results)).await;
+    assert!(silence.is_err(), "nothing published on a results subject");
+    assert_eq!(fleet.queued_jobs().await, 0, "neither job was queued");
 }
