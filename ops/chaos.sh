@@ -21,20 +21,23 @@ while [ $# -gt 0 ]; do
 done
 "$root/ops/install-deps.sh"
 cargo build --workspace --bins
-log=$(mktemp)
-trap 'rm -f "$log"' EXIT
+# Kept for a look at the processes' errors and the reasons of failed rows.
+log="${CARGO_TARGET_DIR:-$root/target}/chaos-long.log"
 status=0
 started=$(date +%s)
 FLEET_CHAOS_LONG=1 cargo test -p fleet-tests --test chaos -- --nocapture --test-threads 1 \
   "${filter[@]}" >"$log" 2>&1 || status=$?
 echo
-echo "Long chaos run, $(date -u +%Y-%m-%d), $(nproc) cores, $(( $(date +%s) - started )) s" \
-  "(worker: ${FLEET_CHAOS_WORKER:-this checkout's})"
+worker=${FLEET_CHAOS_WORKER:-the checkout}
+echo "Long chaos run, $(date -u +%Y-%m-%d), $(nproc) cores, $(( $(date +%s) - started )) s," \
+  "worker: $worker"
 echo
 echo "| scenario | jobs sent | stored once | lost | stored twice | answered twice | unanswered | failed | left on the queue | drain (s) |"
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 grep '^| ' "$log" || true
 echo
 grep '^failover:' "$log" || true
-grep -E '^test .* (ok|FAILED)$|^test result:' "$log" || tail -n 40 "$log"
+grep -E ': [0-9]+ results not ok|; left: ' "$log" || true
+grep -E '^test result:' "$log" || tail -n 40 "$log"
+echo "full log: $log"
 exit "$status"

@@ -238,6 +238,9 @@ struct Chaos {
     started: usize,
     /// Every job sent, whoever sent it (the test, a feeder, callers).
     jobs: Arc<Mutex<Vec<Job>>>,
+    /// The tenants file the workers verify jobs against (given as `FLEET_TENANTS`, which a
+    /// worker of another build ignores).
+    tenants: tempfile::TempDir,
 }
 
 impl Chaos {
@@ -245,6 +248,8 @@ impl Chaos {
         let server = NatsServer::start();
         let streams = Streams::create(&server).await;
         let observer = Observer::start(&server).await;
+        let tenants = tempfile::tempdir().expect("temporary directory");
+        fleet_tests::write_tenants_file(tenants.path(), &[TENANT]);
         Chaos {
             name,
             server,
@@ -261,6 +266,7 @@ impl Chaos {
             workers: Vec::new(),
             started: 0,
             jobs: Arc::default(),
+            tenants,
         }
     }
 
@@ -280,7 +286,9 @@ impl Chaos {
         self.started += 1;
         let model_dir = self.model_dir.to_string_lossy().into_owned();
         let log = std::env::var("FLEET_CHAOS_LOG").unwrap_or_else(|_| "error".to_owned());
-        let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", &log)];
+        let tenants = self.tenants.path().join("tenants.toml");
+        let tenants = tenants.to_string_lossy().into_owned();
+        let mut env: Vec<(&str, &str)> = vec![("RUST_LOG", &log), ("FLEET_TENANTS", &tenants)];
         env.extend(self.worker_env.iter().map(|(k, v)| (*k, v.as_str())));
         let process = Process::spawn(
             "worker",
@@ -408,12 +416,16 @@ impl Chaos {
         tokio::time::sleep(SETTLE).await;
         let jobs = self.jobs();
         let mut stored = 0;
-        let mut failed = 0;
+        // Why results are not ok, by error code and message, for the log.
+        let mut failures: HashMap<String, usize> = HashMap::new();
         for job in &jobs {
             if let Some(result) = self.streams.stored_result(job).await {
                 stored += 1;
                 if result.status != ResultStatus::Ok {
-                    failed += 1;
+                    let why = result.error.map_or_else(String::new, |e| {
+                        format!("{}: {}", e.code.as_str(), e.message)
+                    });
+                    *failures.entry(why).or_default() += 1;
                 }
             }
         }
@@ -430,7 +442,7 @@ impl Chaos {
             sent: jobs.len(),
             stored,
             stored_again: self.streams.results_stored_again().await as usize,
-            failed,
+            failed: failures.values().sum(),
             answered_twice,
             unanswered: jobs
                 .iter()
@@ -439,10 +451,14 @@ impl Chaos {
             left_on_queue: self.streams.messages_in(subject::JOBS_STREAM).await as usize,
             drain,
         };
-        // Rows go to stdout for ops/chaos.sh's table even when an assertion fails.
-        println!("{row}");
+        // Rows go to stdout, each on a line of its own (after libtest's "test ... "), for
+        // ops/chaos.sh's table, even when an assertion fails.
+        println!("\n{row}");
         if row.left_on_queue > 0 {
             println!("{}: {}", self.name, self.leftovers().await);
+        }
+        for (why, count) in &failures {
+            println!("{}: {count} results not ok: {why}", self.name);
         }
         row
     }
@@ -618,6 +634,12 @@ async fn a_worker_frozen_past_its_ack_wait_neither_answers_nor_stores_twice() {
     // duplicate window, after which only the results store itself can refuse a second copy.
     let stalls: &[u64] = pick(&[10], &[10, 40, 130]);
     for &stall in stalls {
+        // A worker that woke to find a batch past its time bound may have stopped (its
+        // watchdog cannot tell a frozen process from a hung model): freeze a fresh one.
+        if !chaos.worker(0).is_running() {
+            let fresh = chaos.start_worker(0);
+            chaos.wait_answering(&[fresh]).await;
+        }
         // Under load the worker holds its most jobs (256) when it stops.
         tokio::time::sleep(Duration::from_secs(2)).await;
         chaos.worker(0).signal(Signal::SIGSTOP);
@@ -877,15 +899,17 @@ async fn a_killed_workers_jobs_go_to_another_worker_within_seconds_and_no_earlie
     let feeder = chaos.feed(BACKLOG);
     chaos.wait_answering(&first).await;
     let mut kills = Vec::new();
-    for _ in 0..pick(1, 5) {
+    for round in 0..pick(1, 6) {
         // Longer than two ack waits (3 s): held jobs must not be redelivered meanwhile.
         tokio::time::sleep(Duration::from_secs(8)).await;
-        let killed = chaos.worker_name(0);
-        chaos.worker(0).signal(Signal::SIGKILL);
+        // The older worker: the last round's replacement holds that round's failovers.
+        let slot = round % 2;
+        let killed = chaos.worker_name(slot);
+        chaos.worker(slot).signal(Signal::SIGKILL);
         kills.push((killed, Instant::now()));
-        chaos.worker(0).wait_exit(Duration::from_secs(10));
+        chaos.worker(slot).wait_exit(Duration::from_secs(10));
         // As a supervisor would; it loads its model while the survivor takes over.
-        chaos.start_worker(0);
+        chaos.start_worker(slot);
     }
     // The last kill's jobs go over under load too.
     tokio::time::sleep(Duration::from_secs(8)).await;
@@ -897,7 +921,7 @@ async fn a_killed_workers_jobs_go_to_another_worker_within_seconds_and_no_earlie
     let (answered_p50, answered_max) = p50_max(&mut failover.answered);
     // ops/chaos.sh copies this line into RELIABILITY.md.
     println!(
-        "failover: {} kills, {} jobs held by the killed workers; taken by another worker after \
+        "\nfailover: {} kills, {} jobs held by the killed workers; taken by another worker after \
          p50 {redelivered_p50:.1} s, max {redelivered_max:.1} s; answered after p50 \
          {answered_p50:.1} s, max {answered_max:.1} s; false redeliveries {}",
         kills.len(),
