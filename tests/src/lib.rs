@@ -196,9 +196,9 @@ impl Streams {
             .messages
     }
 
-    /// Queues a job as the dispatcher does: the signed envelope (the worker does not check the
-    /// signature: the dispatcher did), the job's `Nats-Msg-Id`, and the caller's inbox (if
-    /// any) as `Fleet-Reply-To`. Returns the job's sequence on `FLEET_JOBS`.
+    /// Queues a job as the dispatcher does: the envelope signed by its tenant's [`TestTenant`]
+    /// key (workers verify it), the job's `Nats-Msg-Id`, and the caller's inbox (if any) as
+    /// `Fleet-Reply-To`. Returns the job's sequence on `FLEET_JOBS`.
     pub async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
         self.try_enqueue(job, reply_to)
             .await
@@ -208,7 +208,10 @@ impl Streams {
     /// [`Streams::enqueue`] that reports a failed publish (a server restarting) instead of
     /// panicking. Sending the same job again is safe: the queue stores its `Nats-Msg-Id` once.
     pub async fn try_enqueue(&self, job: &Job, reply_to: Option<&str>) -> Result<u64, String> {
-        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
+        let envelope = TestTenant::new(&job.tenant)
+            .key
+            .sign_job(job)
+            .expect("sign");
         let mut headers = HeaderMap::new();
         headers.insert(
             subject::MSG_ID,
@@ -420,16 +423,45 @@ pub struct TestTenant {
 }
 
 impl TestTenant {
+    /// The tenant `name` with its key `<name>-key`, derived from the name, so every test (and
+    /// [`Streams::enqueue`]) signs a tenant's jobs with the same key.
     pub fn new(name: &str) -> TestTenant {
+        let seed: [u8; 32] = std::array::from_fn(|i| {
+            name.bytes()
+                .fold(i as u8, |sum, byte| sum.wrapping_mul(31).wrapping_add(byte))
+        });
         TestTenant {
             name: name.to_owned(),
-            key: SigningKey::generate(format!("{name}-key")),
+            key: SigningKey::from_secret_bytes(format!("{name}-key"), &seed),
         }
     }
 
     pub fn public_key(&self) -> VerifyingKey {
         self.key.verifying_key()
     }
+
+    /// The tenant's entry in a tenants file: every model, a rate no test reaches.
+    pub fn tenants_entry(&self) -> String {
+        format!(
+            "[[tenants]]\nname = \"{}\"\nmodels = [\"*\"]\nrate_per_second = 100000\n\
+             burst = 100000\nkeys = [{{ key_id = \"{}\", public_key = \"{}\" }}]\n\n",
+            self.name,
+            self.key.key_id,
+            self.public_key().to_hex()
+        )
+    }
+}
+
+/// Writes a tenants file for `tenants` (see [`TestTenant`]) into `dir`; the dispatcher and
+/// the workers of a test read the same one. Returns its path.
+pub fn write_tenants_file(dir: &Path, tenants: &[&str]) -> PathBuf {
+    let path = dir.join("tenants.toml");
+    let text: String = tenants
+        .iter()
+        .map(|name| TestTenant::new(name).tenants_entry())
+        .collect();
+    std::fs::write(&path, text).expect("write the tenants file");
+    path
 }
 
 /// Polls `check` until it returns Some or the timeout passes.

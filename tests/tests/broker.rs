@@ -992,6 +992,8 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
     worker_args.extend([
         "--model-dir".to_owned(),
         model_dir().to_string_lossy().into_owned(),
+        "--tenants".to_owned(),
+        tenants.to_string_lossy().into_owned(),
     ]);
     // Their logs are kept: a subject the config forgot shows up there as a server error.
     let spawn = |name: &str, args: &[String]| {

@@ -84,6 +84,8 @@ impl LocalFleet {
             &[
                 "--nats-url",
                 nats.url(),
+                "--tenants",
+                &tenants,
                 "--model-dir",
                 &model,
                 "--metrics-addr",

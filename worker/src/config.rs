@@ -6,6 +6,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 use clap::Parser;
 use fleet_schemas::{InvalidName, validate_name};
 
+use fleet_keys::KeyStoreArgs;
+
 use crate::{batcher::BatchLimits, consumer::ConsumerSettings};
 
 /// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
@@ -17,6 +19,9 @@ pub struct WorkerArgs {
     /// TOML file of settings; keys are the long flag names. Flags and environment win over it.
     #[arg(long, env = "FLEET_CONFIG")]
     pub config: Option<PathBuf>,
+
+    #[command(flatten)]
+    pub key_store: KeyStoreArgs,
 
     /// NATS server to connect to.
     #[arg(long, env = "NATS_URL", default_value = fleet_schemas::DEFAULT_NATS_URL)]
@@ -204,6 +209,7 @@ pub struct ModelGuard {
 /// A worker's checked settings.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
+    pub key_store: KeyStoreArgs,
     pub nats_url: String,
     pub model: String,
     pub model_dir: PathBuf,
@@ -285,6 +291,7 @@ impl WorkerConfig {
                 backoff: args.backoff,
                 max_ack_pending: args.max_ack_pending,
             },
+            key_store: args.key_store,
             nats_url: args.nats_url,
             model: args.model,
             model_dir: args.model_dir,

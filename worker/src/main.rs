@@ -43,6 +43,13 @@ async fn main() -> anyhow::Result<()> {
     // connection made once is kept up by reconnecting.
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    // Every job is verified against its tenant's key before it runs, as at admission.
+    let keys = config
+        .key_store
+        .start()
+        .await
+        .context("cannot read the tenants' keys")?;
+    keys.metrics().register(&mut registry);
     let dropped = Counter::default();
     registry.register(
         "fleet_worker_nats_messages_dropped",
@@ -66,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         &config,
         client.clone(),
         embedder,
+        keys,
         metrics,
         fleet_service::shutdown_signal(),
     )

@@ -4,11 +4,15 @@
 use std::{
     future::Future,
     pin::pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
 use async_nats::jetstream::{self, consumer::PullConsumer};
+use fleet_keys::{Denied, KeyStore};
 use fleet_schemas::{ErrorCode, Job, Task, Timings, now_ms, subject};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -19,7 +23,7 @@ use crate::{
     config::{ModelGuard, WorkerConfig},
     consumer::{self, ConsumerSetupError},
     embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
-    job::{ReadJobError, decode_job},
+    job::{ReadJobError, decode_job, read_verified_job},
     metrics::{Metrics, Outcome},
     respond::{Held, InFlightPermit, Lease, Responder},
     store::ResultStore,
@@ -92,6 +96,7 @@ pub async fn run<E: Embedder>(
     config: &WorkerConfig,
     client: async_nats::Client,
     embedder: E,
+    keys: KeyStore,
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
@@ -129,6 +134,7 @@ pub async fn run<E: Embedder>(
         js: js.clone(),
         jobs: jobs.clone(),
         results: ResultStore::new(js.clone(), results),
+        keys,
         worker: config.worker_name.clone(),
         model: config.model.clone(),
         max_deliver: config.consumer.max_deliver,
@@ -360,17 +366,25 @@ impl<E: Embedder> Intake<'_, E> {
             lease,
             permit: InFlightPermit::new(permit, &self.responder.metrics),
         };
-        let job = match self.read_job(&held.msg.payload) {
+        let job = match self.read_job(&held.msg.payload).await {
             Ok(job) => job,
-            Err(reason) => {
-                // Without a readable tenant no inbox can be checked as the job's: the dead
-                // letter is the only record.
+            Err(refused) => {
+                // A job that cannot be read or verified is never run, and neither stored under
+                // the tenant it claims nor answered: the dead letter, with its code, is the only
+                // record. A key unknown here may be one added moments ago that this worker has
+                // not read yet: such a job is retried until its last delivery.
                 held.reply_to = None;
+                let unknown_key = matches!(refused, ReadJobError::Denied(Denied::UnknownKey(_)));
+                tracing::warn!(error = %refused, "job refused");
                 let responder = self.responder.clone();
                 tokio::spawn(async move {
-                    responder
-                        .dead_letter(held, None, ErrorCode::Malformed, reason.to_string())
-                        .await
+                    if unknown_key && held.delivered() < responder.max_deliver {
+                        responder.retry(held, None, refused.to_string()).await;
+                    } else {
+                        responder
+                            .dead_letter(held, None, refused.code(), refused.to_string())
+                            .await;
+                    }
                 });
                 return;
             }
@@ -448,8 +462,14 @@ impl<E: Embedder> Intake<'_, E> {
         }
     }
 
-    fn read_job(&self, payload: &[u8]) -> Result<Job, ReadJobError> {
-        let job = decode_job(payload, self.config.max_job_bytes)?;
+    async fn read_job(&self, payload: &[u8]) -> Result<Job, ReadJobError> {
+        let job = read_verified_job(
+            payload,
+            self.config.max_job_bytes,
+            &self.responder.keys,
+            now_ms(),
+        )
+        .await?;
         if job.model != self.config.model {
             return Err(ReadJobError::WrongModel {
                 job: job.model,
@@ -485,7 +505,55 @@ struct Running {
     batch: Batch,
     started: Instant,
     limit: Duration,
+    /// The process's frozen time when the batch started (or its bound was last extended).
+    frozen_before: Duration,
     embedding: Embedding,
+}
+
+/// How long the whole process has stood still (stopped with SIGSTOP, a paused VM): a ticker
+/// that finds far more time passed between two ticks than it waited was not running. The batch
+/// watchdog discounts that time, so a frozen worker is not taken for a hung model.
+struct Freezes {
+    frozen_ms: Arc<AtomicU64>,
+    ticker: tokio::task::JoinHandle<()>,
+}
+
+impl Freezes {
+    const TICK: Duration = Duration::from_millis(100);
+    /// A gap this long between ticks is a freeze, not scheduling noise.
+    const GAP: Duration = Duration::from_secs(1);
+
+    fn watch() -> Freezes {
+        let frozen_ms = Arc::new(AtomicU64::new(0));
+        let counting = frozen_ms.clone();
+        let ticker = tokio::spawn(async move {
+            let mut last = Instant::now();
+            loop {
+                tokio::time::sleep(Self::TICK).await;
+                let gap = last.elapsed();
+                last = Instant::now();
+                if gap > Self::GAP {
+                    let frozen = gap.saturating_sub(Self::TICK).as_millis() as u64;
+                    counting.fetch_add(frozen, Ordering::Relaxed);
+                }
+            }
+        });
+        Freezes { frozen_ms, ticker }
+    }
+
+    fn frozen(&self) -> Duration {
+        Duration::from_millis(self.frozen_ms.load(Ordering::Relaxed))
+    }
+
+    fn frozen_since(&self, before: Duration) -> Duration {
+        self.frozen().saturating_sub(before)
+    }
+}
+
+impl Drop for Freezes {
+    fn drop(&mut self) {
+        self.ticker.abort();
+    }
 }
 
 /// What the batch loop runs with.
@@ -518,6 +586,7 @@ async fn batch_loop<E: Embedder>(
     let mut running: Option<Running> = None;
     let mut open = true;
     let mut failures_in_a_row = 0u32;
+    let freezes = Freezes::watch();
     loop {
         for batcher in [&mut shared, &mut isolated] {
             for waiting in batcher.take_expired(now_ms()) {
@@ -560,6 +629,7 @@ async fn batch_loop<E: Embedder>(
                     lane,
                     batch,
                     started: Instant::now(),
+                    frozen_before: freezes.frozen(),
                     limit: ctx.guard.batch_timeout + ctx.guard.batch_timeout_per_token * padded,
                     embedding,
                 });
@@ -597,6 +667,20 @@ async fn batch_loop<E: Embedder>(
                 };
                 let result = match result {
                     Ok(result) => result,
+                    // If the whole process stood still meanwhile (SIGSTOP, a paused VM), the
+                    // model did not hang, it was not running: the bound is extended by that
+                    // time. The freeze ticker gets a few ticks to see the gap first, as its timer
+                    // and this one expired together.
+                    Err(_elapsed) if {
+                        tokio::time::sleep(Freezes::TICK * 3).await;
+                        freezes.frozen_since(run.frozen_before) > Duration::ZERO
+                    } => {
+                        let mut run = run;
+                        run.limit += freezes.frozen_since(run.frozen_before);
+                        run.frozen_before = freezes.frozen();
+                        running = Some(run);
+                        continue;
+                    }
                     Err(_elapsed) => {
                         let stalled = ModelFault::Stalled {
                             padded_tokens: run.batch.padded_tokens(),

@@ -18,13 +18,15 @@ use async_nats::{
 };
 use fleet_schemas::{
     CodecError, ErrorBody, ErrorCode, Job, JobResult, Output, ResultStatus, Timings, encode,
-    subject,
+    now_ms, subject,
 };
 use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
 
+use fleet_keys::KeyStore;
+
 use crate::{
-    job::decode_job,
+    job::read_verified_job,
     metrics::{Metrics, Outcome, Reconciled},
     store::{JobKey, ResultStore, StoreError, Stored},
 };
@@ -210,6 +212,8 @@ pub struct Responder {
     /// `FLEET_JOBS`, for jobs settled outside a delivery (out of deliveries, orphaned).
     pub jobs: Stream,
     pub results: ResultStore,
+    /// Tenants' keys: a job is stored and answered under its tenant only once verified.
+    pub keys: KeyStore,
     pub worker: String,
     pub model: String,
     pub max_deliver: i64,
@@ -325,7 +329,7 @@ impl Responder {
                 .map(|id| id.as_str().to_owned()),
         };
         let stored = self
-            .store_dead_letter(&reason, msg_id.as_deref(), held.msg.payload.clone())
+            .store_dead_letter(code, &reason, msg_id.as_deref(), held.msg.payload.clone())
             .await;
         if let Err(error) = stored {
             tracing::error!(%error, "job stays queued");
@@ -348,9 +352,11 @@ impl Responder {
         }
     }
 
-    /// Keeps a job's original message on `fleet.dlq.<model>` with the reason, once (by job id).
+    /// Keeps a job's original message on `fleet.dlq.<model>` with its code and the reason, once
+    /// (by job id).
     async fn store_dead_letter(
         &self,
+        code: ErrorCode,
         reason: &str,
         msg_id: Option<&str>,
         payload: bytes::Bytes,
@@ -358,6 +364,7 @@ impl Responder {
         let dlq_subject = subject::dlq(&self.model);
         let mut headers = HeaderMap::new();
         headers.insert(subject::DLQ_REASON, subject::header_text(reason).as_ref());
+        headers.insert(subject::SERVICE_ERROR_CODE, code.as_str());
         if let Some(id) = msg_id {
             headers.insert(subject::MSG_ID, id);
         }
@@ -381,8 +388,11 @@ impl Responder {
     /// where the job can be read, and only then deleted from the queue.
     pub async fn settle_abandoned(&self, message: StreamMessage, reason: &str) {
         let sequence = message.sequence;
-        // Already stored on the queue, so within the server's size limit.
-        let job = decode_job(&message.payload, usize::MAX).ok();
+        // Already stored on the queue, so within the server's size limit. A job that does not
+        // verify is dead-lettered without a result under the tenant it claims.
+        let job = read_verified_job(&message.payload, usize::MAX, &self.keys, now_ms())
+            .await
+            .ok();
         if let Some(job) = &job {
             let key = JobKey {
                 tenant: &job.tenant,
@@ -406,7 +416,7 @@ impl Responder {
         }
         let msg_id = message.headers.get(subject::MSG_ID).map(|v| v.as_str());
         let stored = self
-            .store_dead_letter(reason, msg_id, message.payload.clone())
+            .store_dead_letter(ErrorCode::Internal, reason, msg_id, message.payload.clone())
             .await;
         if let Err(error) = stored {
             tracing::error!(sequence, %error, "abandoned job stays on the queue");

@@ -11,6 +11,7 @@ use async_nats::{
     jetstream::{self, consumer::PullConsumer, stream::Stream},
 };
 use clap::Parser;
+use fleet_keys::{FileSource, KeyStore, StoreOptions};
 use fleet_schemas::{
     ErrorCode, Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
 };
@@ -33,6 +34,7 @@ struct Fleet {
     server: NatsServer,
     js: jetstream::Context,
     client: async_nats::Client,
+    tenants: tempfile::TempDir,
 }
 
 impl Fleet {
@@ -43,7 +45,31 @@ impl Fleet {
         fleet_streams::ensure_all(&js, &fleet_streams::StreamLimits::default())
             .await
             .expect("streams");
-        Fleet { server, js, client }
+        let tenants = tempfile::tempdir().expect("temporary directory");
+        let mut text = String::new();
+        for tenant in ["acme", "globex"] {
+            let public_key = signer(tenant).verifying_key().to_hex();
+            text += &format!(
+                "[[tenants]]\nname = \"{tenant}\"\nmodels = [\"{MODEL}\"]\n\
+                 rate_per_second = 1000\nburst = 1000\n\
+                 keys = [{{ key_id = \"{tenant}-key\", public_key = \"{public_key}\" }}]\n\n"
+            );
+        }
+        std::fs::write(tenants.path().join("tenants.toml"), text).expect("tenants file");
+        Fleet {
+            server,
+            js,
+            client,
+            tenants,
+        }
+    }
+
+    /// The worker's view of the tenants: acme and globex, each with its [`signer`]'s key.
+    async fn key_store(&self) -> KeyStore {
+        let file = FileSource::new(self.tenants.path().join("tenants.toml"));
+        KeyStore::start(file, StoreOptions::default())
+            .await
+            .expect("key store")
     }
 
     /// Waits until every job has been settled and left the work queue.
@@ -74,7 +100,7 @@ impl Fleet {
     /// `Nats-Msg-Id`, the caller's inbox (if any) as `Fleet-Reply-To`.
     /// Returns the job's sequence on the queue.
     async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
-        let envelope = SigningKey::generate("k").sign_job(job).expect("sign");
+        let envelope = signer(&job.tenant).sign_job(job).expect("sign");
         let mut headers = HeaderMap::new();
         headers.insert(
             subject::MSG_ID,
@@ -146,12 +172,13 @@ struct RunningWorker {
 impl RunningWorker {
     async fn start(fleet: &Fleet, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
         let client = fleet.server.client().await;
+        let keys = fleet.key_store().await;
         let metrics = Metrics::new(&mut Registry::default());
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn({
             let metrics = metrics.clone();
             async move {
-                fleet_worker::run(&config, client, embedder, metrics, async {
+                fleet_worker::run(&config, client, embedder, keys, metrics, async {
                     let _ = stopped.await;
                 })
                 .await
@@ -171,6 +198,12 @@ impl RunningWorker {
             .expect("worker stops in time")
             .expect("worker task does not panic")
     }
+}
+
+/// The key a test tenant signs with, registered in the tenants file as `<tenant>-key`.
+fn signer(tenant: &str) -> SigningKey {
+    let seed = tenant.bytes().fold(1u8, |sum, byte| sum.wrapping_add(byte));
+    SigningKey::from_secret_bytes(format!("{tenant}-key"), &[seed; 32])
 }
 
 fn job(id: &str, inputs: &[&str]) -> Job {
@@ -268,6 +301,103 @@ async fn answers_go_only_to_the_jobs_own_tenants_inboxes() {
             "nothing published on a subject the job's tenant does not own"
         );
     }
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
+async fn a_job_its_tenants_key_did_not_sign_is_dead_lettered_never_run_stored_or_answered() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    let worker = RunningWorker::start(
+        &fleet,
+        config(&fleet, &["--max-deliver", "2"]),
+        embedder.clone(),
+    )
+    .await;
+    // The tenants' inboxes (this test's own requests use other inboxes).
+    let mut inboxes = fleet
+        .client
+        .subscribe("_INBOX.*.forged")
+        .await
+        .expect("sub");
+    let mut results = fleet
+        .client
+        .subscribe("fleet.results.>")
+        .await
+        .expect("sub");
+    // Placed straight on the queue, as a leaked dispatcher or worker credential would allow.
+    let forged: Vec<(Job, SigningKey, &str)> = vec![
+        // A key nobody registered.
+        (
+            job("by-mallory", &["text"]),
+            SigningKey::generate("mallory"),
+            "unknown_key",
+        ),
+        // Acme's own key, but used for another tenant's job.
+        (
+            Job::embed("as-globex", "globex", MODEL, vec!["text".into()], 0),
+            signer("acme"),
+            "forbidden",
+        ),
+        // Acme's key id with a signature its key did not make.
+        (
+            job("bad-signature", &["text"]),
+            SigningKey::from_secret_bytes("acme-key", &[9; 32]),
+            "bad_signature",
+        ),
+    ];
+    for (job, key, _) in &forged {
+        let envelope = key.sign_job(job).expect("sign");
+        let mut headers = HeaderMap::new();
+        let reply = format!("_INBOX.{}.forged", job.tenant);
+        headers.insert(subject::REPLY_TO, reply.as_str());
+        fleet
+            .enqueue_raw(encode(&envelope).expect("encode"), headers)
+            .await;
+    }
+    // An all-zero signature under acme's key id.
+    let zero = job("zero-signature", &["text"]);
+    let mut envelope = signer("acme").sign_job(&zero).expect("sign");
+    envelope.signature = vec![0; 64];
+    fleet
+        .enqueue_raw(encode(&envelope).expect("encode"), HeaderMap::new())
+        .await;
+
+    eventually(WAIT, "four dead letters", || async {
+        (fleet.messages_in(subject::DLQ_STREAM).await == 4).then_some(())
+    })
+    .await;
+    fleet.wait_queue_empty().await;
+    let dlq = fleet.stream(subject::DLQ_STREAM).await;
+    let mut codes = Vec::new();
+    for seq in 1..=4 {
+        let dead = dlq.get_raw_message(seq).await.expect("dead letter");
+        let code = dead.headers.get(subject::SERVICE_ERROR_CODE).expect("code");
+        codes.push(code.as_str().to_owned());
+    }
+    codes.sort();
+    assert_eq!(
+        codes,
+        ["bad_signature", "bad_signature", "forbidden", "unknown_key"]
+    );
+    assert!(embedder.batches().is_empty(), "none of them ran");
+    assert_eq!(
+        fleet.messages_in(subject::RESULTS_STREAM).await,
+        0,
+        "nothing stored"
+    );
+    for sub in [&mut inboxes, &mut results] {
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), sub.next())
+                .await
+                .is_err(),
+            "nothing answered"
+        );
+    }
+    // A job the tenant did sign still runs.
+    let genuine = job("genuine", &["text"]);
+    fleet.enqueue(&genuine, None).await;
+    assert_eq!(fleet.wait_result(&genuine).await.status, ResultStatus::Ok);
     worker.stop().await.expect("clean stop");
 }
 
@@ -421,7 +551,7 @@ async fn a_job_id_reused_as_a_new_job_gets_its_own_result() {
         .subscribe("_INBOX.acme.reused")
         .await
         .expect("sub");
-    let envelope = SigningKey::generate("k").sign_job(&new).expect("sign");
+    let envelope = signer("acme").sign_job(&new).expect("sign");
     let new_seq = fleet
         .enqueue_raw(encode(&envelope).expect("encode"), headers)
         .await;
@@ -464,17 +594,21 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
     // takes the job when the server redelivers it (ack wait 2 s).
     let healthy_config = config(&fleet, &["--worker-name", "healthy"]);
     let healthy_url = fleet.server.url().to_owned();
+    let healthy_tenants = fleet.tenants.path().join("tenants.toml");
     let (stop_healthy, healthy_stopped) = std::sync::mpsc::channel::<()>();
     let healthy = std::thread::spawn(move || {
         std::thread::sleep(Duration::from_secs(1));
         let runtime = tokio::runtime::Runtime::new().expect("runtime");
         runtime.block_on(async move {
             let client = async_nats::connect(&healthy_url).await.expect("connect");
+            let keys = KeyStore::start(FileSource::new(healthy_tenants), StoreOptions::default())
+                .await
+                .expect("key store");
             let metrics = Metrics::new(&mut Registry::default());
             let stop = tokio::task::spawn_blocking(move || {
                 let _ = healthy_stopped.recv();
             });
-            fleet_worker::run(&healthy_config, client, fake(), metrics, async {
+            fleet_worker::run(&healthy_config, client, fake(), keys, metrics, async {
                 let _ = stop.await;
             })
             .await
@@ -591,6 +725,33 @@ async fn a_batch_that_hangs_makes_the_worker_hand_back_its_jobs_and_stop() {
     .await;
     assert_eq!(rescued.status, ResultStatus::Ok);
     rescuer.stop().await.expect("clean stop");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_frozen_process_is_not_taken_for_a_hung_model() {
+    let fleet = Fleet::start().await;
+    let embedder = fake();
+    // The batch's bound is 1 s; the whole worker (on this test's only thread) then stands still
+    // for 3 s inside the batch, as under SIGSTOP, and the batch needs 0.5 s more after that.
+    embedder.freeze_next(Duration::from_secs(3));
+    embedder.set_delay(Duration::from_millis(500));
+    let worker = RunningWorker::start(
+        &fleet,
+        config(
+            &fleet,
+            &["--batch-timeout", "1s", "--batch-timeout-per-token", "0ms"],
+        ),
+        embedder.clone(),
+    )
+    .await;
+    let job = job("job-frozen", &["text"]);
+    fleet.enqueue(&job, None).await;
+    // Its hold on the job lapsed in the freeze (ack wait 2 s): the job comes back to it and is
+    // answered then.
+    assert_eq!(fleet.wait_result(&job).await.status, ResultStatus::Ok);
+    assert!(!worker.task.is_finished(), "the worker kept running");
+    assert_eq!(worker.metrics.ready.get(), 1);
+    worker.stop().await.expect("clean stop");
 }
 
 #[tokio::test]
@@ -842,7 +1003,7 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     // Past the dispatcher (straight onto the queue), with an id that cannot be a subject token
     // or a header value, and an error that quotes it.
     let bad_id = job("bad\r\nid", &["text"]);
-    let envelope = SigningKey::generate("k").sign_job(&bad_id).expect("sign");
+    let envelope = signer("acme").sign_job(&bad_id).expect("sign");
     fleet
         .enqueue_raw(encode(&envelope).expect("encode"), HeaderMap::new())
         .await;

@@ -4,7 +4,7 @@
 use std::{collections::BTreeSet, time::Duration};
 
 use fleet_schemas::{Job, JobResult, Output, ResultStatus};
-use fleet_tests::{NatsServer, Process, Signal, Streams, model_dir};
+use fleet_tests::{NatsServer, Process, Signal, Streams, model_dir, write_tenants_file};
 
 const MODEL: &str = "all-minilm-l6-v2";
 const WAIT: Duration = Duration::from_secs(60);
@@ -12,22 +12,34 @@ const WAIT: Duration = Duration::from_secs(60);
 struct Fleet {
     server: NatsServer,
     streams: Streams,
+    /// The tenants file the workers verify jobs against.
+    tenants: tempfile::TempDir,
 }
 
 impl Fleet {
     async fn start() -> Fleet {
         let server = NatsServer::start();
         let streams = Streams::create(&server).await;
-        Fleet { server, streams }
+        let tenants = tempfile::tempdir().expect("temporary directory");
+        write_tenants_file(tenants.path(), &["acme"]);
+        Fleet {
+            server,
+            streams,
+            tenants,
+        }
     }
 
     /// A `worker` process on the real model with a short ack wait, plus `extra` flags.
     fn worker(&self, name: &str, extra: &[&str]) -> Process {
         let model_dir = model_dir();
         let model_dir = model_dir.to_string_lossy();
+        let tenants = self.tenants.path().join("tenants.toml");
+        let tenants = tenants.to_string_lossy();
         let mut args = vec![
             "--nats-url",
             self.server.url(),
+            "--tenants",
+            &tenants,
             "--model-dir",
             &model_dir,
             "--worker-name",
