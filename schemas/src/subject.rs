@@ -91,7 +91,11 @@ pub fn is_tenant_inbox(tenant: &str, reply: &str) -> bool {
         .strip_prefix("_INBOX.")
         .and_then(|rest| rest.strip_prefix(tenant))
         .and_then(|rest| rest.strip_prefix('.'))
-        .is_some_and(|rest| !rest.is_empty() && !rest.split('.').any(str::is_empty) && !rest.contains([' ', '\t', '\r', '\n']))
+        .is_some_and(|rest| {
+            !rest.is_empty()
+                && !rest.split('.').any(str::is_empty)
+                && !rest.contains([' ', '\t', '\r', '\n'])
+        })
 }
 
 /// What an incoming request asks for, read from its subject.
