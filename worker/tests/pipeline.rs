@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use async_nats::{
     HeaderMap,
-    jetstream::{self, consumer::PullConsumer, stream::Stream},
+    jetstream::{self, stream::Stream},
 };
 use clap::Parser;
 use fleet_keys::{FileSource, KeyStore, StoreOptions};
 use fleet_schemas::{
     ErrorCode, Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
 };
-use fleet_tests::{NatsServer, eventually};
+use fleet_tests::{NatsServer, Streams, TestTenant, eventually, write_tenants_file};
 use fleet_worker::{
     Metrics, PipelineError, WorkerArgs, WorkerConfig, consumer,
     consumer::ConsumerSetupError,
@@ -30,8 +30,11 @@ use tokio::{sync::oneshot, task::JoinHandle};
 const MODEL: &str = "fake-model";
 const WAIT: Duration = Duration::from_secs(15);
 
+/// A nats-server with Fleet's streams (the harness's [`Streams`]) and the tenants file the
+/// in-process workers verify jobs against.
 struct Fleet {
     server: NatsServer,
+    streams: Streams,
     js: jetstream::Context,
     client: async_nats::Client,
     tenants: tempfile::TempDir,
@@ -40,26 +43,14 @@ struct Fleet {
 impl Fleet {
     async fn start() -> Fleet {
         let server = NatsServer::start();
-        let client = server.client().await;
-        let js = jetstream::new(client.clone());
-        fleet_streams::ensure_all(&js, &fleet_streams::StreamLimits::default())
-            .await
-            .expect("streams");
+        let streams = Streams::create(&server).await;
         let tenants = tempfile::tempdir().expect("temporary directory");
-        let mut text = String::new();
-        for tenant in ["acme", "globex"] {
-            let public_key = signer(tenant).verifying_key().to_hex();
-            text += &format!(
-                "[[tenants]]\nname = \"{tenant}\"\nmodels = [\"{MODEL}\"]\n\
-                 rate_per_second = 1000\nburst = 1000\n\
-                 keys = [{{ key_id = \"{tenant}-key\", public_key = \"{public_key}\" }}]\n\n"
-            );
-        }
-        std::fs::write(tenants.path().join("tenants.toml"), text).expect("tenants file");
+        write_tenants_file(tenants.path(), &["acme", "globex"]);
         Fleet {
+            js: streams.js.clone(),
+            client: streams.client.clone(),
             server,
-            js,
-            client,
+            streams,
             tenants,
         }
     }
@@ -72,85 +63,44 @@ impl Fleet {
             .expect("key store")
     }
 
-    /// Waits until every job has been settled and left the work queue.
     async fn wait_queue_empty(&self) {
-        eventually(
-            WAIT,
-            "jobs settled and gone from the work queue",
-            || async { (self.messages_in(subject::JOBS_STREAM).await == 0).then_some(()) },
-        )
-        .await;
+        self.streams.wait_queue_empty(WAIT).await;
     }
 
     async fn stream(&self, name: &str) -> Stream {
-        self.js.get_stream(name).await.expect("stream exists")
+        self.streams.stream(name).await
     }
 
     async fn messages_in(&self, name: &str) -> u64 {
-        self.stream(name)
-            .await
-            .info()
-            .await
-            .expect("stream info")
-            .state
-            .messages
+        self.streams.messages_in(name).await
     }
 
-    /// Publishes a job as the dispatcher does: the envelope as received, the job id as
-    /// `Nats-Msg-Id`, the caller's inbox (if any) as `Fleet-Reply-To`.
-    /// Returns the job's sequence on the queue.
+    /// Queues a job as the dispatcher does; returns its sequence on the queue.
     async fn enqueue(&self, job: &Job, reply_to: Option<&str>) -> u64 {
-        let envelope = signer(&job.tenant).sign_job(job).expect("sign");
-        let mut headers = HeaderMap::new();
-        headers.insert(
-            subject::MSG_ID,
-            subject::msg_id(&job.tenant, &job.job_id).as_str(),
-        );
-        if let Some(reply_to) = reply_to {
-            headers.insert(subject::REPLY_TO, reply_to);
-        }
-        self.enqueue_raw(encode(&envelope).expect("encode"), headers)
-            .await
+        self.streams.enqueue(job, reply_to).await
     }
 
     async fn enqueue_raw(&self, payload: Vec<u8>, headers: HeaderMap) -> u64 {
-        self.js
-            .publish_with_headers(subject::jobs(MODEL), headers, payload.into())
-            .await
-            .expect("publish")
-            .await
-            .expect("publish ack")
-            .sequence
+        self.streams.enqueue_raw(MODEL, payload, headers).await
     }
 
     async fn stored_result(&self, job: &Job) -> Option<JobResult> {
-        let message = self.stored_result_message(job).await?;
-        Some(decode(&message.payload, 1 << 20).expect("a JobResult"))
+        self.streams.stored_result(job).await
     }
 
     async fn stored_result_message(&self, job: &Job) -> Option<jetstream::message::StreamMessage> {
-        self.stream(subject::RESULTS_STREAM)
-            .await
-            .get_last_raw_message_by_subject(&subject::results(&job.tenant, &job.job_id))
-            .await
-            .ok()
+        self.streams.stored_result_message(job).await
     }
 
     async fn wait_result(&self, job: &Job) -> JobResult {
-        eventually(WAIT, &format!("stored result of {}", job.job_id), || {
-            self.stored_result(job)
-        })
-        .await
+        self.streams.wait_result(job, WAIT).await
     }
 
     async fn consumer_info(&self) -> jetstream::consumer::Info {
-        let mut consumer: PullConsumer = self
-            .stream(subject::JOBS_STREAM)
+        self.streams
+            .consumer_info(MODEL)
             .await
-            .get_consumer(&format!("fleet-worker-{MODEL}"))
-            .await
-            .expect("consumer exists");
-        consumer.info().await.expect("consumer info").clone()
+            .expect("the workers' consumer exists")
     }
 }
 
@@ -202,8 +152,7 @@ impl RunningWorker {
 
 /// The key a test tenant signs with, registered in the tenants file as `<tenant>-key`.
 fn signer(tenant: &str) -> SigningKey {
-    let seed = tenant.bytes().fold(1u8, |sum, byte| sum.wrapping_add(byte));
-    SigningKey::from_secret_bytes(format!("{tenant}-key"), &[seed; 32])
+    TestTenant::new(tenant).key
 }
 
 fn job(id: &str, inputs: &[&str]) -> Job {
