@@ -153,18 +153,7 @@ impl KeyStore {
     ) -> Result<KeyStore, StoreError> {
         let stamp = source.stamp();
         let tenants = source.load().await?;
-        let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Tenants::default()),
-            describe: source.describe(),
-            refresh_interval: options.refresh_interval,
-            epoch: Instant::now(),
-            last_unknown_reload: AtomicU64::new(0),
-            trigger: Notify::new(),
-            progress: watch::Sender::new(Progress::default()),
-            changes: watch::Sender::new(0),
-            metrics: KeyStoreMetrics::default(),
-        });
-        shared.install(tenants, true);
+        let shared = Shared::new(source.describe(), options.refresh_interval, tenants);
         let task = tokio::spawn(refresh(source, shared.clone(), options, stamp));
         Ok(KeyStore {
             shared,
@@ -175,18 +164,7 @@ impl KeyStore {
     /// A store of fixed tenants that never reloads: for a program (or a benchmark) that is
     /// handed its tenants whole. Needs no runtime.
     pub fn fixed(tenants: Tenants) -> KeyStore {
-        let shared = Arc::new(Shared {
-            snapshot: ArcSwap::from_pointee(Tenants::default()),
-            describe: "fixed tenants".to_owned(),
-            refresh_interval: Duration::MAX,
-            epoch: Instant::now(),
-            last_unknown_reload: AtomicU64::new(0),
-            trigger: Notify::new(),
-            progress: watch::Sender::new(Progress::default()),
-            changes: watch::Sender::new(0),
-            metrics: KeyStoreMetrics::default(),
-        });
-        shared.install(tenants, true);
+        let shared = Shared::new("fixed tenants".to_owned(), Duration::MAX, tenants);
         KeyStore {
             shared,
             refresher: None,
@@ -285,6 +263,23 @@ impl KeyStore {
 
 impl Shared {
     /// True for the one caller that may start a reload for an unknown key id in this interval.
+    /// Shared state serving `tenants` from the start.
+    fn new(describe: String, refresh_interval: Duration, tenants: Tenants) -> Arc<Shared> {
+        let shared = Arc::new(Shared {
+            snapshot: ArcSwap::from_pointee(Tenants::default()),
+            describe,
+            refresh_interval,
+            epoch: Instant::now(),
+            last_unknown_reload: AtomicU64::new(0),
+            trigger: Notify::new(),
+            progress: watch::Sender::new(Progress::default()),
+            changes: watch::Sender::new(0),
+            metrics: KeyStoreMetrics::default(),
+        });
+        shared.install(tenants, true);
+        shared
+    }
+
     fn claim_unknown_reload(&self) -> bool {
         self.metrics.unknown_keys.inc();
         let now = self.epoch.elapsed().as_millis() as u64 + 1;

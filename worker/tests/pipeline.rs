@@ -170,6 +170,12 @@ async fn answer(inbox: &mut async_nats::Subscriber) -> (JobResult, async_nats::M
     (answered, reply)
 }
 
+/// Asserts that nothing arrives on `sub` for half a second.
+async fn assert_silent(sub: &mut async_nats::Subscriber, what: &str) {
+    let arrived = tokio::time::timeout(Duration::from_millis(500), sub.next()).await;
+    assert!(arrived.is_err(), "{what}");
+}
+
 fn fake() -> FakeEmbedder {
     FakeEmbedder::new(16, 64)
 }
@@ -243,12 +249,11 @@ async fn answers_go_only_to_the_jobs_own_tenants_inboxes() {
         assert_eq!(fleet.wait_result(job).await.status, ResultStatus::Ok);
     }
     for sub in [&mut elsewhere, &mut results] {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(500), sub.next())
-                .await
-                .is_err(),
-            "nothing published on a subject the job's tenant does not own"
-        );
+        assert_silent(
+            sub,
+            "nothing published on a subject the job's tenant does not own",
+        )
+        .await;
     }
     worker.stop().await.expect("clean stop");
 }
@@ -336,12 +341,7 @@ async fn a_job_its_tenants_key_did_not_sign_is_dead_lettered_never_run_stored_or
         "nothing stored"
     );
     for sub in [&mut inboxes, &mut results] {
-        assert!(
-            tokio::time::timeout(Duration::from_millis(300), sub.next())
-                .await
-                .is_err(),
-            "nothing answered"
-        );
+        assert_silent(sub, "nothing answered").await;
     }
     // A job the tenant did sign still runs.
     let genuine = job("genuine", &["text"]);
@@ -435,12 +435,7 @@ async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again
     let kept = fleet.stored_result(&job).await.expect("stored");
     assert_eq!(kept.worker, "dead-worker", "the stored result is kept");
     assert_eq!(fleet.messages_in(subject::JOBS_STREAM).await, 0);
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), inbox.next())
-            .await
-            .is_err(),
-        "the caller is not answered a second time"
-    );
+    assert_silent(&mut inbox, "the caller is not answered a second time").await;
     worker.stop().await.expect("clean stop");
 }
 
@@ -472,12 +467,7 @@ async fn a_result_stored_by_another_delivery_is_neither_replaced_nor_answered_ag
         .expect("info")
         .clone();
     assert_eq!(info.state.last_sequence, 1, "no second store happened");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), inbox.next())
-            .await
-            .is_err(),
-        "only the store that won answers"
-    );
+    assert_silent(&mut inbox, "only the store that won answers").await;
     fleet.wait_queue_empty().await;
     worker.stop().await.expect("clean stop");
 }
@@ -879,12 +869,7 @@ async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
     assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
     let kept = fleet.stored_result(&job).await.expect("stored");
     assert_eq!(kept.worker, "earlier-worker");
-    assert!(
-        tokio::time::timeout(Duration::from_millis(500), inbox.next())
-            .await
-            .is_err(),
-        "not answered again"
-    );
+    assert_silent(&mut inbox, "not answered again").await;
     worker.stop().await.expect("clean stop");
 }
 
