@@ -1,12 +1,16 @@
 //! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
-//! prints the answer as JSON.
+//! prints the answer as JSON; `tenant` manages tenants and their keys in the key store.
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use fleet_client::{CallerArgs, infer};
-use fleet_schemas::{SecretKeyFile, SigningKey, validate_name};
+use fleet_keys::{
+    Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
+    VaultConfig, VaultSource,
+};
+use fleet_schemas::{SecretKeyFile, SigningKey, now_ms, validate_name};
 
 /// Fleet's command-line client.
 #[derive(Debug, Parser)]
@@ -31,6 +35,14 @@ enum Command {
         #[arg(long, env = "FLEET_KEY", default_value = "fleet-key.toml")]
         out: PathBuf,
     },
+    /// Manages tenants and their keys in the key store the dispatcher and workers read (the
+    /// tenants file, or Vault with --tenants-from-vault); they pick changes up without a restart.
+    Tenant {
+        #[command(flatten)]
+        store: KeyStoreArgs,
+        #[command(subcommand)]
+        action: TenantAction,
+    },
     /// Embeds texts through request-reply and prints the result as JSON.
     Infer {
         #[command(flatten)]
@@ -44,6 +56,61 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum TenantAction {
+    /// Adds a tenant with a first key, and writes that key's secret file (mode 0600).
+    Add {
+        #[command(flatten)]
+        key: NewKeyArgs,
+        /// Models the tenant may use (comma-separated; `*` for every served model).
+        #[arg(
+            long,
+            env = "FLEET_TENANT_MODELS",
+            value_delimiter = ',',
+            default_value = "*"
+        )]
+        models: Vec<String>,
+        /// Sustained jobs per second.
+        #[arg(long, env = "FLEET_TENANT_RATE", default_value_t = 100)]
+        rate_per_second: u32,
+        /// Jobs accepted at once above the sustained rate.
+        #[arg(long, env = "FLEET_TENANT_BURST", default_value_t = 200)]
+        burst: u32,
+    },
+    /// Adds a key to a tenant (rotation), writes its secret file, and optionally ends an old key.
+    Rotate {
+        #[command(flatten)]
+        key: NewKeyArgs,
+        /// An old key of the tenant to retire: jobs it signs from --retire-after on are refused.
+        #[arg(long, env = "FLEET_RETIRE_KEY_ID")]
+        retire: Option<String>,
+        /// How long the retired key stays valid, so its clients can move to the new one.
+        #[arg(long, env = "FLEET_RETIRE_AFTER", default_value = "1h", value_parser = humantime::parse_duration)]
+        retire_after: Duration,
+    },
+    /// Revokes a key at once: every job it signed is refused, queued ones included.
+    Revoke {
+        #[arg(long, env = "FLEET_KEY_ID")]
+        key_id: String,
+    },
+    /// Prints every tenant, its policy and its keys as JSON.
+    List,
+}
+
+/// A new key of a tenant.
+#[derive(Debug, clap::Args)]
+struct NewKeyArgs {
+    /// Tenant the key speaks for.
+    #[arg(long, env = "FLEET_TENANT")]
+    tenant: String,
+    /// Key id (default: <tenant>-<random>).
+    #[arg(long, env = "FLEET_KEY_ID")]
+    key_id: Option<String>,
+    /// Where to write the secret key (it must not exist yet).
+    #[arg(long, env = "FLEET_KEY")]
+    out: PathBuf,
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
@@ -52,6 +119,14 @@ async fn main() -> anyhow::Result<()> {
             key_id,
             out,
         } => keygen(tenant, key_id, out),
+        Command::Tenant { store, action } => {
+            if store.tenants_from_vault {
+                let source = VaultSource::new(VaultConfig::from_env()?)?;
+                manage_tenants(source, action).await
+            } else {
+                manage_tenants(FileSource::new(&store.tenants), action).await
+            }
+        }
         Command::Infer {
             caller,
             texts,
@@ -69,35 +144,113 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
-fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Result<()> {
-    validate_name("tenant", &tenant)?;
-    let key_id = key_id.unwrap_or_else(|| format!("{tenant}-{:08x}", rand::random::<u32>()));
-    validate_name("key id", &key_id)?;
-    let key = SigningKey::generate(key_id.clone());
-    let file = SecretKeyFile {
-        tenant: tenant.clone(),
-        key_id: key_id.clone(),
-        secret_key: key.secret_hex(),
+async fn manage_tenants<S: TenantAdmin>(source: S, action: TenantAction) -> anyhow::Result<()> {
+    let change = match action {
+        TenantAction::List => {
+            let tenants = source.load().await?;
+            let listed: Vec<_> = tenants.iter().map(|tenant| tenant_json(tenant)).collect();
+            println!("{}", serde_json::to_string_pretty(&listed)?);
+            return Ok(());
+        }
+        TenantAction::Revoke { key_id } => Change::Revoke { key_id },
+        TenantAction::Add {
+            key,
+            models,
+            rate_per_second,
+            burst,
+        } => {
+            let (new_key, out) = write_new_key(&key)?;
+            let change = Change::AddTenant {
+                tenant: key.tenant.clone(),
+                policy: TenantPolicy {
+                    models,
+                    rate_per_second,
+                    burst,
+                },
+                key: new_key,
+            };
+            return apply_with_key(&source, change, &out).await;
+        }
+        TenantAction::Rotate {
+            key,
+            retire,
+            retire_after,
+        } => {
+            let (new_key, out) = write_new_key(&key)?;
+            let not_after_ms = now_ms().saturating_add(retire_after.as_millis() as u64);
+            let change = Change::AddKey {
+                tenant: key.tenant.clone(),
+                key: new_key,
+                retire: retire.map(|key_id| Retire {
+                    key_id,
+                    not_after_ms,
+                }),
+            };
+            return apply_with_key(&source, change, &out).await;
+        }
     };
-    let contents = toml::to_string(&file)?;
-    let mut handle = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&out)
-        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    let written = handle
-        .write_all(contents.as_bytes())
-        .and_then(|()| handle.sync_all());
-    if let Err(error) = written {
-        // A partial key file would block the next attempt (files are never overwritten).
-        let _ = std::fs::remove_file(&out);
-        return Err(error).with_context(|| format!("cannot write {}", out.display()));
+    source.apply(change).await?;
+    eprintln!("{}: done", source.describe());
+    Ok(())
+}
+
+/// Applies a change that registers a key whose secret was just written to `out`; a refused
+/// change leaves no key file behind.
+async fn apply_with_key<S: TenantAdmin>(
+    source: &S,
+    change: Change,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    if let Err(error) = source.apply(change).await {
+        let _ = std::fs::remove_file(out);
+        return Err(error.into());
     }
     eprintln!(
+        "{}: key registered; its secret key is in {}",
+        source.describe(),
+        out.display()
+    );
+    Ok(())
+}
+
+/// Makes a key for `args.tenant`, writes its secret file, and returns the public half.
+fn write_new_key(args: &NewKeyArgs) -> anyhow::Result<(NewKey, PathBuf)> {
+    let key = write_key_file(&args.tenant, args.key_id.clone(), &args.out)?;
+    Ok((
+        NewKey::new(key.key_id.clone(), key.verifying_key()),
+        args.out.clone(),
+    ))
+}
+
+fn tenant_json(tenant: &Tenant) -> serde_json::Value {
+    let keys: Vec<_> = tenant
+        .keys
+        .iter()
+        .map(|key| {
+            serde_json::json!({
+                "key_id": key.key_id,
+                "public_key": key.public_key.to_hex(),
+                "not_before_ms": key.not_before_ms,
+                "not_after_ms": key.not_after_ms,
+                "revoked": key.revoked,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "name": tenant.name,
+        "models": tenant.policy.models,
+        "rate_per_second": tenant.policy.rate_per_second,
+        "burst": tenant.policy.burst,
+        "keys": keys,
+    })
+}
+
+fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Result<()> {
+    let key = write_key_file(&tenant, key_id, &out)?;
+    let key_id = key.key_id.clone();
+    eprintln!(
         "secret key written to {}; append the entry printed on stdout to the dispatcher's tenants \
-         file (`>> tenants.toml`: for a tenant already there it adds this key) and restart the \
-         dispatcher",
+         file (`>> tenants.toml`: for a tenant already there it adds this key)",
         out.display()
     );
     println!(
@@ -106,4 +259,38 @@ fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Resul
         key.verifying_key().to_hex()
     );
     Ok(())
+}
+
+/// Makes a key pair for `tenant` and writes its secret key file (mode 0600, never over an
+/// existing file, removed again if the write fails).
+fn write_key_file(
+    tenant: &str,
+    key_id: Option<String>,
+    out: &std::path::Path,
+) -> anyhow::Result<SigningKey> {
+    validate_name("tenant", tenant)?;
+    let key_id = key_id.unwrap_or_else(|| format!("{tenant}-{:08x}", rand::random::<u32>()));
+    validate_name("key id", &key_id)?;
+    let key = SigningKey::generate(key_id.clone());
+    let file = SecretKeyFile {
+        tenant: tenant.to_owned(),
+        key_id: key_id.clone(),
+        secret_key: key.secret_hex(),
+    };
+    let contents = toml::to_string(&file)?;
+    let mut handle = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
+    let written = handle
+        .write_all(contents.as_bytes())
+        .and_then(|()| handle.sync_all());
+    if let Err(error) = written {
+        // A partial key file would block the next attempt (files are never overwritten).
+        let _ = std::fs::remove_file(out);
+        return Err(error).with_context(|| format!("cannot write {}", out.display()));
+    }
+    Ok(key)
 }
