@@ -502,7 +502,10 @@ enum Lane {
 /// The batch on the model, and the time it may take.
 struct Running {
     lane: Lane,
+    /// The batch's slots (its inputs went to the model).
     batch: Batch,
+    /// What the batch costs the model, counted before its inputs went.
+    padded_tokens: usize,
     started: Instant,
     limit: Duration,
     /// The process's frozen time when the batch started (or its bound was last extended).
@@ -628,6 +631,7 @@ async fn batch_loop<E: Embedder>(
                 running = Some(Running {
                     lane,
                     batch,
+                    padded_tokens: padded as usize,
                     started: Instant::now(),
                     frozen_before: freezes.frozen(),
                     limit: ctx.guard.batch_timeout + ctx.guard.batch_timeout_per_token * padded,
@@ -683,7 +687,7 @@ async fn batch_loop<E: Embedder>(
                     }
                     Err(_elapsed) => {
                         let stalled = ModelFault::Stalled {
-                            padded_tokens: run.batch.padded_tokens(),
+                            padded_tokens: run.padded_tokens,
                             limit: run.limit,
                         };
                         hand_back_all(&mut [shared, isolated], suspects, &ctx.responder).await;

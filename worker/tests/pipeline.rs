@@ -647,7 +647,10 @@ async fn a_batch_that_hangs_makes_the_worker_hand_back_its_jobs_and_stop() {
     assert!(
         matches!(
             stopped,
-            Err(PipelineError::Model(ModelFault::Stalled { .. }))
+            Err(PipelineError::Model(ModelFault::Stalled {
+                padded_tokens: 2,
+                ..
+            }))
         ),
         "{stopped:?}"
     );
