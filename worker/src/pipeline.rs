@@ -373,7 +373,6 @@ impl<E: Embedder> Intake<'_, E> {
                 // the tenant it claims nor answered: the dead letter, with its code, is the only
                 // record. A key unknown here may be one added moments ago that this worker has
                 // not read yet: such a job is retried until its last delivery.
-                held.reply_to = None;
                 let unknown_key = matches!(refused, ReadJobError::Denied(Denied::UnknownKey(_)));
                 tracing::warn!(error = %refused, "job refused");
                 let responder = self.responder.clone();
@@ -389,15 +388,6 @@ impl<E: Embedder> Intake<'_, E> {
                 return;
             }
         };
-        // The reply subject is not signed: answers go only to the job's own tenant's inboxes,
-        // never to a subject a publisher chose (another tenant's inbox, a results subject).
-        if let Some(reply_to) = &held.reply_to
-            && !subject::is_tenant_inbox(&job.tenant, reply_to)
-        {
-            tracing::warn!(job_id = %job.job_id, tenant = %job.tenant, reply_to,
-                "reply subject is not one of the tenant's inboxes; the result is stored, not sent there");
-            held.reply_to = None;
-        }
         // An earlier delivery may have stored the result and lost its ack (a broker restart),
         // or stalled past its ack wait after storing it: the job is not run twice.
         if held.delivered() > 1 {

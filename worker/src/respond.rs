@@ -176,12 +176,6 @@ impl Lease {
     pub fn lost(&self) -> bool {
         self.state.lost()
     }
-
-    /// Stops the in-progress acks, so the job goes to another worker after the ack wait.
-    pub fn release(&self) {
-        self.ticker.abort();
-        self.state.lost.store(true, Ordering::Release);
-    }
 }
 
 impl Drop for Lease {
@@ -512,8 +506,8 @@ impl Responder {
     }
 
     /// Stores the result on `fleet.results.<tenant>.<job_id>` (when the job is known) and, if
-    /// this store is the job's result, answers the synchronous caller, if any. A job that
-    /// cannot be read has nowhere to be stored; its caller is answered directly.
+    /// this store is the job's result, answers the synchronous caller, if any, on one of the
+    /// job's tenant's inboxes.
     async fn answer(
         &self,
         destination: &Destination<'_>,
@@ -544,14 +538,29 @@ impl Responder {
                 return Ok(stored);
             }
         }
-        if let Some(reply_to) = destination.reply_to
-            && let Err(error) = self
-                .client
-                .publish_with_headers(reply_to.to_owned(), headers, payload)
-                .await
-        {
-            // The stored result is the record; a caller that misses this reply can read it there.
-            tracing::warn!(%error, reply_to, "cannot answer synchronous caller");
+        let Some(reply_to) = destination.reply_to else {
+            return Ok(Stored::Won);
+        };
+        // The reply subject is not signed: answers go only to an inbox of the job's own tenant,
+        // never to a subject a publisher chose (another tenant's inbox, a results subject). A
+        // job that cannot be read names no tenant whose inbox it could be.
+        match destination.job {
+            Some(job) if subject::is_tenant_inbox(&job.tenant, reply_to) => {
+                if let Err(error) = self
+                    .client
+                    .publish_with_headers(reply_to.to_owned(), headers, payload)
+                    .await
+                {
+                    // The stored result is the record; a caller that misses this reply can
+                    // read it there.
+                    tracing::warn!(%error, reply_to, "cannot answer synchronous caller");
+                }
+            }
+            job => tracing::warn!(
+                job_id = job.map(|j| j.job_id.as_str()),
+                reply_to,
+                "reply subject is not an inbox of the job's tenant; nothing is sent there"
+            ),
         }
         Ok(Stored::Won)
     }

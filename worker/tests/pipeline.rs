@@ -852,6 +852,25 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
 }
 
 #[tokio::test]
+async fn a_stranded_job_is_not_answered_on_another_tenants_inbox() {
+    let fleet = Fleet::start().await;
+    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let job = job("job-elsewhere", &["text"]);
+    let mut elsewhere = fleet
+        .client
+        .subscribe("_INBOX.globex.stranded")
+        .await
+        .expect("sub");
+    strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.globex.stranded").await;
+    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let stored = fleet.wait_result(&job).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
+    fleet.wait_queue_empty().await;
+    assert_silent(&mut elsewhere, "nothing sent to another tenant's inbox").await;
+    worker.stop().await.expect("clean stop");
+}
+
+#[tokio::test]
 async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
     let fleet = Fleet::start().await;
     let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
