@@ -24,7 +24,7 @@ source "$root/ops/lib.sh"
 start_nats
 bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
-RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --model-dir "$model" --metrics-addr 127.0.0.1:0 \
+RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$model" --metrics-addr 127.0.0.1:0 \
   --max-batch-size "$batch" --max-in-flight "$in_flight" --max-ack-pending $((in_flight * 2)) \
   --max-delay-ms 5
 # Warm-up: the first answer proves the dispatcher and the worker (with its model) are ready.

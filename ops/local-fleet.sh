@@ -22,7 +22,7 @@ echo "nats-server on $url"
 
 "$bin/fleet" keygen --tenant demo --key-id demo-1 --out "$work/demo-key.toml" >"$work/tenants.toml" 2>/dev/null
 spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
-spawn worker "$bin/worker" --nats-url "$url" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
+spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
 
 texts=(
   "NATS JetStream redelivers a job that a worker took and never acknowledged."
