@@ -20,9 +20,15 @@ spawn() {
   printf -v "pid_${name//-/_}" '%s' "$!"
 }
 
-# Starts nats-server on a free loopback port with a temporary store; sets $url.
+# Starts nats-server on a free loopback port with a temporary store and no authentication
+# (benchmarks' baseline only); sets $url.
 start_nats() {
   spawn nats nats-server -a 127.0.0.1 -p -1 -js -sd "$work/jetstream"
+  wait_nats
+}
+
+# Waits for the nats-server started as `nats` to listen; sets $url.
+wait_nats() {
   url=
   for _ in $(seq 100); do
     url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/nats.log" | head -n 1)
@@ -32,6 +38,27 @@ start_nats() {
   echo "nats-server did not start:" >&2
   tail -n 20 "$work/nats.log" >&2
   return 1
+}
+
+# Adds a NATS user (ROLE NAME) to the secure broker's users.list; its nkey seed goes to
+# $work/NAME.nk. Tenants are added by `fleet tenant add --nats-seed-out` instead.
+secure_nats_user() {
+  mkdir -p "$work/nats"
+  "$bin/fleet" nats-user --role "$1" --name "$2" --seed-out "$work/$2.nk" >>"$work/nats/users.list"
+}
+
+# Starts nats-server with the shipped broker configuration (ops/nats/: TLS with client
+# certificates, nkey users only, permissions per role) for the users added so far, on a free
+# loopback port, with a development PKI in $work/pki; sets $url and exports the TLS settings
+# every Fleet process and `fleet` reads (NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY).
+start_secure_nats() {
+  "$root/ops/make-dev-pki.sh" --out "$work/pki" local >/dev/null
+  "$root/ops/nats/render.sh" "$work/nats" --pki "$work/pki" --store "$work/jetstream"
+  # The command line's address and port (-1: a free one) override the file's listen.
+  spawn nats nats-server -c "$work/nats/fleet.conf" -a 127.0.0.1 -p -1
+  export NATS_TLS_CA="$work/pki/ca.pem" NATS_TLS_CERT="$work/pki/client-local.pem" \
+    NATS_TLS_KEY="$work/pki/client-local-key.pem"
+  wait_nats
 }
 
 # A tenant `bench` whose rate limit never binds: its key in $work/key.toml, the tenants file in

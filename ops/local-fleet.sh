@@ -2,6 +2,11 @@
 # Brings up a local fleet (nats-server with JetStream, one dispatcher, one worker on the real
 # all-MiniLM-L6-v2) on loopback, embeds sample texts through request-reply, prints the first
 # dimensions and the time taken, and tears everything down. Installs what is missing.
+#
+# Secure as shipped: the broker runs the configuration of ops/nats/ (TLS with client
+# certificates from a development CA, nkey users, permissions per role), the demo tenant's
+# signing key and NATS credentials are made by `fleet tenant add`, and every process reads its
+# secrets from files. There is no insecure mode.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -17,12 +22,18 @@ fail() {
   exit 1
 }
 
-start_nats || fail "nats-server did not start"
-echo "nats-server on $url"
+mkdir -p "$work/nats"
+"$bin/fleet" tenant --tenants "$work/tenants.toml" add --tenant demo --key-id demo-1 \
+  --out "$work/demo-key.toml" --nats-seed-out "$work/demo.nk" >>"$work/nats/users.list" 2>/dev/null
+secure_nats_user dispatcher dispatcher-1
+secure_nats_user worker worker-1
+start_secure_nats || fail "nats-server did not start"
+echo "nats-server on $url (TLS with client certificates, nkey users, per-role permissions: ops/nats/)"
 
-"$bin/fleet" keygen --tenant demo --key-id demo-1 --out "$work/demo-key.toml" >"$work/tenants.toml" 2>/dev/null
-spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
-spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
+spawn dispatcher "$bin/dispatcher" --nats-url "$url" --nats-nkey-file "$work/dispatcher-1.nk" \
+  --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
+spawn worker "$bin/worker" --nats-url "$url" --nats-nkey-file "$work/worker-1.nk" \
+  --tenants "$work/tenants.toml" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
 
 texts=(
   "NATS JetStream redelivers a job that a worker took and never acknowledged."
@@ -36,7 +47,7 @@ for t in "${texts[@]}"; do args+=(--text "$t"); done
 deadline=$((SECONDS + 120))
 while :; do
   start=$(date +%s%N)
-  if answer=$("$bin/fleet" infer --nats-url "$url" --key "$work/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$work/infer.log"); then
+  if answer=$("$bin/fleet" infer --nats-url "$url" --nats-nkey-file "$work/demo.nk" --key "$work/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$work/infer.log"); then
     end=$(date +%s%N)
     break
   fi

@@ -16,6 +16,13 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
 cargo test --workspace 2>&1 | tee "$log" || status=$?
+# The README's first command, as a user runs it: the shipped broker config with TLS and auth.
+if ops/local-fleet.sh; then
+  echo "test result: ok. 1 passed; 0 failed (ops/local-fleet.sh)" >>"$log"
+else
+  status=1
+  echo "test result: FAILED. 0 passed; 1 failed (ops/local-fleet.sh)" | tee -a "$log"
+fi
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"

@@ -870,17 +870,30 @@ async fn dispatchers_and_workers_do_their_jobs_and_only_theirs() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_tenant_appended_to_the_users_list_connects_after_a_reload() {
+async fn a_tenant_made_by_fleet_tenant_add_connects_once_its_line_is_listed_and_loaded() {
     let broker = Broker::start();
-    let carol = KeyPair::new_user();
-    let options = || broker.tls().nkey(carol.seed().unwrap());
+    let conf = broker.dir.path().join("conf");
+    let seed = broker.dir.path().join("carol.nk");
+    let made = Command::new(fleet_tests::binary("fleet"))
+        .args(["tenant", "--tenants"])
+        .arg(broker.dir.path().join("tenants.toml"))
+        .args(["add", "--tenant", "carol", "--out"])
+        .arg(broker.dir.path().join("carol-key.toml"))
+        .arg("--nats-seed-out")
+        .arg(&seed)
+        .output()
+        .expect("fleet runs");
+    assert!(made.status.success(), "{made:?}");
+    let line = String::from_utf8(made.stdout).unwrap();
+    assert!(line.starts_with("tenant carol U"), "{line}");
+    let seed = std::fs::read_to_string(&seed).unwrap();
+    let options = || broker.tls().nkey(seed.trim().to_owned());
     assert!(broker.server.connect_with(options()).await.is_err());
     // Still connected after the reload: existing users are not disturbed.
     let acme = broker.connect(ACME).await;
 
-    let conf = broker.dir.path().join("conf");
     let mut list = std::fs::read_to_string(conf.join("users.list")).unwrap();
-    list.push_str(&format!("tenant carol {}\n", carol.public_key()));
+    list.push_str(&line);
     std::fs::write(conf.join("users.list"), list).unwrap();
     run(Command::new(workspace().join("ops/nats/render.sh")).arg(&conf));
     run(Command::new("nats-server")

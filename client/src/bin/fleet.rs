@@ -1,10 +1,11 @@
 //! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
-//! prints the answer as JSON; `tenant` manages tenants and their keys in the key store.
+//! prints the answer as JSON; `tenant` manages tenants and their keys in the key store;
+//! `nats-user` makes a NATS identity for the shipped broker configuration (`ops/nats/`).
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use fleet_client::{CallerArgs, infer};
 use fleet_keys::{
     Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
@@ -43,6 +44,19 @@ enum Command {
         #[command(subcommand)]
         action: TenantAction,
     },
+    /// Makes a NATS user (an nkey) for the shipped broker configuration: writes its seed (mode
+    /// 0600) for the process or tenant that connects with it, and prints its `users.list` line
+    /// (`ROLE NAME PUBLIC-NKEY`; append it, then run `ops/nats/render.sh`).
+    NatsUser {
+        /// What the user may do on the broker.
+        #[arg(long, env = "FLEET_NATS_ROLE")]
+        role: NatsRole,
+        /// The user's name; for a tenant, the tenant's name.
+        #[arg(long, env = "FLEET_NATS_NAME")]
+        name: String,
+        #[command(flatten)]
+        seed: NatsSeedArgs,
+    },
     /// Embeds texts through request-reply and prints the result as JSON.
     Infer {
         #[command(flatten)]
@@ -76,6 +90,10 @@ enum TenantAction {
         /// Jobs accepted at once above the sustained rate.
         #[arg(long, env = "FLEET_TENANT_BURST", default_value_t = 200)]
         burst: u32,
+        /// Also make the tenant's NATS user: its nkey seed goes to this file (mode 0600) and
+        /// its `users.list` line (`tenant NAME PUBLIC-NKEY`) to stdout.
+        #[arg(long, env = "FLEET_NATS_SEED_OUT")]
+        nats_seed_out: Option<PathBuf>,
     },
     /// Adds a key to a tenant (rotation), writes its secret file, and optionally ends an old key.
     Rotate {
@@ -95,6 +113,23 @@ enum TenantAction {
     },
     /// Prints every tenant, its policy and its keys as JSON.
     List,
+}
+
+/// The roles of `ops/nats/roles/` (operators have no limits).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum NatsRole {
+    Dispatcher,
+    Worker,
+    Operator,
+    Tenant,
+}
+
+#[derive(Debug, clap::Args)]
+struct NatsSeedArgs {
+    /// Where to write the user's nkey seed (it must not exist yet); give it to the process
+    /// with `--nats-nkey-file`.
+    #[arg(long, env = "FLEET_NATS_SEED_OUT")]
+    seed_out: PathBuf,
 }
 
 /// A new key of a tenant.
@@ -119,6 +154,14 @@ async fn main() -> anyhow::Result<()> {
             key_id,
             out,
         } => keygen(tenant, key_id, out),
+        Command::NatsUser { role, name, seed } => {
+            let role = role
+                .to_possible_value()
+                .map(|value| value.get_name().to_owned())
+                .unwrap_or_default();
+            println!("{}", make_nats_user(&role, &name, &seed.seed_out)?);
+            Ok(())
+        }
         Command::Tenant { store, action } => {
             if store.tenants_from_vault {
                 let source = VaultSource::new(VaultConfig::from_env()?)?;
@@ -158,8 +201,19 @@ async fn manage_tenants<S: TenantAdmin>(source: S, action: TenantAction) -> anyh
             models,
             rate_per_second,
             burst,
+            nats_seed_out,
         } => {
             let (new_key, out) = write_new_key(&key)?;
+            let users_line = match &nats_seed_out {
+                Some(seed_out) => match make_nats_user("tenant", &key.tenant, seed_out) {
+                    Ok(line) => Some(line),
+                    Err(error) => {
+                        let _ = std::fs::remove_file(&out);
+                        return Err(error);
+                    }
+                },
+                None => None,
+            };
             let change = Change::AddTenant {
                 tenant: key.tenant.clone(),
                 policy: TenantPolicy {
@@ -169,7 +223,22 @@ async fn manage_tenants<S: TenantAdmin>(source: S, action: TenantAction) -> anyh
                 },
                 key: new_key,
             };
-            return apply_with_key(&source, change, &out).await;
+            let applied = apply_with_key(&source, change, &out).await;
+            match (&applied, nats_seed_out, users_line) {
+                (Ok(()), Some(seed_out), Some(line)) => {
+                    eprintln!(
+                        "its NATS seed is in {}; append the line printed on stdout to the \
+                         broker's users.list and run ops/nats/render.sh",
+                        seed_out.display()
+                    );
+                    println!("{line}");
+                }
+                (Err(_), Some(seed_out), _) => {
+                    let _ = std::fs::remove_file(seed_out);
+                }
+                _ => {}
+            }
+            return applied;
         }
         TenantAction::Rotate {
             key,
@@ -261,8 +330,7 @@ fn keygen(tenant: String, key_id: Option<String>, out: PathBuf) -> anyhow::Resul
     Ok(())
 }
 
-/// Makes a key pair for `tenant` and writes its secret key file (mode 0600, never over an
-/// existing file, removed again if the write fails).
+/// Makes a key pair for `tenant` and writes its secret key file.
 fn write_key_file(
     tenant: &str,
     key_id: Option<String>,
@@ -277,20 +345,32 @@ fn write_key_file(
         key_id: key_id.clone(),
         secret_key: key.secret_hex(),
     };
-    let contents = toml::to_string(&file)?;
+    write_secret_file(out, toml::to_string(&file)?.as_bytes())?;
+    Ok(key)
+}
+
+/// Makes a NATS user nkey, writes its seed to `out`, and returns its `users.list` line.
+fn make_nats_user(role: &str, name: &str, out: &std::path::Path) -> anyhow::Result<String> {
+    validate_name("NATS user name", name)?;
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().context("a new user nkey has a seed")?;
+    write_secret_file(out, format!("{seed}\n").as_bytes())?;
+    Ok(format!("{role} {name} {}", user.public_key()))
+}
+
+/// Writes a secret to a new file only its owner reads (mode 0600, never over an existing file,
+/// removed again if the write fails: a partial file would block the next attempt).
+fn write_secret_file(out: &std::path::Path, contents: &[u8]) -> anyhow::Result<()> {
     let mut handle = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
         .open(out)
         .with_context(|| format!("cannot create {} (it must not exist yet)", out.display()))?;
-    let written = handle
-        .write_all(contents.as_bytes())
-        .and_then(|()| handle.sync_all());
+    let written = handle.write_all(contents).and_then(|()| handle.sync_all());
     if let Err(error) = written {
-        // A partial key file would block the next attempt (files are never overwritten).
         let _ = std::fs::remove_file(out);
         return Err(error).with_context(|| format!("cannot write {}", out.display()));
     }
-    Ok(key)
+    Ok(())
 }
