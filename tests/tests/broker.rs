@@ -31,6 +31,8 @@ const WINDOW: Duration = Duration::from_millis(800);
 const ACME: &str = "acme";
 const BOLT: &str = "bolt";
 const MODEL: &str = "embed";
+/// The model the real worker serves.
+const REAL_MODEL: &str = "all-minilm-l6-v2";
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
@@ -958,12 +960,54 @@ fn seed_file(broker: &Broker, name: &str) -> String {
     path.to_string_lossy().into_owned()
 }
 
+/// The settings a Fleet process connects to the broker with, as user `name`: its nkey seed from
+/// a file, TLS with the development CA and a client certificate; metrics on a free port.
+fn process_nats_args(broker: &Broker, name: &str) -> Vec<String> {
+    let pki = |file: &str| broker.pki(file).to_string_lossy().into_owned();
+    [
+        "--nats-url",
+        broker.server.url(),
+        "--nats-nkey-file",
+        &seed_file(broker, name),
+        "--nats-tls-ca",
+        &pki("ca.pem"),
+        "--nats-tls-cert",
+        &pki("client-client.pem"),
+        "--nats-tls-key",
+        &pki("client-client-key.pem"),
+        "--metrics-addr",
+        "127.0.0.1:0",
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
+
+/// Starts the workspace binary `name` with its stdout and stderr in `<name>.log` in the
+/// broker's folder; returns the process and the log's path.
+fn spawn_logged(
+    broker: &Broker,
+    name: &str,
+    args: &[String],
+    env: &[(&str, &str)],
+) -> (fleet_tests::Process, PathBuf) {
+    let log = broker.dir.path().join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).unwrap();
+    let child = Command::new(fleet_tests::binary(name))
+        .args(args)
+        .envs(env.iter().copied())
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+    (fleet_tests::Process::adopt(name, child), log)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config() {
     use fleet_schemas::{JobResult, ResultStatus, SubmitStatus};
-    use fleet_tests::{Process, TestTenant, eventually, model_dir};
+    use fleet_tests::{TestTenant, eventually, model_dir};
 
-    const REAL_MODEL: &str = "all-minilm-l6-v2";
     let broker = Broker::start();
     let acme = TestTenant::new(ACME);
     let tenants = broker.dir.path().join("tenants.toml");
@@ -977,31 +1021,12 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         ),
     )
     .unwrap();
-    let pki = |file: &str| broker.pki(file).to_string_lossy().into_owned();
-    let nats = |name: &str| -> Vec<String> {
-        [
-            "--nats-url",
-            broker.server.url(),
-            "--nats-nkey-file",
-            &seed_file(&broker, name),
-            "--nats-tls-ca",
-            &pki("ca.pem"),
-            "--nats-tls-cert",
-            &pki("client-client.pem"),
-            "--nats-tls-key",
-            &pki("client-client-key.pem"),
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    };
-    let mut dispatcher_args = nats("dispatcher-1");
+    let mut dispatcher_args = process_nats_args(&broker, "dispatcher-1");
     dispatcher_args.extend([
         "--tenants".to_owned(),
         tenants.to_string_lossy().into_owned(),
     ]);
-    let mut worker_args = nats("worker-1");
+    let mut worker_args = process_nats_args(&broker, "worker-1");
     worker_args.extend([
         "--model-dir".to_owned(),
         model_dir().to_string_lossy().into_owned(),
@@ -1009,21 +1034,14 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         tenants.to_string_lossy().into_owned(),
     ]);
     // Their logs are kept: a subject the config forgot shows up there as a server error.
-    let spawn = |name: &str, args: &[String]| {
-        let log = broker.dir.path().join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).unwrap();
-        let child = Command::new(fleet_tests::binary(name))
-            .args(args)
-            .env("RUST_LOG", "warn")
-            .stdin(std::process::Stdio::null())
-            .stdout(file.try_clone().unwrap())
-            .stderr(file)
-            .spawn()
-            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-        (Process::adopt(name, child), log)
-    };
-    let (mut dispatcher, dispatcher_log) = spawn("dispatcher", &dispatcher_args);
-    let (mut worker, worker_log) = spawn("worker", &worker_args);
+    let (mut dispatcher, dispatcher_log) = spawn_logged(
+        &broker,
+        "dispatcher",
+        &dispatcher_args,
+        &[("RUST_LOG", "warn")],
+    );
+    let (mut worker, worker_log) =
+        spawn_logged(&broker, "worker", &worker_args, &[("RUST_LOG", "warn")]);
 
     let client = broker.connect(ACME).await.client;
     let tenant = fleet_client::Tenant {
@@ -1096,6 +1114,147 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         assert!(
             !log.to_lowercase().contains("permissions violation"),
             "a Fleet process was refused a subject: {log}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_secret_reaches_any_log_line_of_a_fleet_run_at_debug_level() {
+    use fleet_tests::{eventually, model_dir, openbao::OpenBao};
+
+    // Every secret a fleet holds: nkey seeds (files), the tenant's signing key (a key file, and
+    // in Vault), the Vault token (environment), the TLS client key (a file).
+    let broker = Broker::start();
+    let bao = OpenBao::start();
+    let vault_env = [
+        ("VAULT_ADDR", bao.addr()),
+        ("VAULT_TOKEN", bao.token()),
+        ("RUST_LOG", "debug"),
+    ];
+    let key_file = broker.dir.path().join("acme-key.toml");
+    let (mut tenant_add, tenant_add_log) = spawn_logged(
+        &broker,
+        "fleet",
+        &[
+            "tenant".to_owned(),
+            "--tenants-from-vault".to_owned(),
+            "add".to_owned(),
+            "--tenant".to_owned(),
+            ACME.to_owned(),
+            "--out".to_owned(),
+            key_file.to_string_lossy().into_owned(),
+        ],
+        &vault_env,
+    );
+    assert_eq!(tenant_add.wait_exit(Duration::from_secs(30)), Some(0));
+    let tenant_add_log = std::fs::read_to_string(tenant_add_log).unwrap();
+
+    let from_vault = ["--tenants-from-vault".to_owned()];
+    let mut dispatcher_args = process_nats_args(&broker, "dispatcher-1");
+    dispatcher_args.extend(from_vault.clone());
+    let mut worker_args = process_nats_args(&broker, "worker-1");
+    worker_args.extend(from_vault);
+    worker_args.extend([
+        "--model-dir".to_owned(),
+        model_dir().to_string_lossy().into_owned(),
+    ]);
+    let (mut dispatcher, dispatcher_log) =
+        spawn_logged(&broker, "dispatcher", &dispatcher_args, &vault_env);
+    let (mut worker, worker_log) = spawn_logged(&broker, "worker", &worker_args, &vault_env);
+
+    // The `fleet` command, as a user calls it, until the fleet answers.
+    let mut infer_args = process_nats_args(&broker, ACME);
+    infer_args.truncate(infer_args.len() - 2); // `fleet` serves no metrics
+    infer_args.extend(
+        [
+            "--key",
+            &key_file.to_string_lossy(),
+            "--model",
+            REAL_MODEL,
+            "--timeout-secs",
+            "10",
+            "--text",
+            "secrets stay out of logs",
+        ]
+        .map(str::to_owned),
+    );
+    let mut infer_logs = String::new();
+    let answer = eventually(Duration::from_secs(120), "an embedding", || {
+        let output = Command::new(fleet_tests::binary("fleet"))
+            .arg("infer")
+            .args(&infer_args)
+            .env("RUST_LOG", "debug")
+            .output()
+            .expect("fleet runs");
+        infer_logs.push_str(&String::from_utf8_lossy(&output.stderr));
+        let answer: Option<fleet_schemas::JobResult> = serde_json::from_slice(&output.stdout).ok();
+        std::future::ready(answer.filter(|result| result.status == fleet_schemas::ResultStatus::Ok))
+    })
+    .await;
+    // Lines written after the answer (the worker's ack, the stored result) count too.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(dispatcher.is_running() && worker.is_running());
+
+    let seeds: Vec<String> = ["dispatcher-1", "worker-1", ACME]
+        .iter()
+        .map(|name| broker.seed(name))
+        .collect();
+    let signing_key = fleet_client::Tenant::from_key_file(&key_file)
+        .unwrap()
+        .key
+        .secret_hex();
+    let tls_key = std::fs::read_to_string(broker.pki("client-client-key.pem")).unwrap();
+    let mut secrets: Vec<(&str, String)> = vec![
+        ("the Vault token", bao.token().to_owned()),
+        ("the signing key", signing_key.clone()),
+        ("half the signing key", signing_key[..32].to_owned()),
+    ];
+    secrets.extend(seeds.iter().map(|seed| ("an nkey seed", seed.clone())));
+    secrets.extend(
+        tls_key
+            .lines()
+            .filter(|line| !line.starts_with("-----"))
+            .map(|line| ("the TLS client key", line.to_owned())),
+    );
+    let seed_like = |line: &str| {
+        // An nkey seed: 'S', its type, then base32 (58 characters in all).
+        line.as_bytes().windows(58).any(|w| {
+            w[0] == b'S'
+                && b"UAONC".contains(&w[1])
+                && w[2..]
+                    .iter()
+                    .all(|c| matches!(c, b'A'..=b'Z' | b'2'..=b'7'))
+        })
+    };
+
+    let logs = [
+        ("fleet tenant add", tenant_add_log),
+        (
+            "dispatcher",
+            std::fs::read_to_string(dispatcher_log).unwrap(),
+        ),
+        ("worker", std::fs::read_to_string(worker_log).unwrap()),
+        ("fleet infer", infer_logs),
+    ];
+    let mut debug_lines = 0;
+    for (process, log) in &logs {
+        for line in log.lines() {
+            debug_lines += usize::from(line.contains("DEBUG"));
+            for (what, secret) in &secrets {
+                assert!(
+                    !line.contains(secret.as_str()),
+                    "{what} in {process}'s log: {line}"
+                );
+            }
+            assert!(!seed_like(line), "an nkey seed in {process}'s log: {line}");
+        }
+    }
+    // The scan read real debug output, the job's own lines among them.
+    assert!(debug_lines > 100, "only {debug_lines} debug lines");
+    for (process, log) in &logs[1..3] {
+        assert!(
+            log.contains(&answer.job_id),
+            "{process} never logged the job"
         );
     }
 }
