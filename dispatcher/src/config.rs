@@ -2,6 +2,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use clap::Parser;
 use fleet_streams::StreamLimits;
+use serde_json::json;
 
 use crate::validate::AdmissionLimits;
 
@@ -78,7 +79,8 @@ pub struct DispatcherConfig {
     /// How long dead letters stay on FLEET_DLQ, in seconds.
     #[arg(long, env = "FLEET_DLQ_MAX_AGE_SECS", default_value_t = 604_800)]
     pub dlq_max_age_secs: u64,
-    /// Address of the Prometheus endpoint.
+    /// Address of the HTTP endpoints: /metrics (Prometheus), /health, /ready, /info (port 0:
+    /// any free port, logged at start).
     #[arg(
         long,
         env = "FLEET_DISPATCHER_METRICS_ADDR",
@@ -148,6 +150,41 @@ impl DispatcherConfig {
     pub fn relay_wait(&self) -> Duration {
         Duration::from_millis(self.relay_wait_ms)
     }
+
+    /// What `/info` shows: models, limits, stream settings and where NATS and the tenants are,
+    /// without secrets. `tenants` names the key store as its logs do.
+    pub fn info(&self, tenants: &str) -> fleet_service::Info {
+        let details = json!({
+            "models": self.models,
+            "limits": {
+                "max_envelope_bytes": self.max_envelope_bytes,
+                "max_inputs": self.max_inputs,
+                "max_input_bytes": self.max_input_bytes,
+                "max_job_age_secs": self.max_job_age_secs,
+                "max_clock_skew_secs": self.max_clock_skew_secs,
+                "max_pending_publishes": self.max_pending_publishes,
+                "publish_timeout_ms": self.publish_timeout_ms,
+                "max_buffered_requests": self.max_buffered_requests,
+                "relay_wait_ms": self.relay_wait_ms,
+                "max_relays": self.max_relays,
+            },
+            "streams": {
+                "jobs_max_msgs": self.jobs_max_msgs,
+                "jobs_max_bytes": self.jobs_max_bytes,
+                "duplicate_window_secs": self.duplicate_window_secs,
+                "results_max_age_secs": self.results_max_age_secs,
+                "dlq_max_age_secs": self.dlq_max_age_secs,
+            },
+            "nats": fleet_service::nats_summary(&self.nats.nats_url, &self.nats.auth),
+            "tenants": tenants,
+        });
+        fleet_service::Info {
+            role: "dispatcher",
+            version: env!("CARGO_PKG_VERSION"),
+            name: self.name.clone(),
+            details,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -175,5 +212,25 @@ mod tests {
             parse(&["--models", "a.b"]).validate(),
             Err(ConfigError::BadModelName(_))
         ));
+    }
+
+    #[test]
+    fn info_shows_settings_and_no_secret() {
+        let config = parse(&[
+            "--nats-url",
+            "nats://fleet:pa55-SECRET@127.0.0.1:4222",
+            "--models",
+            "m1,m2",
+            "--max-inputs",
+            "7",
+        ]);
+        let info = config.info("file tenants.toml");
+        assert_eq!(info.role, "dispatcher");
+        assert_eq!(info.details["models"], json!(["m1", "m2"]));
+        assert_eq!(info.details["limits"]["max_inputs"], 7);
+        assert_eq!(info.details["nats"]["url"], "nats://127.0.0.1:4222");
+        assert_eq!(info.details["tenants"], "file tenants.toml");
+        let shown = info.details.to_string();
+        assert!(!shown.contains("SECRET"), "{shown}");
     }
 }

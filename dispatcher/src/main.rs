@@ -2,6 +2,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use fleet_dispatcher::{Dispatcher, DispatcherConfig};
+use fleet_service::{Check, Endpoints, Readiness};
 use prometheus_client::registry::Registry;
 
 #[tokio::main]
@@ -19,12 +20,29 @@ async fn main() -> anyhow::Result<()> {
         tenants = %keys.describe(),
         "starting dispatcher"
     );
+    let info = config.info(keys.describe());
     let mut registry = Registry::default();
     keys.metrics().register(&mut registry);
     let dispatcher = Dispatcher::start(&config, keys, &mut registry).await?;
-    fleet_service::serve_metrics(config.metrics_addr, Arc::new(registry))
+    // Started means connected, with the streams created or verified.
+    let readiness = Readiness::dispatcher();
+    readiness.watch_nats(&dispatcher.client);
+    readiness.pass(Check::Streams);
+    let endpoints = Endpoints {
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        info,
+    };
+    fleet_service::serve_http(config.metrics_addr, endpoints)
         .await
-        .with_context(|| format!("cannot serve metrics on {}", config.metrics_addr))?;
-    dispatcher.serve(fleet_service::shutdown_signal()).await?;
+        .with_context(|| format!("cannot serve HTTP on {}", config.metrics_addr))?;
+    let listening = dispatcher.listen().await?;
+    readiness.pass(Check::Subscriptions);
+    listening
+        .run(async {
+            fleet_service::shutdown_signal().await;
+            readiness.drain();
+        })
+        .await;
     Ok(())
 }

@@ -153,15 +153,6 @@ impl Dispatcher {
         })
     }
 
-    /// Listens and serves until `shutdown` resolves.
-    pub async fn serve(
-        self: Arc<Self>,
-        shutdown: impl std::future::Future<Output = ()>,
-    ) -> Result<(), ServeError> {
-        self.listen().await?.run(shutdown).await;
-        Ok(())
-    }
-
     /// Takes a slot for the request, then admits, publishes and answers it on its own task, so
     /// verification runs on every core while the subscription keeps being drained. With no slot
     /// free the request is answered `overloaded` at once: waiting here would stop the loop that

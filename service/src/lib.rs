@@ -2,12 +2,12 @@
 
 mod config;
 mod events;
-mod metrics;
+mod http;
 pub mod nats;
 
 pub use config::{ConfigError, load_config, load_config_or_exit};
 pub use events::ConnectionEvents;
-pub use metrics::{MetricsServer, serve_metrics};
+pub use http::{Check, Endpoints, HttpServer, Info, Readiness, nats_summary, serve_http};
 pub use nats::{NatsArgs, NatsAuthArgs, NatsError, Secret, redact_url};
 
 /// JSON lines on stdout, filtered by `RUST_LOG` (default `info`, async-nats at `warn`).

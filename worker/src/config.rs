@@ -5,6 +5,8 @@ use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
 use fleet_schemas::{InvalidName, validate_name};
+use fleet_service::{Info, NatsAuthArgs, nats_summary};
+use serde_json::json;
 
 use fleet_keys::KeyStoreArgs;
 
@@ -114,7 +116,8 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLEET_WORKER_NAME")]
     pub worker_name: Option<String>,
 
-    /// Address of the Prometheus endpoint (port 0: any free port, logged at start).
+    /// Address of the HTTP endpoints: /metrics (Prometheus), /health, /ready, /info (port 0:
+    /// any free port, logged at start).
     #[arg(long, env = "FLEET_METRICS_ADDR", default_value = "127.0.0.1:9184")]
     pub metrics_addr: SocketAddr,
 
@@ -318,6 +321,53 @@ impl WorkerConfig {
     }
 }
 
+impl WorkerConfig {
+    /// What `/info` shows: the model, the batching and in-flight limits, the consumer's settings
+    /// and where NATS and the tenants are, without secrets. `tenants` names the key store as
+    /// its logs do.
+    pub fn info(&self, nats: &NatsAuthArgs, tenants: &str) -> Info {
+        let consumer = &self.consumer;
+        let guard = &self.model_guard;
+        let details = json!({
+            "model": {
+                "name": self.model,
+                "dir": self.model_dir,
+                "device": self.device.to_string(),
+            },
+            "limits": {
+                "max_batch_size": self.batch.max_batch_size,
+                "max_batch_tokens": self.batch.max_batch_tokens,
+                "max_delay": format!("{:?}", self.batch.max_delay),
+                "max_in_flight": self.max_in_flight,
+                "fetch_batch": self.fetch_batch,
+                "max_job_bytes": self.max_job_bytes,
+                "batch_timeout": format!("{:?}", guard.batch_timeout),
+                "batch_timeout_per_token": format!("{:?}", guard.batch_timeout_per_token),
+                "max_model_failures": guard.max_model_failures,
+            },
+            "consumer": {
+                "durable_name": consumer.durable_name,
+                "filter_subject": consumer.filter_subject,
+                "ack_wait": format!("{:?}", consumer.ack_wait),
+                "max_deliver": consumer.max_deliver,
+                "backoff": consumer.backoff.iter().map(|step| format!("{step:?}")).collect::<Vec<_>>(),
+                "max_ack_pending": consumer.max_ack_pending,
+            },
+            "retry_delay": format!("{:?}", self.retry_delay),
+            "reconcile_every": format!("{:?}", self.reconcile_every),
+            "shutdown_timeout": format!("{:?}", self.shutdown_timeout),
+            "nats": nats_summary(&self.nats_url, nats),
+            "tenants": tenants,
+        });
+        Info {
+            role: "worker",
+            version: env!("CARGO_PKG_VERSION"),
+            name: self.worker_name.clone(),
+            details,
+        }
+    }
+}
+
 fn default_worker_name() -> String {
     let host = nix::unistd::gethostname()
         .ok()
@@ -416,5 +466,32 @@ mod tests {
         );
         let err = WorkerConfig::from_args(parse(&["--model", "a.b"])).unwrap_err();
         assert!(matches!(err, ConfigError::Name(_)), "{err}");
+    }
+
+    #[test]
+    fn info_shows_model_limits_and_no_secret() {
+        let config = WorkerConfig::from_args(parse(&[
+            "--nats-url",
+            "nats://fleet:pa55-SECRET@127.0.0.1:4222",
+            "--max-batch-size",
+            "8",
+            "--worker-name",
+            "w-1",
+        ]))
+        .expect("valid");
+        let nats = NatsAuthArgs {
+            nats_token: Some("t0ken-SECRET".parse().expect("any text")),
+            ..NatsAuthArgs::default()
+        };
+        let info = config.info(&nats, "file tenants.toml");
+        assert_eq!((info.role, info.name.as_str()), ("worker", "w-1"));
+        let details = &info.details;
+        assert_eq!(details["model"]["name"], "all-minilm-l6-v2");
+        assert_eq!(details["limits"]["max_batch_size"], 8);
+        assert_eq!(details["limits"]["max_delay"], "5ms");
+        assert_eq!(details["consumer"]["ack_wait"], "3s");
+        assert_eq!(details["nats"]["url"], "nats://127.0.0.1:4222");
+        assert_eq!(details["nats"]["auth"], "token");
+        assert!(!details.to_string().contains("SECRET"), "{details}");
     }
 }

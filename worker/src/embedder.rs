@@ -46,3 +46,25 @@ pub trait Embedder: Clone + Send + Sync + 'static {
         batch: Vec<TokenizedInput>,
     ) -> BoxFuture<'static, Result<Vec<Vec<f32>>, EmbedError>>;
 }
+
+/// Why a model failed its first forward pass.
+#[derive(Debug, thiserror::Error)]
+pub enum WarmUpError {
+    #[error("the model cannot tokenize its warm-up text: {0}")]
+    Tokenize(#[from] TokenizeError),
+    #[error("the model failed its warm-up pass: {0}")]
+    Embed(#[from] EmbedError),
+}
+
+/// Runs one short input through `embedder`: the first pass pays for lazy set-up (allocations,
+/// kernel loading), and a model that cannot run at all is found before any job is taken.
+pub async fn warm_up<E: Embedder>(embedder: &E) -> Result<(), WarmUpError> {
+    let token_ids = embedder.tokenize("warm up", true)?;
+    embedder
+        .embed(vec![TokenizedInput {
+            token_ids,
+            normalize: true,
+        }])
+        .await?;
+    Ok(())
+}

@@ -17,4 +17,4 @@ pub mod store;
 pub use config::{DeviceSpec, WorkerArgs, WorkerConfig};
 pub use embedder::Embedder;
 pub use metrics::Metrics;
-pub use pipeline::{PipelineError, run};
+pub use pipeline::{PipelineError, run, run_with_readiness};

@@ -2,8 +2,8 @@ use std::sync::Arc;
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use fleet_service::{ConnectionEvents, NatsAuthArgs};
-use fleet_worker::{WorkerArgs, WorkerConfig, metrics::Metrics, model};
+use fleet_service::{Check, ConnectionEvents, Endpoints, NatsAuthArgs, Readiness};
+use fleet_worker::{WorkerArgs, WorkerConfig, embedder::warm_up, metrics::Metrics, model};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 /// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
@@ -64,17 +64,28 @@ async fn main() -> anyhow::Result<()> {
     );
     let options = events.options(async_nats::ConnectOptions::new().name(&config.worker_name));
     let client = fleet_service::nats::connect(&config.nats_url, &cli.nats, options).await?;
-    fleet_service::serve_metrics(config.metrics_addr, Arc::new(registry))
+    // Served before the model loads, so /health answers and /ready says why not during the load.
+    let readiness = Readiness::worker();
+    readiness.watch_nats(&client);
+    let endpoints = Endpoints {
+        registry: Arc::new(registry),
+        readiness: readiness.clone(),
+        info: config.info(&cli.nats, keys.describe()),
+    };
+    fleet_service::serve_http(config.metrics_addr, endpoints)
         .await
-        .with_context(|| format!("cannot serve metrics on {}", config.metrics_addr))?;
+        .with_context(|| format!("cannot serve HTTP on {}", config.metrics_addr))?;
     let embedder = model::load(&config.model_dir, config.device)
         .with_context(|| format!("cannot load model from {}", config.model_dir.display()))?;
-    fleet_worker::run(
+    warm_up(&embedder).await?;
+    readiness.pass(Check::Model);
+    fleet_worker::run_with_readiness(
         &config,
         client.clone(),
         embedder,
         keys,
         metrics,
+        &readiness,
         fleet_service::shutdown_signal(),
     )
     .await?;

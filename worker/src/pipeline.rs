@@ -14,6 +14,7 @@ use std::{
 use async_nats::jetstream::{self, consumer::PullConsumer};
 use fleet_keys::{Denied, KeyStore};
 use fleet_schemas::{ErrorCode, Job, Task, Timings, now_ms, subject};
+use fleet_service::{Check, Readiness};
 use futures::{StreamExt, future::BoxFuture};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
@@ -89,9 +90,7 @@ struct Waiting {
     queued: Duration,
 }
 
-/// Runs a worker until `shutdown` resolves, then stops pulling, finishes and answers every job
-/// it holds, and returns. Waits first for the dispatcher's streams, then binds the model's
-/// shared consumer.
+/// [`run_with_readiness`] for a worker whose readiness nobody asks about.
 pub async fn run<E: Embedder>(
     config: &WorkerConfig,
     client: async_nats::Client,
@@ -100,18 +99,45 @@ pub async fn run<E: Embedder>(
     metrics: Metrics,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
+    let readiness = Readiness::worker();
+    run_with_readiness(
+        config, client, embedder, keys, metrics, &readiness, shutdown,
+    )
+    .await
+}
+
+/// Runs a worker until `shutdown` resolves, then stops pulling, finishes and answers every job
+/// it holds, and returns. Waits first for the dispatcher's streams, then binds the model's
+/// shared consumer. `readiness` follows the client's connection and learns when the streams
+/// and the consumer are checked; it turns not ready as soon as `shutdown` resolves or the model
+/// fails. The model's own check is the caller's, who loaded it.
+pub async fn run_with_readiness<E: Embedder>(
+    config: &WorkerConfig,
+    client: async_nats::Client,
+    embedder: E,
+    keys: KeyStore,
+    metrics: Metrics,
+    readiness: &Readiness,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
     if config.batch.max_batch_tokens < embedder.max_tokens() {
         return Err(PipelineError::BatchTooSmall {
             max_batch_tokens: config.batch.max_batch_tokens,
             max_tokens: embedder.max_tokens(),
         });
     }
+    readiness.watch_nats(&client);
     let js = jetstream::new(client.clone());
-    let mut shutdown = pin!(shutdown);
+    // Not ready from the signal on, not only once the last pull has ended.
+    let mut shutdown = pin!(async {
+        shutdown.await;
+        readiness.drain();
+    });
     tokio::select! {
         ready = consumer::wait_for_streams(&js, STREAMS_RETRY) => ready.map_err(ConsumerSetupError::from)?,
         () = &mut shutdown => return Ok(()),
     }
+    readiness.pass(Check::Streams);
     let pull = consumer::bind(&js, &config.consumer).await?;
     tracing::info!(
         consumer = %config.consumer.durable_name,
@@ -180,6 +206,7 @@ pub async fn run<E: Embedder>(
         lease_limit: shortest_ack_wait.mul_f64(0.8),
     };
     metrics.ready.set(1);
+    readiness.pass(Check::Consumer);
     let fault = tokio::select! {
         () = pull_loop(&pull, &intake, &in_flight, config, &mut shutdown) => None,
         fault = &mut fault_rx => fault.ok(),
@@ -188,6 +215,7 @@ pub async fn run<E: Embedder>(
     let _ = stop_watcher.send(());
     if let Some(fault) = fault {
         metrics.ready.set(0);
+        readiness.drain();
         tracing::error!(%fault, "model is not trustworthy; stopping");
         watcher.abort();
         // The jobs handed back were naked; those naks must reach the server before exit.
