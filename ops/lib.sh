@@ -3,8 +3,16 @@
 
 work=$(mktemp -d)
 pids=()
+# Stops the processes last-started first (clients drain while their broker is still up), each
+# given 10 s to exit before it is killed.
 cleanup() {
-  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  local i pid
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    pid=${pids[i]}
+    kill "$pid" 2>/dev/null || continue
+    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "$pid" 2>/dev/null || true
+  done
   wait 2>/dev/null || true
   rm -rf "$work"
 }
@@ -20,23 +28,24 @@ spawn() {
   printf -v "pid_${name//-/_}" '%s' "$!"
 }
 
-# Starts nats-server on a free loopback port with a temporary store and no authentication
-# (benchmarks' baseline only); sets $url.
+# Starts nats-server (as process NAME, default `nats`) on a free loopback port with a temporary
+# store and no authentication (benchmarks' baseline only); sets $url.
 start_nats() {
-  spawn nats nats-server -a 127.0.0.1 -p -1 -js -sd "$work/jetstream"
-  wait_nats
+  local name=${1:-nats}
+  spawn "$name" nats-server -a 127.0.0.1 -p -1 -js -sd "$work/$name-jetstream"
+  wait_nats "$name"
 }
 
-# Waits for the nats-server started as `nats` to listen; sets $url.
+# Waits for the nats-server started as process $1 to listen; sets $url.
 wait_nats() {
   url=
   for _ in $(seq 100); do
-    url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/nats.log" | head -n 1)
+    url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/$1.log" | head -n 1)
     [ -n "$url" ] && return 0
     sleep 0.1
   done
   echo "nats-server did not start:" >&2
-  tail -n 20 "$work/nats.log" >&2
+  tail -n 20 "$work/$1.log" >&2
   return 1
 }
 
@@ -50,15 +59,17 @@ secure_nats_user() {
 # Starts nats-server with the shipped broker configuration (ops/nats/: TLS with client
 # certificates, nkey users only, permissions per role) for the users added so far, on a free
 # loopback port, with a development PKI in $work/pki; sets $url and exports the TLS settings
-# every Fleet process and `fleet` reads (NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY).
+# every Fleet process and `fleet` reads (NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY). The
+# process is NAME (default `nats`).
 start_secure_nats() {
+  local name=${1:-nats}
   "$root/ops/make-dev-pki.sh" --out "$work/pki" local >/dev/null
   "$root/ops/nats/render.sh" "$work/nats" --pki "$work/pki" --store "$work/jetstream"
   # The command line's address and port (-1: a free one) override the file's listen.
-  spawn nats nats-server -c "$work/nats/fleet.conf" -a 127.0.0.1 -p -1
+  spawn "$name" nats-server -c "$work/nats/fleet.conf" -a 127.0.0.1 -p -1
   export NATS_TLS_CA="$work/pki/ca.pem" NATS_TLS_CERT="$work/pki/client-local.pem" \
     NATS_TLS_KEY="$work/pki/client-local-key.pem"
-  wait_nats
+  wait_nats "$name"
 }
 
 # A tenant `bench` whose rate limit never binds: its key in $work/key.toml, the tenants file in

@@ -12,7 +12,7 @@ use std::{
 
 use anyhow::{Context, bail};
 use async_nats::{HeaderMap, jetstream};
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 use fleet_client::{CallerArgs, Tenant};
 use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
 use futures::{StreamExt, stream};
@@ -44,9 +44,19 @@ enum Command {
         /// Jobs per phase.
         #[arg(long, env = "LOADTEST_JOBS", default_value_t = 20_000)]
         jobs: usize,
-        /// Rounds; each round runs both phases, alternating which goes first.
+        /// Rounds; each round runs every phase, alternating which goes first.
         #[arg(long, env = "LOADTEST_ROUNDS", default_value_t = 3)]
         rounds: usize,
+        /// Phases of a round. With `raw-jetstream`, FLEET_JOBS is purged before each phase,
+        /// which needs a Fleet user's rights; `dispatcher` alone needs only a tenant's (under
+        /// the shipped broker config), and leaves the queued jobs in place.
+        #[arg(
+            long,
+            env = "LOADTEST_PHASES",
+            value_delimiter = ',',
+            default_value = "raw-jetstream,dispatcher"
+        )]
+        phases: Vec<Phase>,
     },
     /// A corpus (`{"id", "text"}` per line) through the fleet by request-reply.
     Embed(EmbedArgs),
@@ -80,7 +90,11 @@ async fn main() -> anyhow::Result<()> {
         cpu: cpu::CpuWatch::new(&cli.cpu_of)?,
     };
     match cli.command {
-        Command::Dispatch { jobs, rounds } => dispatch(&run, jobs, rounds).await,
+        Command::Dispatch {
+            jobs,
+            rounds,
+            phases,
+        } => dispatch(&run, jobs, rounds, &phases).await,
         Command::Embed(ref args) => embed(&run, args).await,
     }
 }
@@ -114,15 +128,18 @@ fn signed_jobs(
         .collect()
 }
 
-async fn dispatch(run: &Run, jobs: usize, rounds: usize) -> anyhow::Result<()> {
+async fn dispatch(run: &Run, jobs: usize, rounds: usize, phases: &[Phase]) -> anyhow::Result<()> {
     let js = jetstream::new(run.client.clone());
+    let purge = phases.contains(&Phase::RawJetStream);
     for round in 0..rounds {
-        let mut phases = [Phase::RawJetStream, Phase::Dispatcher];
+        let mut phases = phases.to_vec();
         if round % 2 == 1 {
             phases.reverse();
         }
         for phase in phases {
-            purge_jobs(&js).await?;
+            if purge {
+                purge_jobs(&js).await?;
+            }
             // Fresh ids per phase: the duplicate window would otherwise turn the second phase's
             // publishes into cheap duplicate acks.
             let payloads = signed_jobs(&run.tenant, &run.model, jobs)?;
@@ -148,10 +165,13 @@ async fn dispatch(run: &Run, jobs: usize, rounds: usize) -> anyhow::Result<()> {
             );
         }
     }
-    purge_jobs(&js).await
+    if purge {
+        purge_jobs(&js).await?;
+    }
+    Ok(())
 }
 
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum Phase {
     RawJetStream,
     Dispatcher,

@@ -1095,6 +1095,67 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         (job.job_id.as_str(), ResultStatus::Ok)
     );
 
+    // A job placed straight on the queue with a dispatcher's credential (leaked), under acme's
+    // key id but signed by another key: the worker dead-letters it with its code; it is never
+    // run, stored or answered.
+    let operator = broker.operator().await;
+    let mut acme_inbox = client
+        .subscribe(format!("_INBOX.{ACME}.forged"))
+        .await
+        .unwrap();
+    let forged = tenant.embed_job(REAL_MODEL, texts.clone());
+    let mallory = fleet_schemas::SigningKey::generate(tenant.key.key_id.clone());
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        fleet_schemas::subject::REPLY_TO,
+        format!("_INBOX.{ACME}.forged").as_str(),
+    );
+    let leaked = jetstream::new(broker.connect("dispatcher-1").await.client);
+    leaked
+        .publish_with_headers(
+            format!("fleet.jobs.{REAL_MODEL}"),
+            headers,
+            fleet_schemas::encode(&mallory.sign_job(&forged).unwrap())
+                .unwrap()
+                .into(),
+        )
+        .await
+        .unwrap()
+        .await
+        .expect("a dispatcher may queue jobs");
+    eventually(
+        Duration::from_secs(30),
+        "the forged job dead-lettered",
+        || {
+            let operator = operator.clone();
+            async move { (count(&operator, "FLEET_DLQ").await == 1).then_some(()) }
+        },
+    )
+    .await;
+    let dead = operator
+        .get_stream("FLEET_DLQ")
+        .await
+        .unwrap()
+        .get_raw_message(1)
+        .await
+        .unwrap();
+    assert_eq!(
+        dead.headers
+            .get(fleet_schemas::subject::SERVICE_ERROR_CODE)
+            .map(|code| code.as_str()),
+        Some("bad_signature")
+    );
+    let forged_result = format!(
+        "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.{ACME}.{}",
+        forged.job_id
+    );
+    let answer = client.request(forged_result, "".into()).await.unwrap();
+    assert!(
+        fleet_schemas::decode::<JobResult>(&answer.payload, usize::MAX).is_err(),
+        "a result was stored for the forged job"
+    );
+    nothing_arrives(std::slice::from_mut(&mut acme_inbox)).await;
+
     // An envelope over the dispatcher's 1 MiB limit passes the broker (max_payload 2 MiB) and
     // gets the dispatcher's typed answer, not a protocol error.
     let big = tenant.embed_job(REAL_MODEL, vec!["x".repeat(30_000); 40]);
