@@ -337,6 +337,28 @@ impl Process {
         Process::spawn(name, &binary(name), args, env)
     }
 
+    /// Starts one of this workspace's binaries with its stdout and stderr written to `log`, for
+    /// a test that reads what the process logged.
+    pub fn spawn_binary_logged<A: AsRef<std::ffi::OsStr>>(
+        name: &str,
+        args: &[A],
+        env: &[(&str, &str)],
+        log: &Path,
+    ) -> Process {
+        let file = std::fs::File::create(log)
+            .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+        let stderr = file.try_clone().expect("a second handle on the log file");
+        let child = Command::new(binary(name))
+            .args(args)
+            .envs(env.iter().copied())
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(stderr)
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
+        Process::adopt(name, child)
+    }
+
     /// Starts `program` (called `name` in messages) with the given arguments and environment.
     pub fn spawn(name: &str, program: &Path, args: &[&str], env: &[(&str, &str)]) -> Process {
         let child = Command::new(program)

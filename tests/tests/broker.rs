@@ -991,16 +991,8 @@ fn spawn_logged(
     env: &[(&str, &str)],
 ) -> (fleet_tests::Process, PathBuf) {
     let log = broker.dir.path().join(format!("{name}.log"));
-    let file = std::fs::File::create(&log).unwrap();
-    let child = Command::new(fleet_tests::binary(name))
-        .args(args)
-        .envs(env.iter().copied())
-        .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {name}: {e}"));
-    (fleet_tests::Process::adopt(name, child), log)
+    let process = fleet_tests::Process::spawn_binary_logged(name, args, env, &log);
+    (process, log)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
