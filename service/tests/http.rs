@@ -2,109 +2,19 @@
 //! what each path answers, when `/ready` says yes, and that `/info` shows no secret.
 
 use std::{
-    net::{SocketAddr, TcpListener, TcpStream},
-    process::{Child, Command, Stdio},
+    net::SocketAddr,
     sync::Arc,
     time::{Duration, Instant},
 };
 
 use clap::Parser;
 use fleet_service::{Check, Endpoints, Info, NatsArgs, Readiness, nats_summary, serve_http};
+use fleet_tests::{
+    NatsServer, Signal,
+    http::{get, request},
+};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// A plain nats-server on a free loopback port, killed when dropped.
-struct Server {
-    child: Child,
-    port: u16,
-}
-
-impl Server {
-    fn start() -> Server {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("nats-server")
-            .args(["-a", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("nats-server is not installed: run ops/install-deps.sh");
-        let started = Instant::now();
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "nats-server did not listen"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Server { child, port }
-    }
-
-    async fn client(&self) -> async_nats::Client {
-        async_nats::connect(format!("nats://127.0.0.1:{}", self.port))
-            .await
-            .expect("connects")
-    }
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-struct Answer {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// One `method path` request; the server closes the connection after its answer.
-async fn request(addr: SocketAddr, method: &str, path: &str) -> Answer {
-    let mut socket = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    socket
-        .write_all(format!("{method} {path} HTTP/1.1\r\nhost: fleet\r\n\r\n").as_bytes())
-        .await
-        .expect("sends");
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), socket.read_to_string(&mut response))
-        .await
-        .expect("answered in time")
-        .expect("reads");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    let status = head
-        .split(' ')
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or_else(|| panic!("no status in {head}"));
-    let content_type = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-type: "))
-        .unwrap_or_default()
-        .to_owned();
-    Answer {
-        status,
-        content_type,
-        body: body.to_owned(),
-    }
-}
-
-async fn get(addr: SocketAddr, path: &str) -> Answer {
-    request(addr, "GET", path).await
-}
 
 fn info(details: Value) -> Info {
     Info {
@@ -145,7 +55,7 @@ async fn reasons(addr: SocketAddr) -> Vec<String> {
 
 #[tokio::test]
 async fn ready_only_when_connected_every_check_passed_and_not_draining() {
-    let mut server = Server::start();
+    let mut server = NatsServer::start();
     let readiness = Readiness::worker();
     let addr = serve(Registry::default(), &readiness, info(json!({}))).await;
 
@@ -170,8 +80,7 @@ async fn ready_only_when_connected_every_check_passed_and_not_draining() {
     assert_eq!(ready.json(), json!({"ready": true}));
 
     // A lost connection shows at once, without anyone telling the readiness.
-    let _ = server.child.kill();
-    let _ = server.child.wait();
+    server.stop(Signal::SIGKILL);
     let started = Instant::now();
     loop {
         let answer = get(addr, "/ready").await;
@@ -186,7 +95,7 @@ async fn ready_only_when_connected_every_check_passed_and_not_draining() {
 
 #[tokio::test]
 async fn draining_is_not_ready_and_health_stays_ok() {
-    let server = Server::start();
+    let server = NatsServer::start();
     let readiness = Readiness::dispatcher();
     let addr = serve(Registry::default(), &readiness, info(json!({}))).await;
     readiness.watch_nats(&server.client().await);

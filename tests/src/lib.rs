@@ -17,6 +17,7 @@ use async_nats::{
 use fleet_schemas::{Job, JobResult, SigningKey, VerifyingKey, decode, encode, subject};
 use nix::{sys::signal, unistd::Pid};
 
+pub mod http;
 pub mod openbao;
 
 /// A `nats-server` with JetStream and a temporary store, on a random loopback port. It can be

@@ -8,10 +8,8 @@
 mod support;
 
 use std::{
-    io::{BufRead, BufReader},
     net::SocketAddr,
-    process::{Command, Stdio},
-    sync::mpsc,
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -19,58 +17,19 @@ use clap::Parser;
 use fleet_keys::{FileSource, KeyStore, StoreOptions};
 use fleet_schemas::Job;
 use fleet_service::{Check, Endpoints, Readiness};
-use fleet_tests::{NatsServer, Process, Signal, Streams, binary, model_dir, write_tenants_file};
+use fleet_tests::{
+    NatsServer, Process, Signal, Streams, binary,
+    http::{Serving, get},
+    model_dir, write_tenants_file,
+};
 use fleet_worker::{Metrics, WorkerArgs, WorkerConfig};
 use prometheus_client::registry::Registry;
-use serde_json::{Value, json};
+use serde_json::json;
 use support::FakeEmbedder;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Shown nowhere: the NATS token the worker is started with (the test server takes any).
 const TOKEN: &str = "t0ken-never-shown";
-
-struct Answer {
-    status: u16,
-    content_type: String,
-    body: String,
-}
-
-impl Answer {
-    fn json(&self) -> Value {
-        serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("{e}: {}", self.body))
-    }
-}
-
-/// `GET path`; the server closes the connection after its answer.
-async fn get(addr: SocketAddr, path: &str) -> Answer {
-    let mut socket = tokio::net::TcpStream::connect(addr)
-        .await
-        .expect("connects");
-    socket
-        .write_all(format!("GET {path} HTTP/1.1\r\nhost: worker\r\n\r\n").as_bytes())
-        .await
-        .expect("sends");
-    let mut response = String::new();
-    tokio::time::timeout(Duration::from_secs(5), socket.read_to_string(&mut response))
-        .await
-        .expect("answered in time")
-        .expect("reads");
-    let (head, body) = response.split_once("\r\n\r\n").expect("a head and a body");
-    Answer {
-        status: head
-            .split(' ')
-            .nth(1)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or_else(|| panic!("no status in {head}")),
-        content_type: head
-            .lines()
-            .find_map(|line| line.strip_prefix("content-type: "))
-            .unwrap_or_default()
-            .to_owned(),
-        body: body.to_owned(),
-    }
-}
 
 /// The reasons `/ready` gives for not being ready; panics when it is ready.
 async fn not_ready(addr: SocketAddr) -> Vec<String> {
@@ -79,10 +38,10 @@ async fn not_ready(addr: SocketAddr) -> Vec<String> {
     serde_json::from_value(answer.json()["reasons"].clone()).expect("a list of reasons")
 }
 
-/// A `worker` process whose HTTP address is read from its log line (it binds port 0); its log
-/// keeps being read so it never blocks on a full pipe.
+/// A `worker` process serving HTTP on a port of its choosing.
 fn spawn_worker(server: &NatsServer, tenants: &std::path::Path) -> (Process, SocketAddr) {
-    let mut child = Command::new(binary("worker"))
+    let mut command = Command::new(binary("worker"));
+    command
         .args(["--nats-url", server.url(), "--tenants"])
         .arg(tenants)
         .arg("--model-dir")
@@ -94,29 +53,9 @@ fn spawn_worker(server: &NatsServer, tenants: &std::path::Path) -> (Process, Soc
             "127.0.0.1:0",
         ])
         .env("NATS_TOKEN", TOKEN)
-        .env("RUST_LOG", "warn,fleet_service::http=info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("starts worker");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (found, address) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let addr = serde_json::from_str::<Value>(&line).ok().and_then(|log| {
-                log["fields"]["local_addr"]
-                    .as_str()
-                    .and_then(|addr| addr.parse::<SocketAddr>().ok())
-            });
-            if let Some(addr) = addr {
-                let _ = found.send(addr);
-            }
-        }
-    });
-    let addr = address
-        .recv_timeout(WAIT)
-        .expect("the worker logs where it serves HTTP");
-    (Process::adopt("worker", child), addr)
+        .env("RUST_LOG", "warn,fleet_service::http=info");
+    let worker = Serving::spawn("worker", command, WAIT);
+    (worker.process, worker.addr)
 }
 
 #[tokio::test]
