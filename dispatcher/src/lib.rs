@@ -62,7 +62,8 @@ impl Dispatcher {
         let streams = fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
         let rate_limits = rate::TenantRateLimits::default();
         let validator =
-            validate::Validator::new(keys, config.models.clone(), config.admission_limits());
+            validate::Validator::new(keys, config.models.clone(), config.admission_limits())
+                .timing_verification(metrics.signature_verification_seconds.clone());
         Ok(Arc::new(Dispatcher {
             name: config.name.clone(),
             client,

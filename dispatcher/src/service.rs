@@ -19,7 +19,7 @@ use futures::StreamExt;
 use tokio::sync::Semaphore;
 
 use crate::{
-    metrics::DispatcherMetrics,
+    metrics::{DispatcherMetrics, GaugedPermit, RequestKind},
     rate::TenantRateLimits,
     validate::{Admitted, Rejection, Validator},
 };
@@ -161,18 +161,19 @@ impl Dispatcher {
         let Some(ingress) = subject::parse_ingress(&message.subject) else {
             return;
         };
-        let (model, reply_to_job) = match ingress {
-            Ingress::Infer { model } => (model.to_owned(), true),
-            Ingress::Submit { model } => (model.to_owned(), false),
+        let (model, kind) = match ingress {
+            Ingress::Infer { model } => (model.to_owned(), RequestKind::Infer),
+            Ingress::Submit { model } => (model.to_owned(), RequestKind::Submit),
         };
+        let reply_to_job = kind == RequestKind::Infer;
         if reply_to_job && message.reply.is_none() {
             // A synchronous call with no inbox has nobody to answer; queuing it would waste work.
-            self.metrics.count_rejection(ErrorCode::Malformed);
+            self.metrics.count_rejection(kind, ErrorCode::Malformed);
             tracing::warn!(subject = %message.subject, "infer request without a reply subject dropped");
             return;
         }
         let slot = match self.publish_slots.clone().try_acquire_owned() {
-            Ok(slot) => slot,
+            Ok(slot) => GaugedPermit::new(slot, &self.metrics.admissions_in_flight),
             Err(_) => {
                 let rejection = Rejection {
                     job_id: String::new(),
@@ -182,18 +183,23 @@ impl Dispatcher {
                         "too many jobs being checked or awaiting the queue's ack",
                     ),
                 };
-                self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
+                self.answer(&message, &model, kind, Outcome::Rejected(rejection))
                     .await;
                 return;
             }
         };
         tokio::spawn(async move {
-            let admitted = match self.admit(&model, &message.payload).and_then(|admitted| {
+            let started = Instant::now();
+            let admission = self.admit(&model, &message.payload).and_then(|admitted| {
                 check_reply(&admitted, message.reply.as_deref(), reply_to_job).map(|()| admitted)
-            }) {
+            });
+            self.metrics
+                .admission_seconds
+                .observe(started.elapsed().as_secs_f64());
+            let admitted = match admission {
                 Ok(admitted) => admitted,
                 Err(rejection) => {
-                    self.answer(&message, &model, reply_to_job, Outcome::Rejected(rejection))
+                    self.answer(&message, &model, kind, Outcome::Rejected(rejection))
                         .await;
                     return;
                 }
@@ -209,17 +215,21 @@ impl Dispatcher {
                 // The relay may wait long; it holds a relay slot, not a publish slot.
                 drop(slot);
                 match self.relay_slots.clone().try_acquire_owned() {
-                    Ok(_relay_slot) => self.relay_result(&message, &admitted.job, seq).await,
+                    Ok(relay_slot) => {
+                        self.metrics.count_queued(kind, true);
+                        let _waiting = GaugedPermit::new(relay_slot, &self.metrics.relays_waiting);
+                        self.relay_result(&message, &admitted.job, seq).await;
+                    }
                     Err(_) => {
                         let busy =
                             overloaded(&admitted, "too many repeated calls waiting for results");
-                        self.answer(&message, &model, true, Outcome::Rejected(busy))
+                        self.answer(&message, &model, kind, Outcome::Rejected(busy))
                             .await;
                     }
                 }
                 return;
             }
-            self.answer(&message, &model, reply_to_job, outcome).await;
+            self.answer(&message, &model, kind, outcome).await;
             drop(slot);
         });
     }
@@ -346,11 +356,6 @@ impl Dispatcher {
             .observe(started.elapsed().as_secs_f64());
         match acked {
             Ok(ack) => {
-                if ack.duplicate {
-                    self.metrics.duplicates.inc();
-                } else {
-                    self.metrics.accepted.inc();
-                }
                 tracing::debug!(job_id = %job.job_id, tenant = %job.tenant, key_id = %admitted.key_id,
                     seq = ack.sequence, duplicate = ack.duplicate, "job queued");
                 Outcome::Queued {
@@ -381,13 +386,16 @@ impl Dispatcher {
         }
     }
 
-    async fn answer(&self, message: &Message, model: &str, reply_to_job: bool, outcome: Outcome) {
+    /// Counts the request's outcome and tells the caller, when there is one to tell.
+    async fn answer(&self, message: &Message, model: &str, kind: RequestKind, outcome: Outcome) {
+        let reply_to_job = kind == RequestKind::Infer;
         let (headers, body) = match outcome {
             Outcome::Queued {
                 job_id,
                 seq,
                 duplicate,
             } => {
+                self.metrics.count_queued(kind, duplicate);
                 if reply_to_job {
                     // The worker answers synchronous callers once the job has run.
                     return;
@@ -402,7 +410,7 @@ impl Dispatcher {
                 (HeaderMap::new(), encode(&reply))
             }
             Outcome::Rejected(rejection) => {
-                self.metrics.count_rejection(rejection.code());
+                self.metrics.count_rejection(kind, rejection.code());
                 tracing::warn!(code = %rejection.code(), job_id = %rejection.job_id,
                     tenant = %rejection.tenant, subject = %message.subject,
                     reason = %rejection.error.message, "job rejected");

@@ -1,13 +1,17 @@
 //! Admission of one signed job: every check that needs no I/O, cheapest and least revealing
 //! first, so a forged or garbled envelope costs little and learns nothing about tenants.
 
-use std::{collections::HashSet, time::Duration};
+use std::{
+    collections::HashSet,
+    time::{Duration, Instant},
+};
 
 use fleet_schemas::{
     CodecError, ENVELOPE_VERSION, ErrorBody, ErrorCode, Job, SignedJob, decode, validate_name,
 };
 
 use fleet_keys::{Denied, KeyStore};
+use prometheus_client::metrics::histogram::Histogram;
 
 /// Limits on what a job may carry and when it may arrive.
 #[derive(Debug, Clone)]
@@ -81,6 +85,8 @@ pub struct Validator {
     keys: KeyStore,
     models: HashSet<String>,
     limits: AdmissionLimits,
+    /// Observes each key look-up and signature check, when set.
+    verification_seconds: Option<Histogram>,
 }
 
 impl Validator {
@@ -93,7 +99,14 @@ impl Validator {
             keys,
             models: models.into_iter().collect(),
             limits,
+            verification_seconds: None,
         }
+    }
+
+    /// Times every key look-up and signature check into `histogram`.
+    pub fn timing_verification(mut self, histogram: Histogram) -> Self {
+        self.verification_seconds = Some(histogram);
+        self
     }
 
     /// The tenants' keys and policies the checks read.
@@ -126,10 +139,12 @@ impl Validator {
             ));
         }
         // The body is read only once its signature verified.
-        let key = self
-            .keys
-            .verify(&envelope)
-            .map_err(|denied| refusal(&denied))?;
+        let started = Instant::now();
+        let verified = self.keys.verify(&envelope);
+        if let Some(histogram) = &self.verification_seconds {
+            histogram.observe(started.elapsed().as_secs_f64());
+        }
+        let key = verified.map_err(|denied| refusal(&denied))?;
         let job: Job =
             decode(&envelope.body, self.limits.max_envelope_bytes).map_err(codec_rejection)?;
         for (what, value) in [

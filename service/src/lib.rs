@@ -3,6 +3,7 @@
 mod config;
 mod events;
 mod http;
+pub mod metrics;
 pub mod nats;
 
 pub use config::{ConfigError, load_config, load_config_or_exit};
