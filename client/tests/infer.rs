@@ -144,3 +144,103 @@ async fn infer_gives_the_job_a_deadline_at_the_end_of_its_timeout() {
         .unwrap();
     assert_eq!(seen_rx.recv().await.unwrap(), Some(before + 1_000_000));
 }
+
+/// What a script sees from `fleet infer`: texts from standard input, its own job id, and an exit
+/// status per outcome, against a stand-in dispatcher that answers by the job's first text.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_script_gets_its_texts_its_job_id_and_an_exit_status_per_outcome() {
+    use std::io::Write;
+
+    use fleet_schemas::{ErrorBody, ErrorCode, Job, JobResult, ResultStatus, SignedJob, decode};
+    use futures::StreamExt;
+
+    let nats = fleet_tests::NatsServer::start();
+    let dir = tempfile::tempdir().unwrap();
+    let key = key_file(dir.path(), "acme");
+    let client = nats.client().await;
+    let mut calls = client.subscribe("fleet.infer.m").await.unwrap();
+    client.flush().await.unwrap();
+    let (seen_tx, mut seen_rx) = tokio::sync::mpsc::unbounded_channel();
+    let answerer = client.clone();
+    tokio::spawn(async move {
+        while let Some(call) = calls.next().await {
+            let envelope: SignedJob = decode(&call.payload, 1 << 20).unwrap();
+            let job: Job = decode(&envelope.body, 1 << 20).unwrap();
+            let (status, code) = match job.task.inputs()[0].as_str() {
+                "refuse" => (ResultStatus::Rejected, Some(ErrorCode::Forbidden)),
+                "fail" => (ResultStatus::Failed, Some(ErrorCode::Internal)),
+                "stay silent" => {
+                    seen_tx.send(job).unwrap();
+                    continue;
+                }
+                _ => (ResultStatus::Ok, None),
+            };
+            let result = JobResult {
+                job_id: job.job_id.clone(),
+                tenant: job.tenant.clone(),
+                model: job.model.clone(),
+                status,
+                output: None,
+                error: code.map(|code| ErrorBody {
+                    code,
+                    message: "stand-in".into(),
+                }),
+                worker: "stand-in".into(),
+                timings: Default::default(),
+            };
+            seen_tx.send(job).unwrap();
+            let body = fleet_schemas::encode(&result).unwrap();
+            answerer
+                .publish(call.reply.unwrap(), body.into())
+                .await
+                .unwrap();
+        }
+    });
+
+    let fleet_infer = |stdin: &str, extra: &[&str]| {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
+            .args(["infer", "--nats-url", nats.url(), "--model", "m"])
+            .args(["--timeout-secs", "1", "--texts-file", "-", "--key"])
+            .arg(&key)
+            .args(extra)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(stdin.as_bytes())
+            .unwrap();
+        child.wait_with_output().unwrap()
+    };
+
+    let embedded = fleet_infer("first line\nsecond line\n", &["--job-id", "etl-row-17"]);
+    assert_eq!(embedded.status.code(), Some(0), "{embedded:?}");
+    let job = seen_rx.recv().await.unwrap();
+    assert_eq!(job.job_id, "etl-row-17");
+    assert_eq!(job.task.inputs(), ["first line", "second line"]);
+    let printed: JobResult = serde_json::from_slice(&embedded.stdout).unwrap();
+    assert_eq!(printed.job_id, "etl-row-17");
+
+    for (text, status) in [("refuse", 3), ("fail", 4), ("stay silent", 5)] {
+        let output = fleet_infer(text, &[]);
+        assert_eq!(output.status.code(), Some(status), "{text}: {output:?}");
+        seen_rx.recv().await.unwrap();
+    }
+    let silent = fleet_infer("stay silent", &["--job-id", "retry-me"]);
+    assert!(
+        String::from_utf8_lossy(&silent.stderr).contains("--job-id retry-me"),
+        "{silent:?}"
+    );
+
+    for (args, stdin) in [
+        (&["--job-id", "not a subject token"][..], "x"),
+        (&[][..], ""),
+    ] {
+        let usage = fleet_infer(stdin, args);
+        assert_eq!(usage.status.code(), Some(2), "{args:?}: {usage:?}");
+    }
+}

@@ -5,13 +5,13 @@
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
 
 use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use fleet_client::{CallerArgs, infer};
+use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
+use fleet_client::{CallerArgs, ClientError, infer};
 use fleet_keys::{
     Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
     VaultConfig, VaultSource,
 };
-use fleet_schemas::{SecretKeyFile, SigningKey, now_ms, validate_name};
+use fleet_schemas::{InvalidName, ResultStatus, SecretKeyFile, SigningKey, now_ms, validate_name};
 
 /// Fleet's command-line client.
 #[derive(Debug, Parser)]
@@ -58,12 +58,28 @@ enum Command {
         seed: NatsSeedArgs,
     },
     /// Embeds texts through request-reply and prints the result as JSON.
+    #[command(
+        after_help = "Exit status: 0 embedded; 3 refused by the dispatcher (nothing \
+        queued); 4 failed in the fleet; 5 no answer in time (retrying with the same --job-id is \
+        safe: a job id is queued once, and a repeated call gets the first one's result); 2 a \
+        usage error; 1 any other error (key file, connection)."
+    )]
     Infer {
         #[command(flatten)]
         caller: Box<CallerArgs>,
-        /// A text to embed (repeat for several; the environment holds one).
-        #[arg(long = "text", env = "FLEET_TEXT", required = true)]
+        /// A text to embed, taken as it is (repeat for several; the environment holds one).
+        #[arg(
+            long = "text",
+            env = "FLEET_TEXT",
+            required_unless_present = "texts_file"
+        )]
         texts: Vec<String>,
+        /// A file of texts to embed, one per line (`-`: standard input); after any --text.
+        #[arg(long, env = "FLEET_TEXTS_FILE")]
+        texts_file: Option<PathBuf>,
+        /// The job's id (default: a random one). Give one to retry a call safely.
+        #[arg(long, env = "FLEET_JOB_ID", value_parser = job_id)]
+        job_id: Option<String>,
         /// How long to wait for the answer, in seconds.
         #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: u64,
@@ -172,19 +188,65 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Infer {
             caller,
-            texts,
+            mut texts,
+            texts_file,
+            job_id,
             timeout_secs,
         } => {
-            let (tenant, client) = caller.connect().await?;
-            let job = tenant.embed_job(&caller.model, texts);
-            let result = infer(&client, &tenant, &job, Duration::from_secs(timeout_secs)).await?;
-            println!("{}", serde_json::to_string(&result)?);
-            if result.error.is_some() {
-                std::process::exit(2);
+            if let Some(path) = texts_file {
+                texts.extend(read_texts(&path)?);
             }
-            Ok(())
+            if texts.is_empty() {
+                Cli::command()
+                    .error(ErrorKind::MissingRequiredArgument, "no text to embed")
+                    .exit();
+            }
+            let (tenant, client) = caller.connect().await?;
+            let mut job = tenant.embed_job(&caller.model, texts);
+            if let Some(job_id) = job_id {
+                job.job_id = job_id;
+            }
+            let timeout = Duration::from_secs(timeout_secs);
+            let result = match infer(&client, &tenant, &job, timeout).await {
+                Ok(result) => result,
+                Err(error @ ClientError::TimedOut { .. }) => {
+                    eprintln!("{error}; job id {} (retry with --job-id {0})", job.job_id);
+                    std::process::exit(EXIT_NO_ANSWER);
+                }
+                Err(error) => return Err(error.into()),
+            };
+            println!("{}", serde_json::to_string(&result)?);
+            match result.status {
+                ResultStatus::Ok => Ok(()),
+                ResultStatus::Rejected => std::process::exit(EXIT_REFUSED),
+                ResultStatus::Failed => std::process::exit(EXIT_FAILED),
+            }
         }
     }
+}
+
+/// `fleet infer`'s exit status when the dispatcher refused the job.
+const EXIT_REFUSED: i32 = 3;
+/// ... when the job failed in the fleet.
+const EXIT_FAILED: i32 = 4;
+/// ... when no answer came in time.
+const EXIT_NO_ANSWER: i32 = 5;
+
+/// A job id as the dispatcher accepts it.
+fn job_id(value: &str) -> Result<String, InvalidName> {
+    validate_name("job id", value)?;
+    Ok(value.to_owned())
+}
+
+/// The lines of `path` (`-`: standard input), each a text.
+fn read_texts(path: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    let contents = if path.as_os_str() == "-" {
+        std::io::read_to_string(std::io::stdin()).context("cannot read texts from stdin")?
+    } else {
+        std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read texts from {}", path.display()))?
+    };
+    Ok(contents.lines().map(str::to_owned).collect())
 }
 
 async fn manage_tenants<S: TenantAdmin>(source: S, action: TenantAction) -> anyhow::Result<()> {
