@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use async_nats::{Client, RequestErrorKind};
+use async_nats::{Client, RequestErrorKind, jetstream::stream::DirectGetErrorKind};
 use fleet_schemas::{
     CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, decode, encode,
     now_ms, subject,
@@ -46,6 +46,8 @@ pub enum ClientError {
     },
     #[error(transparent)]
     Nats(#[from] fleet_service::NatsError),
+    #[error("cannot read the stored result of job {job_id}: {reason}")]
+    ReadResult { job_id: String, reason: String },
 }
 
 /// Who calls the fleet, where and for which model: the flags every Fleet client program takes.
@@ -135,6 +137,34 @@ pub async fn infer(
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     job.deadline_ms = Some(now_ms().saturating_add(timeout_ms));
     request(client, tenant, &job, subject, timeout).await
+}
+
+/// The stored result of one of `tenant`'s jobs, or None when there is none (not finished yet,
+/// never sent, or past the results' retention). A direct get of the last message on
+/// `fleet.results.<tenant>.<job_id>`, which a tenant may ask under the shipped broker
+/// configuration (WIRE.md, "Reading results").
+pub async fn stored_result(
+    client: &Client,
+    tenant: &str,
+    job_id: &str,
+) -> Result<Option<JobResult>, ClientError> {
+    let failed = |reason: String| ClientError::ReadResult {
+        job_id: job_id.to_owned(),
+        reason,
+    };
+    // No STREAM.INFO: a tenant may not ask it (it would list every tenant's job ids).
+    let results = async_nats::jetstream::new(client.clone())
+        .get_stream_no_info(subject::RESULTS_STREAM)
+        .await
+        .map_err(|error| failed(error.to_string()))?;
+    match results
+        .direct_get_last_for_subject(subject::results(tenant, job_id))
+        .await
+    {
+        Ok(message) => Ok(Some(decode(&message.payload, MAX_ANSWER_BYTES)?)),
+        Err(error) if error.kind() == DirectGetErrorKind::NotFound => Ok(None),
+        Err(error) => Err(failed(error.to_string())),
+    }
 }
 
 /// Sends a job on `fleet.submit.<model>`; the answer says whether it was queued.

@@ -1061,15 +1061,12 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         .await
         .expect("submit answered");
     assert_eq!(reply.status, SubmitStatus::Accepted, "{reply:?}");
-    let subject = format!(
-        "$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.{ACME}.{}",
-        job.job_id
-    );
     let stored = eventually(Duration::from_secs(30), "the stored result", || {
-        let (client, subject) = (client.clone(), subject.clone());
+        let (client, job_id) = (client.clone(), job.job_id.clone());
         async move {
-            let message = client.request(subject, "".into()).await.ok()?;
-            fleet_schemas::decode::<JobResult>(&message.payload, usize::MAX).ok()
+            fleet_client::stored_result(&client, ACME, &job_id)
+                .await
+                .expect("a tenant may read its own results")
         }
     })
     .await;

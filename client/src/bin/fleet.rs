@@ -1,12 +1,13 @@
 //! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
-//! prints the answer as JSON; `tenant` manages tenants and their keys in the key store;
-//! `nats-user` makes a NATS identity for the shipped broker configuration (`ops/nats/`).
+//! prints the answer as JSON; `results get` reads a stored result; `tenant` manages tenants and
+//! their keys in the key store; `nats-user` makes a NATS identity for the shipped broker
+//! configuration (`ops/nats/`).
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
-use fleet_client::{CallerArgs, ClientError, infer};
+use fleet_client::{CallerArgs, ClientError, infer, stored_result};
 use fleet_keys::{
     Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
     VaultConfig, VaultSource,
@@ -43,6 +44,11 @@ enum Command {
         store: KeyStoreArgs,
         #[command(subcommand)]
         action: TenantAction,
+    },
+    /// Reads stored results of the tenant's jobs.
+    Results {
+        #[command(subcommand)]
+        action: ResultsAction,
     },
     /// Makes a NATS user (an nkey) for the shipped broker configuration: writes its seed (mode
     /// 0600) for the process or tenant that connects with it, and prints its `users.list` line
@@ -131,6 +137,18 @@ enum TenantAction {
     List,
 }
 
+#[derive(Debug, Subcommand)]
+enum ResultsAction {
+    /// Prints one job's stored result as JSON (exit status 5 when there is none yet).
+    Get {
+        #[command(flatten)]
+        caller: Box<CallerArgs>,
+        /// The job's id.
+        #[arg(value_parser = job_id)]
+        job_id: String,
+    },
+}
+
 /// The roles of `ops/nats/roles/` (operators have no limits).
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 enum NatsRole {
@@ -177,6 +195,24 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_default();
             println!("{}", make_nats_user(&role, &name, &seed.seed_out)?);
             Ok(())
+        }
+        Command::Results {
+            action: ResultsAction::Get { caller, job_id },
+        } => {
+            let (tenant, client) = caller.connect().await?;
+            match stored_result(&client, &tenant.name, &job_id).await? {
+                Some(result) => {
+                    println!("{}", serde_json::to_string(&result)?);
+                    Ok(())
+                }
+                None => {
+                    eprintln!(
+                        "no stored result for job {job_id} of tenant {}",
+                        tenant.name
+                    );
+                    std::process::exit(EXIT_NO_ANSWER);
+                }
+            }
         }
         Command::Tenant { store, action } => {
             if store.tenants_from_vault {
@@ -229,7 +265,7 @@ async fn main() -> anyhow::Result<()> {
 const EXIT_REFUSED: i32 = 3;
 /// ... when the job failed in the fleet.
 const EXIT_FAILED: i32 = 4;
-/// ... when no answer came in time.
+/// ... when no answer came in time (and `results get` when there is no result).
 const EXIT_NO_ANSWER: i32 = 5;
 
 /// A job id as the dispatcher accepts it.
