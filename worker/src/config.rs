@@ -94,6 +94,11 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLEET_RECONCILE_EVERY", default_value = "30s", value_parser = parse_duration)]
     pub reconcile_every: Duration,
 
+    /// How often the worker reads the queue's state from JetStream for its metrics (the
+    /// consumer's lag, the streams' sizes): one request per stream and one for the consumer.
+    #[arg(long, env = "FLEET_QUEUE_METRICS_EVERY", default_value = "5s", value_parser = parse_duration)]
+    pub queue_metrics_every: Duration,
+
     /// Longest a batch may run on the model, before the per-token allowance below; past it the
     /// model is taken to be hung: the worker hands its jobs back and exits.
     #[arg(long, env = "FLEET_BATCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
@@ -223,6 +228,7 @@ pub struct WorkerConfig {
     pub fetch_batch: usize,
     pub retry_delay: Duration,
     pub reconcile_every: Duration,
+    pub queue_metrics_every: Duration,
     pub model_guard: ModelGuard,
     pub max_job_bytes: usize,
     pub worker_name: String,
@@ -254,6 +260,7 @@ impl WorkerConfig {
         }
         for (name, value) in [
             ("--reconcile-every", args.reconcile_every),
+            ("--queue-metrics-every", args.queue_metrics_every),
             ("--batch-timeout", args.batch_timeout),
             ("--ack-wait", args.ack_wait),
         ] {
@@ -308,6 +315,7 @@ impl WorkerConfig {
             fetch_batch: args.fetch_batch,
             retry_delay: args.retry_delay,
             reconcile_every: args.reconcile_every,
+            queue_metrics_every: args.queue_metrics_every,
             model_guard: ModelGuard {
                 batch_timeout: args.batch_timeout,
                 batch_timeout_per_token: args.batch_timeout_per_token,
@@ -355,6 +363,7 @@ impl WorkerConfig {
             },
             "retry_delay": format!("{:?}", self.retry_delay),
             "reconcile_every": format!("{:?}", self.reconcile_every),
+            "queue_metrics_every": format!("{:?}", self.queue_metrics_every),
             "shutdown_timeout": format!("{:?}", self.shutdown_timeout),
             "nats": nats_summary(&self.nats_url, nats),
             "tenants": tenants,

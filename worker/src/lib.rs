@@ -11,6 +11,7 @@ pub mod job;
 pub mod metrics;
 pub mod model;
 pub mod pipeline;
+mod queue_metrics;
 pub mod respond;
 pub mod store;
 

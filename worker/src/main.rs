@@ -78,6 +78,7 @@ async fn main() -> anyhow::Result<()> {
     let embedder = model::load(&config.model_dir, config.device)
         .with_context(|| format!("cannot load model from {}", config.model_dir.display()))?;
     warm_up(&embedder).await?;
+    metrics.model_ready.set(1);
     readiness.pass(Check::Model);
     fleet_worker::run_with_readiness(
         &config,

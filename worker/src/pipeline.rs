@@ -16,6 +16,7 @@ use fleet_keys::{Denied, KeyStore};
 use fleet_schemas::{ErrorCode, Job, Task, Timings, now_ms, subject};
 use fleet_service::{Check, Readiness};
 use futures::{StreamExt, future::BoxFuture};
+use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::{
@@ -25,8 +26,9 @@ use crate::{
     consumer::{self, ConsumerSetupError},
     embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
     job::{ReadJobError, decode_job, read_verified_job},
-    metrics::{Metrics, Outcome},
-    respond::{Held, InFlightPermit, Lease, Responder},
+    metrics::{DeadLetterReason, Finished, Metrics},
+    queue_metrics,
+    respond::{Held, InFlightPermit, Lease, Responder, since_unix_nanos},
     store::ResultStore,
 };
 
@@ -78,8 +80,10 @@ pub enum ModelFault {
 struct Work {
     held: Held,
     job: Job,
-    /// From the job's arrival in the queue to its arrival here.
+    /// From the job's arrival in the queue to `taken_at`.
     queued: Duration,
+    /// When this worker took the job (or took it back from a failed batch).
+    taken_at: Instant,
     inputs: Vec<TokenizedInput>,
 }
 
@@ -87,6 +91,7 @@ struct Work {
 struct Waiting {
     held: Held,
     job: Job,
+    /// From the job's arrival in the queue to its arrival in the batcher.
     queued: Duration,
 }
 
@@ -144,6 +149,18 @@ pub async fn run_with_readiness<E: Embedder>(
         worker = %config.worker_name,
         "bound consumer; pulling jobs"
     );
+    let queue_reader = tokio::spawn(queue_metrics::read_every(
+        queue_metrics::QueueReader {
+            consumer: pull.clone(),
+            js: js.clone(),
+            model: config.model.clone(),
+            worker: config.worker_name.clone(),
+            gauges: metrics.queue.clone(),
+        },
+        config.queue_metrics_every,
+    ));
+    // Ends with this function, however it returns.
+    let _queue_reader = AbortOnDrop(queue_reader);
     let advisories = abandoned::subscribe(&client, &config.consumer.durable_name).await?;
     let open_stream = |stream: &'static str| {
         let js = js.clone();
@@ -215,6 +232,7 @@ pub async fn run_with_readiness<E: Embedder>(
     let _ = stop_watcher.send(());
     if let Some(fault) = fault {
         metrics.ready.set(0);
+        metrics.model_ready.set(0);
         readiness.drain();
         tracing::error!(%fault, "model is not trustworthy; stopping");
         watcher.abort();
@@ -247,6 +265,15 @@ pub async fn run_with_readiness<E: Embedder>(
     }
     tracing::info!("every job in flight answered");
     Ok(())
+}
+
+/// Aborts a background task when dropped.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 /// The shortest ack wait of any delivery: the first delivery's, or a shorter backoff step.
@@ -349,13 +376,16 @@ fn tokenize_task<E: Embedder>(
 type Tokenized = Result<Vec<TokenizedInput>, (usize, TokenizeError)>;
 
 /// Tokenizes off the async threads: a job may carry megabytes of text. The job travels to the
-/// blocking pool and back rather than being copied.
+/// blocking pool and back rather than being copied. The time taken goes to `seconds`.
 async fn tokenize_off_thread<E: Embedder>(
     embedder: E,
     job: Job,
+    seconds: Histogram,
 ) -> Result<(Job, Tokenized), tokio::task::JoinError> {
     tokio::task::spawn_blocking(move || {
+        let started = Instant::now();
         let tokenized = tokenize_task(&embedder, &job.task);
+        seconds.observe(started.elapsed().as_secs_f64());
         (job, tokenized)
     })
     .await
@@ -375,13 +405,19 @@ impl<E: Embedder> Intake<'_, E> {
     /// Reads a delivered job and routes it: to the dead-letter stream when it can never run, to
     /// an `expired` answer when too late, otherwise to the batcher.
     async fn accept(&self, msg: jetstream::Message, permit: tokio::sync::OwnedSemaphorePermit) {
-        let queued = msg
+        let taken_at = Instant::now();
+        let (queued, delivered) = msg
             .info()
             .map(|info| {
-                let published_ms = (info.published.unix_timestamp_nanos() / 1_000_000) as u64;
-                Duration::from_millis(now_ms().saturating_sub(published_ms))
+                (
+                    since_unix_nanos(info.published.unix_timestamp_nanos()),
+                    info.delivered,
+                )
             })
-            .unwrap_or_default();
+            .unwrap_or((Duration::ZERO, 1));
+        if delivered > 1 {
+            self.responder.metrics.redeliveries.inc();
+        }
         let reply_to = msg
             .headers
             .as_ref()
@@ -403,13 +439,20 @@ impl<E: Embedder> Intake<'_, E> {
                 // not read yet: such a job is retried until its last delivery.
                 let unknown_key = matches!(refused, ReadJobError::Denied(Denied::UnknownKey(_)));
                 tracing::warn!(error = %refused, "job refused");
+                let why = match refused {
+                    ReadJobError::Denied(_) => DeadLetterReason::Refused,
+                    ReadJobError::Envelope(_)
+                    | ReadJobError::Body(_)
+                    | ReadJobError::Name(_)
+                    | ReadJobError::WrongModel { .. } => DeadLetterReason::Unreadable,
+                };
                 let responder = self.responder.clone();
                 tokio::spawn(async move {
                     if unknown_key && held.delivered() < responder.max_deliver {
                         responder.retry(held, None, refused.to_string()).await;
                     } else {
                         responder
-                            .dead_letter(held, None, refused.code(), refused.to_string())
+                            .dead_letter(held, None, refused.code(), why, refused.to_string())
                             .await;
                     }
                 });
@@ -429,7 +472,9 @@ impl<E: Embedder> Intake<'_, E> {
             tokio::spawn(async move { answer_expired(&responder, held, &job).await });
             return;
         }
-        let (job, tokenized) = match tokenize_off_thread(self.embedder.clone(), job).await {
+        let tokenize_seconds = self.responder.metrics.tokenize_seconds.clone();
+        let tokenized = tokenize_off_thread(self.embedder.clone(), job, tokenize_seconds).await;
+        let (job, tokenized) = match tokenized {
             Ok(done) => done,
             Err(panicked) => {
                 // The job went down with the task; it is read again from the held message
@@ -450,7 +495,13 @@ impl<E: Embedder> Intake<'_, E> {
                 let responder = self.responder.clone();
                 tokio::spawn(async move {
                     responder
-                        .dead_letter(held, Some(&job), ErrorCode::InputTooLong, reason)
+                        .dead_letter(
+                            held,
+                            Some(&job),
+                            ErrorCode::InputTooLong,
+                            DeadLetterReason::InputTooLong,
+                            reason,
+                        )
                         .await
                 });
                 return;
@@ -467,6 +518,7 @@ impl<E: Embedder> Intake<'_, E> {
             held,
             job,
             queued,
+            taken_at,
             inputs: tokenized,
         };
         // Waits while the batcher is busy (backpressure); fails only once the batcher is gone.
@@ -504,7 +556,7 @@ async fn answer_expired(responder: &Responder, held: Held, job: &Job) {
         None => "deadline passed before the job ran".to_owned(),
     };
     responder
-        .fail(held, job, ErrorCode::Expired, message, Outcome::Expired)
+        .fail(held, job, ErrorCode::Expired, message, Finished::Expired)
         .await;
 }
 
@@ -636,8 +688,11 @@ async fn batch_loop<E: Embedder>(
                 None
             };
             if let Some((lane, mut batch)) = next {
-                ctx.metrics.batch_size.observe(batch.len() as f64);
                 let padded = batch.padded_tokens() as u32;
+                let tokens: usize = batch.inputs.iter().map(|i| i.token_ids.len()).sum();
+                ctx.metrics.batch_inputs.observe(batch.len() as f64);
+                ctx.metrics.batch_tokens.observe(tokens as f64);
+                ctx.metrics.batch_padded_tokens.observe(f64::from(padded));
                 tracing::debug!(
                     inputs = batch.len(),
                     jobs = batch.job_count(),
@@ -658,7 +713,7 @@ async fn batch_loop<E: Embedder>(
             }
         }
         ctx.metrics
-            .queue_depth
+            .batcher_pending_inputs
             .set((shared.pending_inputs() + isolated.pending_inputs()) as i64);
         let settling = running.is_some() || suspects.len() + suspect_rx.len() > 0;
         if !open && !settling && shared.is_idle() && isolated.is_idle() {
@@ -760,10 +815,15 @@ fn push(batcher: &mut Batcher<Waiting>, work: Work, responder: &Arc<Responder>) 
         held,
         job,
         queued,
+        taken_at,
         inputs,
     } = work;
     let deadline = job.deadline_ms;
-    let waiting = Waiting { held, job, queued };
+    let waiting = Waiting {
+        held,
+        job,
+        queued: queued + taken_at.elapsed(),
+    };
     if let Some(done) = batcher.push(waiting, inputs, deadline, Instant::now()) {
         let responder = responder.clone();
         tokio::spawn(async move { succeed(&responder, done).await });
@@ -801,6 +861,7 @@ fn settle_failed<E: Embedder>(
                             waiting.held,
                             Some(&waiting.job),
                             ErrorCode::Internal,
+                            DeadLetterReason::PoisonInput,
                             reason,
                         )
                         .await
@@ -809,14 +870,17 @@ fn settle_failed<E: Embedder>(
             FailureKind::Deterministic => {
                 let embedder = ctx.embedder.clone();
                 let suspects = suspects.clone();
+                let tokenize_seconds = ctx.metrics.tokenize_seconds.clone();
                 tokio::spawn(async move {
                     let Waiting { held, job, queued } = waiting;
-                    match tokenize_off_thread(embedder, job).await {
+                    match tokenize_off_thread(embedder, job, tokenize_seconds).await {
                         Ok((job, Ok(inputs))) => {
+                            // Its queue wait leaves out the failed batch's run.
                             let suspect = Work {
                                 held,
                                 job,
                                 queued,
+                                taken_at: Instant::now(),
                                 inputs,
                             };
                             if let Err(mpsc::error::SendError(suspect)) = suspects.send(suspect) {
@@ -854,8 +918,13 @@ async fn hand_back_all(
 
 async fn succeed(responder: &Responder, done: crate::batcher::Finished<Waiting>) {
     let Waiting { held, job, queued } = done.handle;
+    let queue_wait = queued + done.waited;
+    responder
+        .metrics
+        .queue_wait_seconds
+        .observe(queue_wait.as_secs_f64());
     let timings = Timings {
-        queue_ms: (queued + done.waited).as_millis() as u64,
+        queue_ms: queue_wait.as_millis() as u64,
         inference_ms: done.inference.as_millis() as u64,
     };
     responder.succeed(held, &job, done.vectors, timings).await;

@@ -27,7 +27,7 @@ use fleet_keys::KeyStore;
 
 use crate::{
     job::read_verified_job,
-    metrics::{Metrics, Outcome, Reconciled},
+    metrics::{DeadLetterReason, Finished, Metrics, Reconciled, Unfinished},
     store::{JobKey, ResultStore, StoreError, Stored},
 };
 
@@ -42,7 +42,7 @@ pub struct Held {
     pub permit: InFlightPermit,
 }
 
-/// A place in the in-flight bound, counted in the `in_flight` gauge while held.
+/// A place in the in-flight bound, counted in the `jobs_in_flight` gauge while held.
 pub struct InFlightPermit {
     _permit: OwnedSemaphorePermit,
     gauge: Gauge,
@@ -50,10 +50,10 @@ pub struct InFlightPermit {
 
 impl InFlightPermit {
     pub fn new(permit: OwnedSemaphorePermit, metrics: &Metrics) -> InFlightPermit {
-        metrics.in_flight.inc();
+        metrics.jobs_in_flight.inc();
         InFlightPermit {
             _permit: permit,
-            gauge: metrics.in_flight.clone(),
+            gauge: metrics.jobs_in_flight.clone(),
         }
     }
 }
@@ -68,6 +68,14 @@ impl Held {
     /// How many times the server has delivered this message (1 on the first delivery).
     pub fn delivered(&self) -> i64 {
         self.msg.info().map_or(1, |info| info.delivered)
+    }
+
+    /// How long ago the job was queued, by the server's clock as this host sees it.
+    pub fn since_queued(&self) -> Duration {
+        self.msg
+            .info()
+            .map(|info| since_unix_nanos(info.published.unix_timestamp_nanos()))
+            .unwrap_or_default()
     }
 
     /// This message's sequence on `FLEET_JOBS`.
@@ -91,6 +99,13 @@ impl Held {
             tracing::warn!(%error, "cannot nak job; it is redelivered after ack wait");
         }
     }
+}
+
+/// Time elapsed since a Unix time in nanoseconds (as JetStream stamps messages); zero when it
+/// lies ahead (two hosts' clocks differ).
+pub fn since_unix_nanos(then: i128) -> Duration {
+    let then_ms = u64::try_from(then / 1_000_000).unwrap_or(0);
+    Duration::from_millis(now_ms().saturating_sub(then_ms))
 }
 
 /// Where a result goes: stored under its job's tenant and id (when the job could be read),
@@ -231,7 +246,7 @@ impl Responder {
             worker: self.worker.clone(),
             timings,
         };
-        self.settle_with_result(held, Some(job), result, Outcome::Ok)
+        self.settle_with_result(held, Some(job), result, Finished::Ok)
             .await;
     }
 
@@ -243,7 +258,7 @@ impl Responder {
         job: &Job,
         code: ErrorCode,
         message: String,
-        outcome: Outcome,
+        outcome: Finished,
     ) {
         let result = self.failed_result(Some(job), code, message);
         self.settle_with_result(held, Some(job), result, outcome)
@@ -264,7 +279,8 @@ impl Responder {
             Ok(Some(_)) => {
                 tracing::info!(job_id = %job.job_id, tenant = %job.tenant, delivered = held.delivered(),
                     "redelivered job's result is already stored; acking without running it");
-                self.ack(held, &job.job_id, Outcome::AlreadyStored).await;
+                self.ack(held, &job.job_id, Some(Unfinished::AlreadyStored))
+                    .await;
                 None
             }
             Ok(None) => Some(held),
@@ -278,6 +294,7 @@ impl Responder {
     /// Gives a job back to the queue at once, for another worker (this one is stopping).
     pub async fn hand_back(&self, held: Held) {
         held.nak(Duration::ZERO).await;
+        self.metrics.unfinished(Unfinished::HandedBack);
     }
 
     /// A failure that may pass (results not stored, model runtime error): nak with a delay, or
@@ -289,24 +306,31 @@ impl Responder {
                 "failed on delivery {delivered} of {}: {reason}",
                 self.max_deliver
             );
-            self.dead_letter(held, job, ErrorCode::Internal, reason)
-                .await;
+            self.dead_letter(
+                held,
+                job,
+                ErrorCode::Internal,
+                DeadLetterReason::OutOfRetries,
+                reason,
+            )
+            .await;
             return;
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), delivered, %reason, "job failed; retrying later");
         held.nak(self.retry_delay).await;
-        self.metrics.job(Outcome::Retried);
+        self.metrics.retried();
     }
 
     /// Poison (or out of retries): keep the original message on the dead-letter stream with the
     /// reason, store and send the failed result, and stop redelivery. Without a dead-letter
     /// record and a stored result the job is not dropped: it is naked and comes back (after its
-    /// last delivery, as an exhausted job).
+    /// last delivery, as an exhausted job). `why` is the reason's kind, for the metrics.
     pub async fn dead_letter(
         &self,
         held: Held,
         job: Option<&Job>,
         code: ErrorCode,
+        why: DeadLetterReason,
         reason: String,
     ) {
         if self.abandon_if_lost(&held, job) {
@@ -331,18 +355,25 @@ impl Responder {
             return;
         }
         let result = self.failed_result(job, code, reason.clone());
-        if let Err(error) = self.answer(&held.destination(job), &result).await {
-            tracing::error!(%error, "dead-lettered job's result not stored; job stays queued");
-            held.nak(self.retry_delay).await;
-            return;
+        match self.answer(&held.destination(job), &result).await {
+            // The job's outcome is settled with its stored result, acked or not: a redelivery
+            // finds the result and counts nothing again.
+            Ok(Stored::Won) => {
+                self.metrics
+                    .finished(Finished::DeadLettered, Some(code), held.since_queued());
+                self.metrics.dead_lettered(why);
+            }
+            Ok(Stored::AlreadyStored) => self.metrics.unfinished(Unfinished::AlreadyStored),
+            Err(error) => {
+                tracing::error!(%error, "dead-lettered job's result not stored; job stays queued");
+                held.nak(self.retry_delay).await;
+                return;
+            }
         }
         tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), %code, %reason, "job dead-lettered");
         drop(held.lease);
-        match held.msg.double_ack_with(AckKind::Term).await {
-            Ok(()) => self.metrics.job(Outcome::DeadLettered),
-            Err(error) => {
-                tracing::warn!(error = %AnswerError::Settle(error), "dead-lettered job not terminated; a redelivery dead-letters it again")
-            }
+        if let Err(error) = held.msg.double_ack_with(AckKind::Term).await {
+            tracing::warn!(error = %AnswerError::Settle(error), "dead-lettered job not terminated; a redelivery settles it");
         }
     }
 
@@ -428,7 +459,13 @@ impl Responder {
             return;
         }
         if self.delete_queued(sequence).await {
-            self.metrics.job(Outcome::DeadLettered);
+            self.metrics.finished(
+                Finished::DeadLettered,
+                Some(ErrorCode::Internal),
+                since_unix_nanos(message.time.unix_timestamp_nanos()),
+            );
+            self.metrics
+                .dead_lettered(DeadLetterReason::OutOfDeliveries);
             self.metrics.reconciled(Reconciled::Exhausted);
         }
     }
@@ -469,7 +506,7 @@ impl Responder {
             delivered = held.delivered(),
             "delivery expired while the job was held (worker stalled?); leaving it to its redelivery"
         );
-        self.metrics.job(Outcome::Abandoned);
+        self.metrics.unfinished(Unfinished::Abandoned);
         true
     }
 
@@ -478,26 +515,38 @@ impl Responder {
         held: Held,
         job: Option<&Job>,
         result: JobResult,
-        outcome: Outcome,
+        outcome: Finished,
     ) {
         if self.abandon_if_lost(&held, job) {
             return;
         }
-        let outcome = match self.answer(&held.destination(job), &result).await {
-            Ok(Stored::Won) => outcome,
-            Ok(Stored::AlreadyStored) => Outcome::AlreadyStored,
+        let unfinished = match self.answer(&held.destination(job), &result).await {
+            // Counted once the result is stored, acked or not: a redelivery after a lost ack
+            // finds the result and counts nothing again.
+            Ok(Stored::Won) => {
+                let code = result.error.as_ref().map(|error| error.code);
+                self.metrics.finished(outcome, code, held.since_queued());
+                None
+            }
+            Ok(Stored::AlreadyStored) => Some(Unfinished::AlreadyStored),
             Err(error) => {
                 self.retry(held, job, error.to_string()).await;
                 return;
             }
         };
-        self.ack(held, &result.job_id, outcome).await;
+        self.ack(held, &result.job_id, unfinished).await;
     }
 
-    async fn ack(&self, held: Held, job_id: &str, outcome: Outcome) {
+    /// Acks a delivery whose job has its result stored; `unfinished` is counted once the ack
+    /// is confirmed.
+    async fn ack(&self, held: Held, job_id: &str, unfinished: Option<Unfinished>) {
         drop(held.lease);
         match held.msg.double_ack().await {
-            Ok(()) => self.metrics.job(outcome),
+            Ok(()) => {
+                if let Some(reason) = unfinished {
+                    self.metrics.unfinished(reason);
+                }
+            }
             // The result is stored; a redelivery finds it and settles without answering again.
             Err(error) => {
                 tracing::warn!(job_id, error = %AnswerError::Settle(error), "result stored but ack unconfirmed")

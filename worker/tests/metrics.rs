@@ -1,0 +1,456 @@
+//! The worker's metrics after a known workload, against a real nats-server with the fake
+//! embedder in-process: every job counted once by its final outcome (a retried job once as
+//! finished and once as retried), dead letters by reason, and the queue's own gauges read from
+//! JetStream. The metrics are read as a scrape would read them: the registry's OpenMetrics text.
+
+// Shared with the pipeline tests, which use the rest of it.
+#[allow(dead_code)]
+mod support;
+
+use std::{collections::BTreeMap, time::Duration};
+
+use async_nats::HeaderMap;
+use clap::Parser;
+use fleet_keys::{FileSource, KeyStore, StoreOptions};
+use fleet_schemas::{ErrorCode, Job, ResultStatus, SigningKey, Task, encode, subject};
+use fleet_tests::{NatsServer, Streams, eventually, write_tenants_file};
+use fleet_worker::{Metrics, PipelineError, WorkerArgs, WorkerConfig};
+use prometheus_client::registry::Registry;
+use support::FakeEmbedder;
+use tokio::{sync::oneshot, task::JoinHandle};
+
+const MODEL: &str = "fake-model";
+const WAIT: Duration = Duration::from_secs(15);
+
+/// One scrape, parsed: every sample by its series (name and labels exactly as written), and
+/// each metric family's type and unit. Fails on text that is not OpenMetrics as Fleet writes it.
+struct Scrape {
+    samples: BTreeMap<String, f64>,
+    types: BTreeMap<String, String>,
+    units: BTreeMap<String, String>,
+    text: String,
+}
+
+impl Scrape {
+    fn parse(text: String) -> Scrape {
+        assert!(text.ends_with("# EOF\n"), "no `# EOF` at the end:\n{text}");
+        let (mut samples, mut types, mut units) =
+            (BTreeMap::new(), BTreeMap::new(), BTreeMap::new());
+        for line in text.lines().filter(|line| *line != "# EOF") {
+            if let Some(comment) = line.strip_prefix("# ") {
+                let mut words = comment.splitn(3, ' ');
+                let (kind, family, rest) = (words.next(), words.next(), words.next());
+                let (Some(kind), Some(family), Some(rest)) = (kind, family, rest) else {
+                    panic!("bad comment line {line:?}");
+                };
+                match kind {
+                    "TYPE" => types.insert(family.to_owned(), rest.to_owned()),
+                    "UNIT" => units.insert(family.to_owned(), rest.to_owned()),
+                    "HELP" => None,
+                    _ => panic!("unknown comment line {line:?}"),
+                };
+                continue;
+            }
+            let (series, value) = line
+                .rsplit_once(' ')
+                .unwrap_or_else(|| panic!("bad sample line {line:?}"));
+            let value: f64 = value
+                .parse()
+                .unwrap_or_else(|_| panic!("bad value in {line:?}"));
+            let name = series.split('{').next().unwrap_or(series);
+            assert!(
+                types.keys().any(|family| name.starts_with(family.as_str())),
+                "sample {line:?} of no declared family"
+            );
+            assert!(
+                samples.insert(series.to_owned(), value).is_none(),
+                "series {series} twice"
+            );
+        }
+        for (family, unit) in &units {
+            assert!(
+                family.ends_with(&format!("_{unit}")),
+                "{family}: the unit {unit} must end the name"
+            );
+        }
+        Scrape {
+            samples,
+            types,
+            units,
+            text,
+        }
+    }
+
+    /// The sample of `series`, written exactly as in the text (`name{label="value",...}`).
+    fn value(&self, series: &str) -> f64 {
+        *self
+            .samples
+            .get(series)
+            .unwrap_or_else(|| panic!("no series {series} in\n{}", self.text))
+    }
+
+    /// The sum of every sample of metric `name`, whatever its labels.
+    fn sum(&self, name: &str) -> f64 {
+        self.samples
+            .iter()
+            .filter(|(series, _)| series.split('{').next() == Some(name))
+            .map(|(_, value)| value)
+            .sum()
+    }
+
+    fn assert_family(&self, family: &str, kind: &str, unit: Option<&str>) {
+        assert_eq!(
+            self.types.get(family).map(String::as_str),
+            Some(kind),
+            "type of {family}"
+        );
+        assert_eq!(
+            self.units.get(family).map(String::as_str),
+            unit,
+            "unit of {family}"
+        );
+    }
+}
+
+struct Fleet {
+    server: NatsServer,
+    streams: Streams,
+    tenants: tempfile::TempDir,
+}
+
+impl Fleet {
+    async fn start() -> Fleet {
+        let server = NatsServer::start();
+        let streams = Streams::create(&server).await;
+        let tenants = tempfile::tempdir().expect("temporary directory");
+        write_tenants_file(tenants.path(), &["acme"]);
+        Fleet {
+            server,
+            streams,
+            tenants,
+        }
+    }
+
+    fn config(&self, extra: &[&str]) -> WorkerConfig {
+        let args = ["worker", "--nats-url", self.server.url(), "--model", MODEL]
+            .into_iter()
+            .chain(["--ack-wait", "2s", "--retry-delay", "200ms"])
+            .chain(["--max-batch-tokens", "4096", "--shutdown-timeout", "10s"])
+            .chain(extra.iter().copied());
+        WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments"))
+            .expect("config")
+    }
+}
+
+struct RunningWorker {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), PipelineError>>,
+    registry: Registry,
+}
+
+impl RunningWorker {
+    async fn start(fleet: &Fleet, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
+        let client = fleet.server.client().await;
+        let file = FileSource::new(fleet.tenants.path().join("tenants.toml"));
+        let keys = KeyStore::start(file, StoreOptions::default())
+            .await
+            .expect("key store");
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            fleet_worker::run(&config, client, embedder, keys, metrics, async {
+                let _ = stopped.await;
+            })
+            .await
+        });
+        RunningWorker {
+            stop,
+            task,
+            registry,
+        }
+    }
+
+    fn scrape(&self) -> Scrape {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &self.registry).expect("encodes");
+        Scrape::parse(text)
+    }
+
+    async fn stop(self) {
+        let _ = self.stop.send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task does not panic")
+            .expect("clean stop");
+    }
+}
+
+fn job(id: &str, inputs: &[&str]) -> Job {
+    let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
+    Job::embed(id, "acme", MODEL, inputs, 0)
+}
+
+fn untruncated(mut job: Job) -> Job {
+    job.task = Task::Embed {
+        inputs: job.task.inputs().to_vec(),
+        normalize: true,
+        truncate: false,
+    };
+    job
+}
+
+fn jobs_series(outcome: &str, code: &str) -> String {
+    format!("fleet_worker_jobs_total{{outcome=\"{outcome}\",code=\"{code}\"}}")
+}
+
+fn dead_letters_series(reason: &str) -> String {
+    format!("fleet_worker_dead_letters_total{{reason=\"{reason}\"}}")
+}
+
+/// Ten jobs, each with a known fate: four answered with vectors (one of them only on its
+/// second delivery), one expired, five dead-lettered for five different reasons. The metrics
+/// count each job once, by its final outcome and code; the retry and the redelivery apart.
+#[tokio::test]
+async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
+    let fleet = Fleet::start().await;
+    let embedder = FakeEmbedder::new(16, 64);
+    let worker = RunningWorker::start(
+        &fleet,
+        fleet.config(&["--max-deliver", "2"]),
+        embedder.clone(),
+    )
+    .await;
+    let streams = &fleet.streams;
+
+    // Fails on its first delivery, answered on its second.
+    embedder.fail_next(1);
+    let retried = job("retried", &["flaky model"]);
+    streams.enqueue(&retried, None).await;
+    assert_eq!(
+        streams.wait_result(&retried, WAIT).await.status,
+        ResultStatus::Ok
+    );
+    // Fails on both deliveries it is allowed: dead-lettered out of retries.
+    embedder.fail_next(2);
+    let doomed = job("doomed", &["broken model"]);
+    streams.enqueue(&doomed, None).await;
+    let stored = streams.wait_result(&doomed, WAIT).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
+    // The model fails on its input whatever the batch: dead-lettered as poison.
+    embedder.poison("kaboom");
+    let poison = job("poison", &["kaboom"]);
+    streams.enqueue(&poison, None).await;
+    let stored = streams.wait_result(&poison, WAIT).await;
+    assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
+
+    let ok: Vec<Job> = (0..3)
+        .map(|i| job(&format!("ok-{i}"), &["one text", &format!("and {i} more")]))
+        .collect();
+    for job in &ok {
+        streams.enqueue(job, None).await;
+    }
+    let mut late = job("late", &["too late"]);
+    late.deadline_ms = Some(1_000);
+    streams.enqueue(&late, None).await;
+    let too_long = untruncated(job("too-long", &[&"word ".repeat(100)]));
+    streams.enqueue(&too_long, None).await;
+    streams
+        .enqueue_raw(MODEL, b"not messagepack".to_vec(), HeaderMap::new())
+        .await;
+    let forged = job("forged", &["text"]);
+    // Acme's key id with a signature its key did not make.
+    let envelope = SigningKey::from_secret_bytes("acme-key", &[9; 32])
+        .sign_job(&forged)
+        .expect("sign");
+    streams
+        .enqueue_raw(MODEL, encode(&envelope).expect("encode"), HeaderMap::new())
+        .await;
+    for job in ok.iter().chain([&late, &too_long]) {
+        streams.wait_result(job, WAIT).await;
+    }
+    streams.wait_queue_empty(WAIT).await;
+
+    let scrape = eventually(WAIT, "ten jobs counted", || async {
+        let scrape = worker.scrape();
+        (scrape.sum("fleet_worker_jobs_total") >= 10.0).then_some(scrape)
+    })
+    .await;
+    assert_eq!(
+        scrape.sum("fleet_worker_jobs_total"),
+        10.0,
+        "one count per job"
+    );
+    assert_eq!(scrape.value(&jobs_series("ok", "")), 4.0);
+    assert_eq!(scrape.value(&jobs_series("expired", "expired")), 1.0);
+    for (code, count) in [
+        ("internal", 2.0),
+        ("input_too_long", 1.0),
+        ("malformed", 1.0),
+        ("bad_signature", 1.0),
+    ] {
+        assert_eq!(
+            scrape.value(&jobs_series("dead_lettered", code)),
+            count,
+            "{code}"
+        );
+    }
+    // The retried job's and the doomed job's first deliveries, given back.
+    assert_eq!(scrape.value("fleet_worker_job_retries_total"), 2.0);
+    assert_eq!(scrape.value("fleet_worker_redeliveries_total"), 2.0);
+    for reason in [
+        "out_of_retries",
+        "poison_input",
+        "input_too_long",
+        "unreadable",
+        "refused",
+    ] {
+        assert_eq!(scrape.value(&dead_letters_series(reason)), 1.0, "{reason}");
+    }
+    assert_eq!(scrape.sum("fleet_worker_dead_letters_total"), 5.0);
+    assert_eq!(
+        streams.messages_in(subject::DLQ_STREAM).await,
+        5,
+        "one dead letter each"
+    );
+
+    // Each job's end to end time once, by outcome; queue wait for the jobs that reached a batch
+    // and were answered with vectors.
+    assert_eq!(
+        scrape.value("fleet_worker_job_seconds_count{outcome=\"ok\"}"),
+        4.0
+    );
+    assert_eq!(
+        scrape.value("fleet_worker_job_seconds_count{outcome=\"dead_lettered\"}"),
+        5.0
+    );
+    assert_eq!(scrape.value("fleet_worker_queue_wait_seconds_count"), 4.0);
+    // Every input that reached the model, in every batch, failed ones included.
+    let batches = embedder.batches();
+    assert_eq!(
+        scrape.value("fleet_worker_batch_inputs_sum"),
+        batches.iter().map(Vec::len).sum::<usize>() as f64
+    );
+    assert_eq!(
+        scrape.value("fleet_worker_batch_inputs_count"),
+        batches.len() as f64
+    );
+    assert_eq!(
+        scrape.value("fleet_worker_batch_tokens_sum"),
+        batches
+            .iter()
+            .flatten()
+            .map(|input| input.token_ids.len() as f64)
+            .sum::<f64>(),
+        "real tokens"
+    );
+    assert!(
+        scrape.value("fleet_worker_batch_padded_tokens_sum")
+            >= scrape.value("fleet_worker_batch_tokens_sum")
+    );
+    assert_eq!(
+        scrape.value("fleet_worker_inference_seconds_count"),
+        batches.len() as f64
+    );
+    assert!(scrape.value("fleet_worker_tokenize_seconds_count") >= 9.0);
+    assert_eq!(scrape.value("fleet_worker_jobs_in_flight"), 0.0);
+    assert_eq!(scrape.value("fleet_worker_batcher_pending_inputs"), 0.0);
+
+    scrape.assert_family("fleet_worker_jobs", "counter", None);
+    scrape.assert_family("fleet_worker_job_seconds", "histogram", Some("seconds"));
+    scrape.assert_family(
+        "fleet_worker_queue_wait_seconds",
+        "histogram",
+        Some("seconds"),
+    );
+    scrape.assert_family(
+        "fleet_worker_tokenize_seconds",
+        "histogram",
+        Some("seconds"),
+    );
+    scrape.assert_family(
+        "fleet_worker_inference_seconds",
+        "histogram",
+        Some("seconds"),
+    );
+    scrape.assert_family("fleet_worker_batch_tokens", "histogram", Some("tokens"));
+    scrape.assert_family("fleet_worker_batch_inputs", "histogram", Some("inputs"));
+    worker.stop().await;
+}
+
+/// The queue's gauges, read from JetStream by the worker every `--queue-metrics-every`: the
+/// consumer's lag (what an autoscaler scales on) counts the jobs waiting and the jobs held, and
+/// falls to zero once they are done; the streams' messages and bytes follow.
+#[tokio::test]
+async fn the_queue_gauges_follow_jetstream() {
+    let fleet = Fleet::start().await;
+    let embedder = FakeEmbedder::new(16, 64);
+    embedder.set_delay(Duration::from_millis(1500));
+    let worker = RunningWorker::start(
+        &fleet,
+        fleet.config(&["--queue-metrics-every", "100ms", "--worker-name", "w-1"]),
+        embedder.clone(),
+    )
+    .await;
+    let labels = format!("{{model=\"{MODEL}\",worker=\"w-1\"}}");
+    let stream = |name: &str| format!("{{stream=\"{name}\",worker=\"w-1\"}}");
+    let jobs: Vec<Job> = (0..3).map(|i| job(&format!("q-{i}"), &["text"])).collect();
+    // The worker has bound the consumer and read the queue once.
+    eventually(WAIT, "the queue read", || async {
+        let scrape = worker.scrape();
+        (scrape
+            .samples
+            .contains_key(&format!("fleet_queue_consumer_lag{labels}")))
+        .then_some(())
+    })
+    .await;
+    for job in &jobs {
+        fleet.streams.enqueue(job, None).await;
+    }
+    eventually(WAIT, "a lag of three jobs", || async {
+        let scrape = worker.scrape();
+        (scrape.value(&format!("fleet_queue_consumer_lag{labels}")) == 3.0
+            && scrape.value(&format!(
+                "fleet_queue_stream_messages{}",
+                stream("FLEET_JOBS")
+            )) == 3.0)
+            .then_some(())
+    })
+    .await;
+    let scrape = worker.scrape();
+    assert!(scrape.value(&format!("fleet_queue_stream_bytes{}", stream("FLEET_JOBS"))) > 0.0);
+    for job in &jobs {
+        fleet.streams.wait_result(job, WAIT).await;
+    }
+    let scrape = eventually(WAIT, "no lag", || async {
+        let scrape = worker.scrape();
+        (scrape.value(&format!("fleet_queue_consumer_lag{labels}")) == 0.0
+            && scrape.value(&format!(
+                "fleet_queue_stream_messages{}",
+                stream("FLEET_RESULTS")
+            )) == 3.0)
+            .then_some(scrape)
+    })
+    .await;
+    assert_eq!(
+        scrape.value(&format!(
+            "fleet_queue_stream_messages{}",
+            stream("FLEET_JOBS")
+        )),
+        0.0
+    );
+    assert_eq!(
+        scrape.value(&format!("fleet_queue_consumer_redelivered{labels}")),
+        0.0
+    );
+    scrape.assert_family("fleet_queue_stream_bytes", "gauge", Some("bytes"));
+    scrape.assert_family("fleet_queue_consumer_lag", "gauge", None);
+    let info = fleet
+        .streams
+        .consumer_info(MODEL)
+        .await
+        .expect("consumer exists");
+    assert_eq!(info.num_pending + info.num_ack_pending as u64, 0);
+    worker.stop().await;
+}
