@@ -108,7 +108,14 @@ impl Listening {
             .publish_slots
             .acquire_many(dispatcher.publish_slots_capacity)
             .await;
-        let _ = dispatcher.client.flush().await;
+        // Bounded: with the connection gone a flush waits for a reconnect that may never come,
+        // and a stopping process must still exit.
+        if !matches!(
+            tokio::time::timeout(dispatcher.publish_timeout, dispatcher.client.flush()).await,
+            Ok(Ok(()))
+        ) {
+            tracing::warn!("NATS did not take the last answers before the stop");
+        }
         tracing::info!(name = %dispatcher.name, "dispatcher stopped");
     }
 }

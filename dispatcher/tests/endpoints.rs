@@ -1,6 +1,7 @@
 //! A `dispatcher` process's HTTP endpoints against a nats-server that demands a password: ready
 //! once connected and subscribed, not ready as soon as NATS is gone, `/info` naming how it
-//! authenticates but never the password, `/metrics` in OpenMetrics, 404 elsewhere.
+//! authenticates but never the password, `/metrics` in OpenMetrics, 404 elsewhere; stopped while
+//! NATS is gone, it still exits.
 
 use std::{process::Command, time::Duration};
 
@@ -96,6 +97,9 @@ async fn a_dispatcher_serves_its_endpoints_and_never_shows_its_password() {
     );
     assert_eq!(get(addr, "/health").await.status, 200);
     assert!(dispatcher.process.is_running());
+    // Stopped while NATS is gone, it still exits, and cleanly.
+    dispatcher.process.signal(Signal::SIGTERM);
+    assert_eq!(dispatcher.process.wait_exit(WAIT), Some(0));
     for line in dispatcher.log() {
         assert!(!line.contains(PASSWORD), "{line}");
     }
