@@ -11,7 +11,7 @@ use std::{
 use arc_swap::ArcSwap;
 use prometheus_client::{
     metrics::{counter::Counter, gauge::Gauge},
-    registry::Registry,
+    registry::{Registry, Unit},
 };
 use tokio::{
     sync::{Notify, watch},
@@ -79,9 +79,10 @@ impl KeyStoreMetrics {
             "1 while the last load of the tenant keys succeeded, else 0",
             self.source_up.clone(),
         );
-        keys.register(
-            "last_reload_timestamp_seconds",
+        keys.register_with_unit(
+            "last_reload_timestamp",
             "Unix time of the last load of the tenant keys that succeeded",
+            Unit::Seconds,
             self.last_reload_seconds.clone(),
         );
         keys.register(

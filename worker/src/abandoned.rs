@@ -87,10 +87,23 @@ pub async fn watch(mut watch: Watch, stop: oneshot::Receiver<()>) {
         tracing::warn!(%error, "cannot unsubscribe from max-deliveries advisories");
         return;
     }
-    while let Some(message) = watch.advisories.next().await {
-        handle(&message.payload, &watch).await;
+    // The subscription ends once the server confirms the unsubscribe; bounded, since with the
+    // connection gone no confirmation comes (and a stopping worker must still exit).
+    let delivered = async {
+        while let Some(message) = watch.advisories.next().await {
+            handle(&message.payload, &watch).await;
+        }
+    };
+    if tokio::time::timeout(ADVISORIES_DRAIN_WAIT, delivered)
+        .await
+        .is_err()
+    {
+        tracing::warn!("max-deliveries advisories not all taken before the stop");
     }
 }
+
+/// How long a stopping worker waits for the advisories delivered before its unsubscribe.
+const ADVISORIES_DRAIN_WAIT: Duration = Duration::from_secs(5);
 
 async fn handle(payload: &[u8], watch: &Watch) {
     let advisory = match serde_json::from_slice::<MaxDeliveries>(payload) {

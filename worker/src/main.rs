@@ -90,10 +90,14 @@ async fn main() -> anyhow::Result<()> {
         fleet_service::shutdown_signal(),
     )
     .await?;
-    // Acks and results went out as requests and were confirmed; flush what is left on the wire.
-    client
-        .flush()
-        .await
-        .context("cannot flush NATS connection")?;
+    // Acks and results went out as requests and were confirmed; flush what is left on the wire,
+    // bounded: with the connection gone a flush waits for a reconnect that may never come.
+    match tokio::time::timeout(FINAL_FLUSH_WAIT, client.flush()).await {
+        Ok(flushed) => flushed.context("cannot flush NATS connection")?,
+        Err(_) => tracing::warn!("NATS did not take the last messages before the stop"),
+    }
     Ok(())
 }
+
+/// How long a stopping worker waits for NATS to take what is left on the wire.
+const FINAL_FLUSH_WAIT: std::time::Duration = std::time::Duration::from_secs(5);

@@ -1,5 +1,5 @@
 //! Real `worker` processes on the real model: scaling out by starting another process, failover
-//! by redelivery when a worker dies holding jobs, and a graceful SIGTERM.
+//! by redelivery when a worker dies holding jobs, and a graceful SIGTERM (even with NATS gone).
 
 use std::{collections::BTreeSet, time::Duration};
 
@@ -178,4 +178,19 @@ async fn sigterm_finishes_the_jobs_in_flight_and_exits_zero() {
     }
     assert_eq!(fleet.held().await, 0);
     assert_eq!(fleet.streams.stored_results().await, 5);
+}
+
+#[tokio::test]
+async fn sigterm_while_nats_is_down_still_exits_zero_when_nothing_is_in_flight() {
+    let mut fleet = Fleet::start().await;
+    let mut worker = fleet.worker("cut-off", &[]);
+    fleet_tests::eventually(WAIT, "the worker's consumer", || async {
+        fleet.streams.consumer_info(MODEL).await
+    })
+    .await;
+    fleet.server.stop(Signal::SIGKILL);
+    worker.signal(Signal::SIGTERM);
+    // Bounded waits for what NATS would confirm (advisories, the last flush), not the 30 s
+    // drain timeout, which ends in a failing exit.
+    assert_eq!(worker.wait_exit(Duration::from_secs(25)), Some(0));
 }
