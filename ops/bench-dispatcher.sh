@@ -17,4 +17,4 @@ bench_tenant
 spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
 for _ in $(seq 100); do grep -q "dispatcher serving" "$work/dispatcher.log" && break; sleep 0.1; done
 "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight "$in_flight" \
-  --cpu-of "nats-server=$pid_nats,dispatcher=$pid_dispatcher" dispatch --jobs "$jobs" --rounds 3
+  --cpu-of "nats-server=$pid_nats,dispatcher=$pid_dispatcher" dispatch --jobs "$jobs" --rounds 3 --purge-fleet-jobs

@@ -4,9 +4,12 @@
 //!   awaited) side by side with raw JetStream async publishing of same-shaped payloads from the
 //!   same client, the same number in flight: the dispatcher's overhead as a ratio.
 //! * `embed`: a corpus of texts through the whole fleet by request-reply (`fleet.infer`).
+//! * `latency`: answer latency percentiles under an open-loop (fixed or Poisson rate) or
+//!   closed-loop load, by request-reply.
 
 use std::{
     path::PathBuf,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -19,6 +22,7 @@ use futures::{StreamExt, stream};
 use serde::Deserialize;
 
 mod cpu;
+mod latency;
 
 /// Fleet load generator.
 #[derive(Debug, Parser)]
@@ -47,9 +51,10 @@ enum Command {
         /// Rounds; each round runs every phase, alternating which goes first.
         #[arg(long, env = "LOADTEST_ROUNDS", default_value_t = 3)]
         rounds: usize,
-        /// Phases of a round. With `raw-jetstream`, FLEET_JOBS is purged before each phase,
-        /// which needs a Fleet user's rights; `dispatcher` alone needs only a tenant's (under
-        /// the shipped broker config), and leaves the queued jobs in place.
+        /// Phases of a round. With `raw-jetstream`, FLEET_JOBS is purged before each phase
+        /// (see --purge-fleet-jobs), which needs a Fleet user's rights; `dispatcher` alone
+        /// needs only a tenant's (under the shipped broker config), and leaves the queued jobs
+        /// in place.
         #[arg(
             long,
             env = "LOADTEST_PHASES",
@@ -57,9 +62,16 @@ enum Command {
             default_value = "raw-jetstream,dispatcher"
         )]
         phases: Vec<Phase>,
+        /// Allows the `raw-jetstream` phase to empty FLEET_JOBS, every job queued there
+        /// included: only for a fleet that exists for this benchmark.
+        #[arg(long, env = "LOADTEST_PURGE_FLEET_JOBS")]
+        purge_fleet_jobs: bool,
     },
     /// A corpus (`{"id", "text"}` per line) through the fleet by request-reply.
     Embed(EmbedArgs),
+    /// Answer latency percentiles, errors by code and a per-second timeline, under an open-loop
+    /// (--rate) or closed-loop (--in-flight) load.
+    Latency(latency::LatencyArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -82,20 +94,31 @@ struct EmbedArgs {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let (tenant, client) = cli.caller.connect().await?;
-    let run = Run {
+    let run = Arc::new(Run {
         client,
         tenant,
         model: cli.caller.model.clone(),
         in_flight: cli.in_flight,
         cpu: cpu::CpuWatch::new(&cli.cpu_of)?,
-    };
+    });
     match cli.command {
         Command::Dispatch {
             jobs,
             rounds,
             phases,
-        } => dispatch(&run, jobs, rounds, &phases).await,
+            purge_fleet_jobs,
+        } => {
+            if phases.contains(&Phase::RawJetStream) && !purge_fleet_jobs {
+                bail!(
+                    "the raw-jetstream phase empties FLEET_JOBS (every job queued there) before \
+                     each phase: give --purge-fleet-jobs if this fleet exists for the benchmark, \
+                     or --phases dispatcher"
+                );
+            }
+            dispatch(&run, jobs, rounds, &phases).await
+        }
         Command::Embed(ref args) => embed(&run, args).await,
+        Command::Latency(ref args) => latency::latency(&run, args).await,
     }
 }
 
