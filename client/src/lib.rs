@@ -2,6 +2,8 @@
 //! (request-reply) or `submit` (queued, answered at once; the result is stored on
 //! `fleet.results.<tenant>.<job_id>` in `FLEET_RESULTS`).
 
+pub mod bulk;
+
 use std::{
     path::{Path, PathBuf},
     time::Duration,

@@ -1,5 +1,6 @@
 //! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
-//! prints the answer as JSON; `results get` reads a stored result; `tenant` manages tenants and
+//! prints the answer as JSON; `submit` embeds a file of rows, resumably; `results get` reads a
+//! stored result; `tenant` manages tenants and
 //! their keys in the key store; `nats-user` makes a NATS identity for the shipped broker
 //! configuration (`ops/nats/`).
 
@@ -7,7 +8,11 @@ use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration
 
 use anyhow::Context;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
-use fleet_client::{CallerArgs, ClientError, infer, stored_result};
+use fleet_client::{
+    CallerArgs, ClientError,
+    bulk::{self, BulkOptions},
+    infer, stored_result,
+};
 use fleet_keys::{
     Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
     VaultConfig, VaultSource,
@@ -44,6 +49,46 @@ enum Command {
         store: KeyStoreArgs,
         #[command(subcommand)]
         action: TenantAction,
+    },
+    /// Embeds a file of rows (JSON lines) into a file of embeddings, one output row per input
+    /// row in input order; re-run with the same arguments after a kill, it goes on where it
+    /// stopped and sends nothing already answered.
+    #[command(
+        after_help = "Output rows: {\"id\", \"status\": \"ok\", \"vector\"} or \
+        {\"id\", \"status\": \"failed\", \"code\", \"message\"}; the failed ones are also \
+        in --errors. Exit status: 0 every row embedded; 4 some rows failed; 1 an error (the \
+        output so far stays valid: run again to go on)."
+    )]
+    Submit {
+        #[command(flatten)]
+        caller: Box<CallerArgs>,
+        /// Input rows, one JSON object per line (`-`: standard input).
+        #[arg(long, env = "FLEET_INPUT")]
+        input: PathBuf,
+        /// Where the embeddings go (appended to when resuming).
+        #[arg(long, env = "FLEET_OUTPUT")]
+        output: PathBuf,
+        /// Where the rows that failed for good go (default: the output's name + `.errors`).
+        #[arg(long, env = "FLEET_ERRORS")]
+        errors: Option<PathBuf>,
+        /// The input field holding a row's id (copied to its output row).
+        #[arg(long, env = "FLEET_ID_FIELD", default_value = "id")]
+        id_field: String,
+        /// The input field holding the text to embed.
+        #[arg(long, env = "FLEET_TEXT_FIELD", default_value = "text")]
+        text_field: String,
+        /// Rows per job.
+        #[arg(long, env = "FLEET_TEXTS_PER_JOB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=256))]
+        texts_per_job: u64,
+        /// Jobs awaiting their result at once.
+        #[arg(long, env = "FLEET_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+        in_flight: u64,
+        /// How long to wait for one job's result before submitting it again (same id).
+        #[arg(long, env = "FLEET_JOB_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+        job_timeout: Duration,
+        /// Attempts per job before its rows are given up.
+        #[arg(long, env = "FLEET_MAX_ATTEMPTS", default_value_t = 8)]
+        max_attempts: u32,
     },
     /// Reads stored results of the tenant's jobs.
     Results {
@@ -194,6 +239,46 @@ async fn main() -> anyhow::Result<()> {
                 .map(|value| value.get_name().to_owned())
                 .unwrap_or_default();
             println!("{}", make_nats_user(&role, &name, &seed.seed_out)?);
+            Ok(())
+        }
+        Command::Submit {
+            caller,
+            input,
+            output,
+            errors,
+            id_field,
+            text_field,
+            texts_per_job,
+            in_flight,
+            job_timeout,
+            max_attempts,
+        } => {
+            let options = BulkOptions {
+                model: caller.model.clone(),
+                texts_per_job: usize::try_from(texts_per_job).unwrap_or(1),
+                in_flight: usize::try_from(in_flight).unwrap_or(1),
+                timeout: job_timeout,
+                max_attempts,
+                id_field,
+                text_field,
+            };
+            let errors =
+                errors.unwrap_or_else(|| PathBuf::from(format!("{}.errors", output.display())));
+            let reader: Box<dyn std::io::BufRead + Send> = if input.as_os_str() == "-" {
+                Box::new(std::io::BufReader::new(std::io::stdin()))
+            } else {
+                let file = std::fs::File::open(&input)
+                    .with_context(|| format!("cannot read {}", input.display()))?;
+                Box::new(std::io::BufReader::new(file))
+            };
+            let (tenant, client) = caller.connect().await?;
+            let summary =
+                bulk::submit_rows(&client, &tenant, reader, &output, &errors, &options).await?;
+            eprintln!("{}", serde_json::to_string(&summary)?);
+            if summary.rows_failed_in_output > 0 {
+                eprintln!("rows that failed: {}", errors.display());
+                std::process::exit(EXIT_FAILED);
+            }
             Ok(())
         }
         Command::Results {
