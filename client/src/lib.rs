@@ -3,6 +3,7 @@
 //! `fleet.results.<tenant>.<job_id>` in `FLEET_RESULTS`).
 
 pub mod bulk;
+pub mod dlq;
 
 use std::{
     path::{Path, PathBuf},

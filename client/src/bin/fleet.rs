@@ -1,23 +1,28 @@
 //! `fleet`: the user's command. `keygen` makes a tenant key; `infer` signs and sends texts and
 //! prints the answer as JSON; `submit` embeds a file of rows, resumably; `results get` reads a
-//! stored result; `tenant` manages tenants and
+//! stored result; `dlq list|show|replay` reads and replays dead letters; `tenant` manages tenants and
 //! their keys in the key store; `nats-user` makes a NATS identity for the shipped broker
 //! configuration (`ops/nats/`).
 
 use std::{io::Write, os::unix::fs::OpenOptionsExt, path::PathBuf, time::Duration};
 
 use anyhow::Context;
+use async_nats::ConnectOptions;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
 use fleet_client::{
     CallerArgs, ClientError,
     bulk::{self, BulkOptions},
+    dlq::DeadLetters,
     infer, stored_result,
 };
 use fleet_keys::{
     Change, FileSource, KeyStoreArgs, NewKey, Retire, Tenant, TenantAdmin, TenantPolicy,
     VaultConfig, VaultSource,
 };
-use fleet_schemas::{InvalidName, ResultStatus, SecretKeyFile, SigningKey, now_ms, validate_name};
+use fleet_schemas::{
+    InvalidName, ResultStatus, SecretKeyFile, SigningKey, SubmitStatus, now_ms, validate_name,
+};
+use fleet_service::NatsArgs;
 
 /// Fleet's command-line client.
 #[derive(Debug, Parser)]
@@ -89,6 +94,12 @@ enum Command {
         /// Attempts per job before its rows are given up.
         #[arg(long, env = "FLEET_MAX_ATTEMPTS", default_value_t = 8)]
         max_attempts: u32,
+    },
+    /// Reads the dead-letter stream and runs a dead letter's job again (needs the fleet's
+    /// rights: an operator's NATS user under the shipped broker configuration).
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
     },
     /// Reads stored results of the tenant's jobs.
     Results {
@@ -180,6 +191,39 @@ enum TenantAction {
     },
     /// Prints every tenant, its policy and its keys as JSON.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Prints dead letters, one JSON object per line: sequence, time, code, reason, tenant, job.
+    List {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// The first sequence to list.
+        #[arg(long, env = "FLEET_DLQ_FROM", default_value_t = 1)]
+        from: u64,
+        /// The most to list.
+        #[arg(long, env = "FLEET_DLQ_LIMIT", default_value_t = 100)]
+        limit: usize,
+    },
+    /// Prints one dead letter in full, its job's texts included.
+    Show {
+        #[command(flatten)]
+        nats: NatsArgs,
+        /// Its sequence on the dead-letter stream.
+        seq: u64,
+    },
+    /// Submits a dead letter's job again under a new id, signed with its tenant's key (--key);
+    /// the dead letter stays as the record.
+    Replay {
+        #[command(flatten)]
+        caller: Box<CallerArgs>,
+        /// Its sequence on the dead-letter stream.
+        seq: u64,
+        /// How long to wait for the dispatcher's answer, in seconds.
+        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        timeout_secs: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -281,6 +325,7 @@ async fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Dlq { action } => dead_letters(action).await,
         Command::Results {
             action: ResultsAction::Get { caller, job_id },
         } => {
@@ -344,6 +389,41 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
+    match action {
+        DlqAction::List { nats, from, limit } => {
+            let client = nats.connect(ConnectOptions::new()).await?;
+            for letter in DeadLetters::open(&client).await?.list(from, limit).await? {
+                println!("{letter}");
+            }
+        }
+        DlqAction::Show { nats, seq } => {
+            let client = nats.connect(ConnectOptions::new()).await?;
+            let letter = DeadLetters::open(&client).await?.show(seq).await?;
+            println!("{}", serde_json::to_string_pretty(&letter)?);
+        }
+        DlqAction::Replay {
+            caller,
+            seq,
+            timeout_secs,
+        } => {
+            let (tenant, client) = caller.connect().await?;
+            let letters = DeadLetters::open(&client).await?;
+            let timeout = Duration::from_secs(timeout_secs);
+            let (job, reply) = letters.replay(&client, &tenant, seq, timeout).await?;
+            eprintln!(
+                "dead letter {seq} submitted again as job {} of tenant {} ({:?})",
+                job.job_id, job.tenant, reply.status
+            );
+            println!("{}", serde_json::to_string(&reply)?);
+            if reply.status == SubmitStatus::Rejected {
+                std::process::exit(EXIT_REFUSED);
+            }
+        }
+    }
+    Ok(())
 }
 
 /// `fleet infer`'s exit status when the dispatcher refused the job.
