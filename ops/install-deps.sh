@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Fleet needs at run and test time on a Debian machine: nats-server, openssl (test
-# certificates), Python's pip and venv (the model download and the wire check use them), the
-# model, and OpenBao.
+# certificates), Python's pip and venv (the model download and the wire check use them),
+# Prometheus and promtool (2.42, Debian's `prometheus`: the observability tests), the model, and
+# OpenBao.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 missing=()
@@ -10,10 +11,29 @@ command -v nats-server >/dev/null 2>&1 || missing+=(nats-server)
 command -v openssl >/dev/null 2>&1 || missing+=(openssl)
 python3 -m pip --version >/dev/null 2>&1 || missing+=(python3-pip)
 python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
-if [ ${#missing[@]} -gt 0 ]; then
-  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+# The observability tests start their own Prometheus on a free loopback port and run promtool.
+prometheus=""
+{ command -v prometheus && command -v promtool; } >/dev/null 2>&1 || prometheus=prometheus
+sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+if [ ${#missing[@]} -gt 0 ] || [ -n "$prometheus" ]; then
   $sudo apt-get update -qq
+fi
+if [ ${#missing[@]} -gt 0 ]; then
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+if [ -n "$prometheus" ]; then
+  # Without its recommends (node exporter and friends). Debian enables and starts a system
+  # Prometheus on :9090 at install; nothing here needs it, so it is stopped and disabled (only
+  # when this script installed it: an existing installation is left as it is).
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+    prometheus >/dev/null
+  if command -v systemctl >/dev/null 2>&1; then
+    $sudo systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+  fi
+  if [ -x /etc/init.d/prometheus ]; then
+    $sudo /etc/init.d/prometheus stop >/dev/null 2>&1 || true
+    $sudo update-rc.d prometheus disable >/dev/null 2>&1 || true
+  fi
 fi
 "$root/ops/fetch-model.sh"
 # OpenBao (a Vault-API server) for the key store's Vault tests, from PyPI.
