@@ -19,6 +19,7 @@ use nix::{sys::signal, unistd::Pid};
 
 pub mod http;
 pub mod openbao;
+pub mod openmetrics;
 pub mod prometheus;
 
 /// A `nats-server` with JetStream and a temporary store, on a random loopback port. It can be
