@@ -1,8 +1,9 @@
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::Context;
 use fleet_dispatcher::{Dispatcher, DispatcherConfig};
-use fleet_service::{Check, Endpoints, Readiness};
+use fleet_schemas::subject;
+use fleet_service::{Check, DISPATCHER_SERVICE, Discovery, Endpoints, Readiness};
 use prometheus_client::registry::Registry;
 
 #[tokio::main]
@@ -33,15 +34,40 @@ async fn main() -> anyhow::Result<()> {
         readiness: readiness.clone(),
         info,
     };
-    fleet_service::serve_http(config.metrics_addr, endpoints)
+    let http = fleet_service::serve_http(config.metrics_addr, endpoints)
         .await
         .with_context(|| format!("cannot serve HTTP on {}", config.metrics_addr))?;
+    // Listed from now until the drain begins (see `fleet_dispatcher::service` for why it is
+    // registered for discovery only).
+    let metadata = HashMap::from([
+        ("name".to_owned(), config.name.clone()),
+        ("models".to_owned(), config.models.join(",")),
+        (
+            "subjects".to_owned(),
+            [subject::INFER_WILDCARD, subject::SUBMIT_WILDCARD].join(","),
+        ),
+        (
+            "queue_group".to_owned(),
+            subject::DISPATCHER_QUEUE_GROUP.to_owned(),
+        ),
+        ("http".to_owned(), http.local_addr.to_string()),
+    ]);
+    let discovery = Discovery::register(
+        &dispatcher.client,
+        DISPATCHER_SERVICE,
+        env!("CARGO_PKG_VERSION"),
+        "Fleet dispatcher: verifies signed jobs and queues them on JetStream",
+        metadata,
+    )
+    .await?;
     let listening = dispatcher.listen().await?;
     readiness.pass(Check::Subscriptions);
     listening
         .run(async {
             fleet_service::shutdown_signal().await;
             readiness.drain();
+            // A draining dispatcher leaves discovery at once, as it turns not ready.
+            discovery.stop().await;
         })
         .await;
     Ok(())

@@ -1,5 +1,21 @@
 //! The dispatcher's NATS side: serve `fleet.infer.*` and `fleet.submit.*` in the queue group,
 //! admit, rate-limit, publish to JetStream with a bounded number of acks outstanding, answer.
+//!
+//! The subscriptions and answers here are Fleet's own, not endpoints of the NATS service API
+//! (`async_nats::service`); the dispatcher registers with that API for discovery only
+//! (`fleet_service::Discovery`). Its queue group, its concurrency (an endpoint is a stream of
+//! requests like a subscription) and the slow-consumer accounting (the same client, buffer and
+//! events) would fit; three things do not:
+//! - Refusals: the library answers an error with an empty body and a numeric
+//!   `Nats-Service-Error-Code`. Fleet's callers get the code as text (`overloaded`) and decode a
+//!   typed body (`JobResult`, `SubmitReply`) carrying it (`schemas/WIRE.md`); sending those as
+//!   successes instead would make the service's error count always 0.
+//! - Counts: the library counts and times a request when it is answered through it. An
+//!   admitted `infer`, most of the traffic, is answered by a worker, and a relay up to
+//!   `--relay-wait-ms` later, so its request counts would miss most requests.
+//! - Stopping: an endpoint stops by unsubscribing at once; requests the server had already
+//!   handed to this member of the queue group (no other member gets them) are dropped
+//!   unanswered. [`Listening::run`] drains instead, and answers every request it was given.
 
 use std::{
     sync::Arc,

@@ -1,12 +1,14 @@
 //! Process plumbing shared by Fleet's binaries, so each states only what is its own.
 
 mod config;
+mod discovery;
 mod events;
 mod http;
 pub mod metrics;
 pub mod nats;
 
 pub use config::{ConfigError, load_config, load_config_or_exit};
+pub use discovery::{DISPATCHER_SERVICE, Discovery, DiscoveryError, WORKER_SERVICE};
 pub use events::ConnectionEvents;
 pub use http::{Check, Endpoints, HttpServer, Info, Readiness, nats_summary, serve_http};
 pub use nats::{NatsArgs, NatsAuthArgs, NatsError, Secret, redact_url};

@@ -1,8 +1,10 @@
-use std::sync::Arc;
+use std::{collections::HashMap, sync::Arc};
 
 use anyhow::{Context as _, bail};
 use clap::Parser;
-use fleet_service::{Check, ConnectionEvents, Endpoints, NatsAuthArgs, Readiness};
+use fleet_service::{
+    Check, ConnectionEvents, Discovery, Endpoints, NatsAuthArgs, Readiness, WORKER_SERVICE,
+};
 use fleet_worker::{WorkerArgs, WorkerConfig, embedder::warm_up, metrics::Metrics, model};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
@@ -72,9 +74,26 @@ async fn main() -> anyhow::Result<()> {
         readiness: readiness.clone(),
         info: config.info(&cli.nats, keys.describe()),
     };
-    fleet_service::serve_http(config.metrics_addr, endpoints)
+    let http = fleet_service::serve_http(config.metrics_addr, endpoints)
         .await
         .with_context(|| format!("cannot serve HTTP on {}", config.metrics_addr))?;
+    // Listed from now (while the model loads too: /ready tells when it takes jobs) until the
+    // drain begins. Workers take no requests, so the service has no endpoints.
+    let metadata = HashMap::from([
+        ("name".to_owned(), config.worker_name.clone()),
+        ("model".to_owned(), config.model.clone()),
+        ("device".to_owned(), config.device.to_string()),
+        ("consumer".to_owned(), config.consumer.durable_name.clone()),
+        ("http".to_owned(), http.local_addr.to_string()),
+    ]);
+    let discovery = Discovery::register(
+        &client,
+        WORKER_SERVICE,
+        env!("CARGO_PKG_VERSION"),
+        "Fleet worker: runs queued jobs of one model",
+        metadata,
+    )
+    .await?;
     let embedder = model::load(&config.model_dir, config.device)
         .with_context(|| format!("cannot load model from {}", config.model_dir.display()))?;
     warm_up(&embedder).await?;
@@ -87,7 +106,11 @@ async fn main() -> anyhow::Result<()> {
         keys,
         metrics,
         &readiness,
-        fleet_service::shutdown_signal(),
+        async {
+            fleet_service::shutdown_signal().await;
+            // A draining worker leaves discovery at once, as it turns not ready.
+            discovery.stop().await;
+        },
     )
     .await?;
     // Acks and results went out as requests and were confirmed; flush what is left on the wire,
