@@ -18,14 +18,19 @@ impl EncodeLabelValue for CodeLabel {
 /// (prometheus-client's derive writes the variant's Rust name, `DeadLettered`).
 #[macro_export]
 macro_rules! label_values {
-    ($enum:ty { $($variant:ident => $text:literal),+ $(,)? }) => {
+    ($enum:ident { $($variant:ident => $text:literal),+ $(,)? }) => {
+        impl $enum {
+            /// Every value, so each labelled series can be made at 0 before its first event.
+            pub const ALL: &'static [$enum] = &[$($enum::$variant),+];
+        }
+
         impl ::prometheus_client::encoding::EncodeLabelValue for $enum {
             fn encode(
                 &self,
                 encoder: &mut ::prometheus_client::encoding::LabelValueEncoder,
             ) -> ::std::result::Result<(), ::std::fmt::Error> {
                 let text = match self {
-                    $(<$enum>::$variant => $text,)+
+                    $($enum::$variant => $text,)+
                 };
                 ::prometheus_client::encoding::EncodeLabelValue::encode(&text, encoder)
             }
@@ -50,16 +55,23 @@ mod tests {
 
     #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
     enum Fate {
+        Ok,
         DeadLettered,
     }
 
     label_values!(Fate {
+        Ok => "ok",
         DeadLettered => "dead_lettered",
     });
 
     #[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
     struct FateLabels {
         fate: Fate,
+    }
+
+    #[test]
+    fn every_value_is_listed() {
+        assert_eq!(Fate::ALL, [Fate::Ok, Fate::DeadLettered]);
     }
 
     #[test]

@@ -228,6 +228,7 @@ impl Metrics {
             inference_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 16)),
             queue: QueueMetrics::default(),
         };
+        metrics.zero_every_series();
         let worker = registry.sub_registry_with_prefix("fleet_worker");
         worker.register(
             "jobs",
@@ -368,6 +369,38 @@ impl Metrics {
             gauges.reads_failed.clone(),
         );
         metrics
+    }
+
+    /// Makes every labelled series a worker can report, at 0. Prometheus takes a series' first
+    /// sample as its start, so a series born at 1 (the first dead letter after a restart) would
+    /// never show in `rate()` or `increase()`, and dashboards would have nothing to show.
+    fn zero_every_series(&self) {
+        for &outcome in Finished::ALL {
+            let _ = self.job_seconds.get_or_create(&OutcomeLabels { outcome });
+            // The codes a worker answers with: none for ok, `expired`, any for a dead letter.
+            let codes: Vec<Option<ErrorCode>> = match outcome {
+                Finished::Ok => vec![None],
+                Finished::Expired => vec![Some(ErrorCode::Expired)],
+                Finished::DeadLettered => ErrorCode::ALL.into_iter().map(Some).collect(),
+            };
+            for code in codes {
+                let _ = self.jobs.get_or_create(&JobLabels {
+                    outcome,
+                    code: code.map(CodeLabel),
+                });
+            }
+        }
+        for &reason in Unfinished::ALL {
+            let _ = self.unfinished.get_or_create(&UnfinishedLabels { reason });
+        }
+        for &reason in DeadLetterReason::ALL {
+            let _ = self
+                .dead_letters
+                .get_or_create(&DeadLetterLabels { reason });
+        }
+        for &kind in Reconciled::ALL {
+            let _ = self.reconciled.get_or_create(&ReconciledLabels { kind });
+        }
     }
 
     /// A job's final outcome, with the error code its caller got (none for `ok`), `after` its

@@ -362,3 +362,23 @@ async fn the_queue_gauges_follow_jetstream() {
     assert_eq!(info.num_pending + info.num_ack_pending as u64, 0);
     worker.stop().await;
 }
+
+#[test]
+fn every_labelled_series_is_there_at_zero_before_its_first_event() {
+    // Prometheus takes a series' first sample as its start: one born at 1 never shows in rate().
+    let mut registry = Registry::default();
+    let _metrics = Metrics::new(&mut registry);
+    let scrape = Scrape::of(&registry);
+    for series in [
+        "fleet_worker_jobs_total{outcome=\"ok\",code=\"\"}",
+        "fleet_worker_jobs_total{outcome=\"expired\",code=\"expired\"}",
+        "fleet_worker_jobs_total{outcome=\"dead_lettered\",code=\"bad_signature\"}",
+        "fleet_worker_job_seconds_count{outcome=\"dead_lettered\"}",
+        "fleet_worker_dead_letters_total{reason=\"unreadable\"}",
+        "fleet_worker_dead_letters_total{reason=\"out_of_deliveries\"}",
+        "fleet_worker_deliveries_unfinished_total{reason=\"handed_back\"}",
+        "fleet_worker_reconciled_total{kind=\"orphan\"}",
+    ] {
+        assert_eq!(scrape.value(series), 0.0, "{series}");
+    }
+}
