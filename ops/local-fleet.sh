@@ -7,9 +7,22 @@
 # certificates from a development CA, nkey users, permissions per role), the demo tenant's
 # signing key and NATS credentials are made by `fleet tenant add`, and every process reads its
 # secrets from files. There is no insecure mode.
+#
+#   ops/local-fleet.sh [--observe [SECONDS]]
+#
+# --observe keeps the fleet up afterwards (for SECONDS, default until Ctrl-C) with Prometheus
+# scraping it under the shipped alert rules (ops/observability/), checks that it sees both
+# processes, and prints where to look.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
+observe=""
+case "${1:-}" in
+  "") ;;
+  --observe) observe=${2:-forever} ;;
+  *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+esac
+[[ "$observe" =~ ^([0-9]+|forever|)$ ]] || { echo "--observe takes a number of seconds" >&2; exit 2; }
 "$root/ops/install-deps.sh"
 cargo build --quiet -p fleet-dispatcher -p fleet-worker -p fleet-client --bins
 bin="${CARGO_TARGET_DIR:-$root/target}/debug"
@@ -65,3 +78,56 @@ for text, vector in zip(sys.argv[1:], vectors):
     head = ", ".join(f"{x:+.4f}" for x in vector[:6])
     print(f"  [{head}, ...] ({len(vector)} dims)  {text}")
 PY
+
+[ -n "$observe" ] || exit 0
+# Where each process serves HTTP: the line it logs when it binds (port 0 picked a free one).
+http_of() { sed -n 's/.*"local_addr":"\([0-9.:]*\)".*/\1/p' "$work/$1.log" | head -n 1; }
+dispatcher_http=$(http_of dispatcher)
+worker_http=$(http_of worker)
+[ -n "$dispatcher_http" ] && [ -n "$worker_http" ] || fail "no HTTP address in the processes' logs"
+prometheus_port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+cat >"$work/prometheus.yml" <<EOF
+global: { scrape_interval: 2s, evaluation_interval: 2s }
+rule_files: ["$root/ops/observability/fleet-alerts.yml"]
+scrape_configs:
+  - job_name: fleet-dispatcher
+    static_configs: [{ targets: ["$dispatcher_http"] }]
+  - job_name: fleet-worker
+    static_configs: [{ targets: ["$worker_http"] }]
+EOF
+spawn prometheus prometheus --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/prometheus" \
+  --web.listen-address="127.0.0.1:$prometheus_port"
+prometheus_url="http://127.0.0.1:$prometheus_port"
+# Both targets scraped and up, as Prometheus itself reports them.
+PROMETHEUS_URL="$prometheus_url" python3 - <<'PY' || fail "Prometheus does not see the fleet"
+import json, os, time, urllib.request
+url = os.environ["PROMETHEUS_URL"] + "/api/v1/query?query=up"
+deadline = time.time() + 60
+while True:
+    try:
+        result = json.load(urllib.request.urlopen(url, timeout=2))["data"]["result"]
+        up = {r["metric"]["job"] for r in result if r["value"][1] == "1"}
+        if {"fleet-dispatcher", "fleet-worker"} <= up:
+            break
+    except OSError:
+        pass
+    if time.time() > deadline:
+        raise SystemExit("targets not up within 60 s")
+    time.sleep(0.5)
+PY
+cat <<EOF
+
+Observing (Ctrl-C stops everything):
+  Prometheus       $prometheus_url  (alerts: $prometheus_url/alerts; try fleet_worker_jobs_total)
+  dispatcher HTTP  http://$dispatcher_http/metrics /health /ready /info
+  worker HTTP      http://$worker_http/metrics /health /ready /info
+  Grafana          import $root/ops/observability/grafana/fleet-dashboard.json, data source $prometheus_url
+  logs             $work/*.log
+  call it again    $bin/fleet infer --nats-url $url --nats-nkey-file $work/demo.nk --key $work/demo-key.toml --text hello
+                   (with NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY under $work/pki as this script sets them)
+EOF
+if [ "$observe" = forever ]; then
+  while :; do sleep 3600; done
+else
+  sleep "$observe"
+fi
