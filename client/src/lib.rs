@@ -15,6 +15,7 @@ use fleet_schemas::{
     CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, decode, encode,
     now_ms, subject,
 };
+pub use fleet_service::TraceParent;
 
 /// Largest answer a client accepts (a batch of embeddings is far smaller).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
@@ -132,14 +133,26 @@ pub async fn infer(
     job: &Job,
     timeout: Duration,
 ) -> Result<JobResult, ClientError> {
+    infer_in_trace(client, tenant, job, timeout, &TraceParent::new_trace()).await
+}
+
+/// [`infer`] as part of the caller's trace: `trace` is sent as the job's `traceparent`, which
+/// the dispatcher, the worker and the stored result carry on (a new trace in [`infer`]).
+pub async fn infer_in_trace(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    timeout: Duration,
+    trace: &TraceParent,
+) -> Result<JobResult, ClientError> {
     let subject = subject::infer(&job.model);
     if job.deadline_ms.is_some() {
-        return request(client, tenant, job, subject, timeout).await;
+        return request(client, tenant, job, subject, timeout, trace).await;
     }
     let mut job = job.clone();
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     job.deadline_ms = Some(now_ms().saturating_add(timeout_ms));
-    request(client, tenant, &job, subject, timeout).await
+    request(client, tenant, &job, subject, timeout, trace).await
 }
 
 /// The stored result of one of `tenant`'s jobs, or None when there is none (not finished yet,
@@ -177,18 +190,35 @@ pub async fn submit(
     job: &Job,
     timeout: Duration,
 ) -> Result<SubmitReply, ClientError> {
-    request(client, tenant, job, subject::submit(&job.model), timeout).await
+    submit_in_trace(client, tenant, job, timeout, &TraceParent::new_trace()).await
 }
 
-/// Signs `job`, sends it as a request on `subject` and decodes the answer.
+/// [`submit`] as part of the caller's trace (see [`infer_in_trace`]).
+pub async fn submit_in_trace(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    timeout: Duration,
+    trace: &TraceParent,
+) -> Result<SubmitReply, ClientError> {
+    let subject = subject::submit(&job.model);
+    request(client, tenant, job, subject, timeout, trace).await
+}
+
+/// Signs `job`, sends it as a request on `subject` with `trace` as its `traceparent` header,
+/// and decodes the answer.
 async fn request<T: serde::de::DeserializeOwned>(
     client: &Client,
     tenant: &Tenant,
     job: &Job,
     subject: String,
     timeout: Duration,
+    trace: &TraceParent,
 ) -> Result<T, ClientError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert(subject::TRACEPARENT, trace.to_string().as_str());
     let request = async_nats::Request::new()
+        .headers(headers)
         .payload(tenant.sign(job)?.into())
         .timeout(Some(timeout));
     let answer = client

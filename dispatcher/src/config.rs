@@ -20,6 +20,8 @@ pub struct DispatcherConfig {
     pub nats: fleet_service::NatsArgs,
     #[command(flatten)]
     pub key_store: fleet_keys::KeyStoreArgs,
+    #[command(flatten)]
+    pub log: fleet_service::LogArgs,
     /// Models this fleet serves; jobs for others are answered `unknown_model`.
     #[arg(
         long,

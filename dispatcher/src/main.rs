@@ -9,7 +9,7 @@ use prometheus_client::registry::Registry;
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: DispatcherConfig = fleet_service::load_config_or_exit();
-    fleet_service::init_logging();
+    fleet_service::init_logging(config.log.log_format);
     let keys = config
         .key_store
         .start()

@@ -31,8 +31,10 @@ use fleet_schemas::{
     ErrorBody, ErrorCode, Job, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
     subject::{self, Ingress},
 };
+use fleet_service::TraceParent;
 use futures::StreamExt;
 use tokio::sync::Semaphore;
+use tracing::{Instrument, field::Empty};
 
 use crate::{
     metrics::{DispatcherMetrics, GaugedPermit, RequestKind},
@@ -211,7 +213,21 @@ impl Dispatcher {
                 return;
             }
         };
-        tokio::spawn(async move {
+        // The caller's trace, or a new one when it sent none (or one not well formed: a bad
+        // header never refuses a job). The job's span carries it; every line about the job is
+        // written in that span.
+        let trace = TraceParent::from_headers(message.headers.as_ref())
+            .unwrap_or_else(TraceParent::new_trace);
+        let span = tracing::info_span!(
+            "job",
+            job_id = Empty,
+            tenant = Empty,
+            model = %model,
+            key_id = Empty,
+            trace_id = %trace.trace_id(),
+            kind = ?kind,
+        );
+        let task = async move {
             let started = Instant::now();
             let admission = self.admit(&model, &message.payload).and_then(|admitted| {
                 check_reply(&admitted, message.reply.as_deref(), reply_to_job).map(|()| admitted)
@@ -219,15 +235,27 @@ impl Dispatcher {
             self.metrics
                 .admission_seconds
                 .observe(started.elapsed().as_secs_f64());
+            let span = tracing::Span::current();
             let admitted = match admission {
-                Ok(admitted) => admitted,
+                Ok(admitted) => {
+                    span.record("job_id", admitted.job.job_id.as_str());
+                    span.record("tenant", admitted.job.tenant.as_str());
+                    span.record("key_id", admitted.key_id.as_str());
+                    admitted
+                }
                 Err(rejection) => {
+                    if !rejection.job_id.is_empty() {
+                        span.record("job_id", rejection.job_id.as_str());
+                        span.record("tenant", rejection.tenant.as_str());
+                    }
                     self.answer(&message, &model, kind, Outcome::Rejected(rejection))
                         .await;
                     return;
                 }
             };
-            let outcome = self.publish(&message, &admitted, reply_to_job).await;
+            let outcome = self
+                .publish(&message, &admitted, reply_to_job, &trace)
+                .await;
             if reply_to_job
                 && let Outcome::Queued {
                     duplicate: true,
@@ -254,7 +282,8 @@ impl Dispatcher {
             }
             self.answer(&message, &model, kind, outcome).await;
             drop(slot);
-        });
+        };
+        tokio::spawn(task.instrument(span));
     }
 
     /// A synchronous call repeating a job id already queued (a retry after a timeout or an
@@ -349,9 +378,17 @@ impl Dispatcher {
         }
     }
 
-    async fn publish(&self, message: &Message, admitted: &Admitted, reply_to_job: bool) -> Outcome {
+    /// Queues the job, carrying the caller's trace on to the worker (as a child of this hop).
+    async fn publish(
+        &self,
+        message: &Message,
+        admitted: &Admitted,
+        reply_to_job: bool,
+        trace: &TraceParent,
+    ) -> Outcome {
         let job = &admitted.job;
         let mut headers = HeaderMap::new();
+        headers.insert(subject::TRACEPARENT, trace.child().to_string().as_str());
         headers.insert(
             subject::MSG_ID,
             subject::msg_id(&job.tenant, &job.job_id).as_str(),

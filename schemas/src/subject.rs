@@ -27,6 +27,10 @@ pub const JOB_SEQ: &str = "Fleet-Job-Seq";
 /// On a stored result: a random token of the store that wrote it, so a worker whose store
 /// ended in doubt (a lost publish ack) can read back whether its own store is the one kept.
 pub const STORE_TOKEN: &str = "Fleet-Store-Token";
+/// W3C Trace Context: `00-<trace id>-<parent id>-<flags>`, sent by the client, carried by the
+/// dispatcher onto the queued job and by the worker onto the stored result, so one job's log
+/// lines share a `trace_id` across processes.
+pub const TRACEPARENT: &str = "traceparent";
 /// Why a job went to the dead-letter stream.
 pub const DLQ_REASON: &str = "Fleet-Dlq-Reason";
 

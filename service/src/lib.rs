@@ -4,26 +4,18 @@ mod config;
 mod discovery;
 mod events;
 mod http;
+mod logging;
 pub mod metrics;
 pub mod nats;
+pub mod trace;
 
 pub use config::{ConfigError, load_config, load_config_or_exit};
 pub use discovery::{DISPATCHER_SERVICE, Discovery, DiscoveryError, WORKER_SERVICE};
 pub use events::ConnectionEvents;
 pub use http::{Check, Endpoints, HttpServer, Info, Readiness, nats_summary, serve_http};
+pub use logging::{LogArgs, LogFormat, init_logging, init_logging_to};
 pub use nats::{NatsArgs, NatsAuthArgs, NatsError, Secret, redact_url};
-
-/// JSON lines on stdout, filtered by `RUST_LOG` (default `info`, async-nats at `warn`).
-pub fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        // async-nats logs each (re)connection at info without the server; Fleet logs its own.
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,async_nats=warn"));
-    let _ = tracing_subscriber::fmt()
-        .json()
-        .with_env_filter(filter)
-        .with_current_span(false)
-        .try_init();
-}
+pub use trace::TraceParent;
 
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn shutdown_signal() {

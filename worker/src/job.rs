@@ -22,7 +22,7 @@ fn decode_body(envelope: &SignedJob, max_bytes: usize) -> Result<Job, ReadJobErr
 /// The job in a queued message, once its tenant's key verified the signature over the exact
 /// body and allows it (the key is valid for the job's time and not revoked, speaks for the job's
 /// tenant, and the tenant may use the job's model). The body is read only after the signature
-/// verified.
+/// verified. The key's id is recorded as `key_id` on the current span (the job's).
 pub async fn read_verified_job(
     payload: &[u8],
     max_bytes: usize,
@@ -30,6 +30,7 @@ pub async fn read_verified_job(
     now_ms: u64,
 ) -> Result<Job, ReadJobError> {
     let envelope: SignedJob = decode(payload, max_bytes).map_err(ReadJobError::Envelope)?;
+    tracing::Span::current().record("key_id", envelope.key_id.as_str());
     // A key added moments ago (the dispatcher may have read it first) is looked up again, at
     // most once per refresh interval.
     let key = keys

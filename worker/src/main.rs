@@ -18,12 +18,14 @@ struct Cli {
     worker: WorkerArgs,
     #[command(flatten)]
     nats: NatsAuthArgs,
+    #[command(flatten)]
+    log: fleet_service::LogArgs,
 }
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = fleet_service::load_config_or_exit();
-    fleet_service::init_logging();
+    fleet_service::init_logging(cli.log.log_format);
     let config = WorkerConfig::from_args(cli.worker)?;
     let nats_url = fleet_service::redact_url(&config.nats_url);
     tracing::info!(

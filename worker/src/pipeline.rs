@@ -18,6 +18,7 @@ use fleet_service::{Check, Readiness};
 use futures::{StreamExt, future::BoxFuture};
 use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::{Instrument, Span, field::Empty};
 
 use crate::{
     abandoned,
@@ -405,6 +406,18 @@ impl<E: Embedder> Intake<'_, E> {
     /// Reads a delivered job and routes it: to the dead-letter stream when it can never run, to
     /// an `expired` answer when too late, otherwise to the batcher.
     async fn accept(&self, msg: jetstream::Message, permit: tokio::sync::OwnedSemaphorePermit) {
+        let span = job_span(&msg, &self.config.model);
+        self.accept_in(msg, permit, span.clone())
+            .instrument(span)
+            .await
+    }
+
+    async fn accept_in(
+        &self,
+        msg: jetstream::Message,
+        permit: tokio::sync::OwnedSemaphorePermit,
+        span: Span,
+    ) {
         let taken_at = Instant::now();
         let (queued, delivered) = msg
             .info()
@@ -429,9 +442,14 @@ impl<E: Embedder> Intake<'_, E> {
             reply_to,
             lease,
             permit: InFlightPermit::new(permit, &self.responder.metrics),
+            span,
         };
         let job = match self.read_job(&held.msg.payload).await {
-            Ok(job) => job,
+            Ok(job) => {
+                held.span.record("job_id", job.job_id.as_str());
+                held.span.record("tenant", job.tenant.as_str());
+                job
+            }
             Err(refused) => {
                 // A job that cannot be read or verified is never run, and neither stored under
                 // the tenant it claims nor answered: the dead letter, with its code, is the only
@@ -447,7 +465,7 @@ impl<E: Embedder> Intake<'_, E> {
                     | ReadJobError::WrongModel { .. } => DeadLetterReason::Unreadable,
                 };
                 let responder = self.responder.clone();
-                tokio::spawn(async move {
+                spawn_in(Span::current(), async move {
                     if unknown_key && held.delivered() < responder.max_deliver {
                         responder.retry(held, None, refused.to_string()).await;
                     } else {
@@ -469,7 +487,9 @@ impl<E: Embedder> Intake<'_, E> {
         }
         if job.deadline_ms.is_some_and(|deadline| now_ms() > deadline) {
             let responder = self.responder.clone();
-            tokio::spawn(async move { answer_expired(&responder, held, &job).await });
+            spawn_in(Span::current(), async move {
+                answer_expired(&responder, held, &job).await
+            });
             return;
         }
         let tokenize_seconds = self.responder.metrics.tokenize_seconds.clone();
@@ -482,7 +502,9 @@ impl<E: Embedder> Intake<'_, E> {
                 let job = decode_job(&held.msg.payload, usize::MAX).ok();
                 let reason = format!("tokenizer panicked: {panicked}");
                 let responder = self.responder.clone();
-                tokio::spawn(async move { responder.retry(held, job.as_ref(), reason).await });
+                spawn_in(Span::current(), async move {
+                    responder.retry(held, job.as_ref(), reason).await
+                });
                 return;
             }
         };
@@ -493,7 +515,7 @@ impl<E: Embedder> Intake<'_, E> {
                     "input {index} is {tokens} tokens, the model takes at most {max}, and the job did not ask for truncation"
                 );
                 let responder = self.responder.clone();
-                tokio::spawn(async move {
+                spawn_in(Span::current(), async move {
                     responder
                         .dead_letter(
                             held,
@@ -508,9 +530,9 @@ impl<E: Embedder> Intake<'_, E> {
             }
             Err((_, error @ TokenizeError::Failed(_))) => {
                 let responder = self.responder.clone();
-                tokio::spawn(
-                    async move { responder.retry(held, Some(&job), error.to_string()).await },
-                );
+                spawn_in(Span::current(), async move {
+                    responder.retry(held, Some(&job), error.to_string()).await
+                });
                 return;
             }
         };
@@ -524,7 +546,7 @@ impl<E: Embedder> Intake<'_, E> {
         // Waits while the batcher is busy (backpressure); fails only once the batcher is gone.
         if let Err(mpsc::error::SendError(work)) = self.to_batcher.send(work).await {
             let responder = self.responder.clone();
-            tokio::spawn(async move {
+            spawn_in(Span::current(), async move {
                 responder
                     .retry(work.held, Some(&work.job), "worker is stopping".to_owned())
                     .await
@@ -548,6 +570,34 @@ impl<E: Embedder> Intake<'_, E> {
         }
         Ok(job)
     }
+}
+
+/// The span of one delivered job: every line about it carries its `job_id`, `tenant`, `model`,
+/// `key_id` (the first two and the key once read), `delivered` (the delivery count), `job_seq`
+/// (its sequence on the queue) and the `trace_id` of the `traceparent` it was queued with (a
+/// new trace when it has none).
+fn job_span(msg: &jetstream::Message, model: &str) -> Span {
+    let (delivered, job_seq) = msg
+        .info()
+        .map(|info| (info.delivered, info.stream_sequence))
+        .unwrap_or((1, 0));
+    let trace = fleet_service::TraceParent::from_headers(msg.headers.as_ref())
+        .unwrap_or_else(fleet_service::TraceParent::new_trace);
+    tracing::info_span!(
+        "job",
+        job_id = Empty,
+        tenant = Empty,
+        model = %model,
+        key_id = Empty,
+        delivered,
+        job_seq,
+        trace_id = %trace.trace_id(),
+    )
+}
+
+/// Runs a task about one job in that job's span.
+fn spawn_in(span: Span, task: impl Future<Output = ()> + Send + 'static) {
+    tokio::spawn(task.instrument(span));
 }
 
 async fn answer_expired(responder: &Responder, held: Held, job: &Job) {
@@ -664,9 +714,11 @@ async fn batch_loop<E: Embedder>(
         for batcher in [&mut shared, &mut isolated] {
             for waiting in batcher.take_expired(now_ms()) {
                 let responder = ctx.responder.clone();
-                tokio::spawn(async move {
-                    answer_expired(&responder, waiting.held, &waiting.job).await
-                });
+                let span = waiting.held.span.clone();
+                tokio::spawn(
+                    async move { answer_expired(&responder, waiting.held, &waiting.job).await }
+                        .instrument(span),
+                );
             }
         }
         if isolated.is_idle()
@@ -774,7 +826,10 @@ async fn batch_loop<E: Embedder>(
                             failures_in_a_row = 0;
                             for done in finished {
                                 let responder = ctx.responder.clone();
-                                tokio::spawn(async move { succeed(&responder, done).await });
+                                let span = done.handle.held.span.clone();
+                                tokio::spawn(
+                                    async move { succeed(&responder, done).await }.instrument(span),
+                                );
                             }
                             None
                         }
@@ -826,7 +881,8 @@ fn push(batcher: &mut Batcher<Waiting>, work: Work, responder: &Arc<Responder>) 
     };
     if let Some(done) = batcher.push(waiting, inputs, deadline, Instant::now()) {
         let responder = responder.clone();
-        tokio::spawn(async move { succeed(&responder, done).await });
+        let span = done.handle.held.span.clone();
+        tokio::spawn(async move { succeed(&responder, done).await }.instrument(span));
     }
 }
 
@@ -845,16 +901,17 @@ fn settle_failed<E: Embedder>(
     for waiting in jobs {
         let responder = ctx.responder.clone();
         let reason = reason.to_owned();
+        let span = waiting.held.span.clone();
         match kind {
             FailureKind::Transient => {
-                tokio::spawn(async move {
+                spawn_in(span.clone(), async move {
                     responder
                         .retry(waiting.held, Some(&waiting.job), reason)
                         .await
                 });
             }
             FailureKind::Deterministic if alone => {
-                tokio::spawn(async move {
+                spawn_in(span.clone(), async move {
                     let reason = format!("the model fails on this job's inputs: {reason}");
                     responder
                         .dead_letter(
@@ -871,7 +928,7 @@ fn settle_failed<E: Embedder>(
                 let embedder = ctx.embedder.clone();
                 let suspects = suspects.clone();
                 let tokenize_seconds = ctx.metrics.tokenize_seconds.clone();
-                tokio::spawn(async move {
+                spawn_in(span.clone(), async move {
                     let Waiting { held, job, queued } = waiting;
                     match tokenize_off_thread(embedder, job, tokenize_seconds).await {
                         Ok((job, Ok(inputs))) => {
@@ -912,7 +969,8 @@ async fn hand_back_all(
         .map(|waiting| waiting.held)
         .chain(suspects.into_iter().map(|work| work.held));
     for held in held {
-        responder.hand_back(held).await;
+        let span = held.span.clone();
+        responder.hand_back(held).instrument(span).await;
     }
 }
 

@@ -40,6 +40,9 @@ pub struct Held {
     pub lease: Lease,
     /// This job's place in the worker's in-flight bound, given back when it is settled.
     pub permit: InFlightPermit,
+    /// The job's span (`job_id`, `tenant`, `model`, `key_id`, `delivered`, `trace_id`): every
+    /// task that handles the job runs in it, so each line about the job carries them.
+    pub span: tracing::Span,
 }
 
 /// A place in the in-flight bound, counted in the `jobs_in_flight` gauge while held.
@@ -89,6 +92,12 @@ impl Held {
             job,
             job_seq: self.job_seq(),
             reply_to: self.reply_to.as_deref(),
+            traceparent: self
+                .msg
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(subject::TRACEPARENT))
+                .map(|v| v.as_str()),
         }
     }
 
@@ -114,6 +123,8 @@ struct Destination<'a> {
     job: Option<&'a Job>,
     job_seq: Option<u64>,
     reply_to: Option<&'a str>,
+    /// The job's `traceparent`, kept on its stored result and its answer.
+    traceparent: Option<&'a str>,
 }
 
 /// This worker's hold on one delivery: in-progress acks keep the server from redelivering the
@@ -170,7 +181,7 @@ impl Lease {
             limit,
         });
         let ticking = state.clone();
-        let ticker = tokio::spawn(async move {
+        let ticker = tokio::spawn(tracing::Instrument::in_current_span(async move {
             let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
             loop {
                 ticker.tick().await;
@@ -183,7 +194,7 @@ impl Lease {
                     Err(error) => tracing::warn!(%error, "cannot send in-progress ack"),
                 }
             }
-        });
+        }));
         Lease { ticker, state }
     }
 
@@ -452,6 +463,10 @@ impl Responder {
             job: job.as_ref(),
             job_seq: Some(sequence),
             reply_to: message.headers.get(subject::REPLY_TO).map(|v| v.as_str()),
+            traceparent: message
+                .headers
+                .get(subject::TRACEPARENT)
+                .map(|v| v.as_str()),
         };
         let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason.to_owned());
         if let Err(error) = self.answer(&destination, &result).await {
@@ -524,6 +539,7 @@ impl Responder {
             // Counted once the result is stored, acked or not: a redelivery after a lost ack
             // finds the result and counts nothing again.
             Ok(Stored::Won) => {
+                tracing::debug!(status = ?result.status, "result stored");
                 let code = result.error.as_ref().map(|error| error.code);
                 self.metrics.finished(outcome, code, held.since_queued());
                 None
@@ -564,6 +580,9 @@ impl Responder {
     ) -> Result<Stored, AnswerError> {
         let payload = bytes::Bytes::from(encode(result)?);
         let mut headers = HeaderMap::new();
+        if let Some(traceparent) = destination.traceparent {
+            headers.insert(subject::TRACEPARENT, traceparent);
+        }
         if let Some(error) = &result.error {
             headers.insert(subject::SERVICE_ERROR_CODE, error.code.as_str());
             headers.insert(
