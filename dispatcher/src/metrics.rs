@@ -91,6 +91,33 @@ pub struct DispatcherMetrics {
 }
 
 impl DispatcherMetrics {
+    /// Makes every labelled series a dispatcher can report, at 0: Prometheus takes a series'
+    /// first sample as its start, so one born at 1 (the first `overloaded` after a restart)
+    /// would never show in `rate()` or `increase()`.
+    fn zero_every_series(&self) {
+        for &kind in RequestKind::ALL {
+            for outcome in [RequestOutcome::Accepted, RequestOutcome::Duplicate] {
+                let _ = self.requests.get_or_create(&RequestLabels {
+                    kind,
+                    outcome,
+                    code: None,
+                });
+            }
+            for code in ErrorCode::ALL {
+                let _ = self.requests.get_or_create(&RequestLabels {
+                    kind,
+                    outcome: RequestOutcome::Rejected,
+                    code: Some(CodeLabel(code)),
+                });
+            }
+        }
+        for code in ErrorCode::ALL {
+            let _ = self.rejected.get_or_create(&CodeLabels {
+                code: CodeLabel(code),
+            });
+        }
+    }
+
     pub fn register(registry: &mut Registry) -> Self {
         let metrics = DispatcherMetrics {
             requests: Family::default(),
@@ -106,6 +133,7 @@ impl DispatcherMetrics {
             admissions_in_flight: Gauge::default(),
             relays_waiting: Gauge::default(),
         };
+        metrics.zero_every_series();
         let fleet = registry.sub_registry_with_prefix("fleet_dispatcher");
         fleet.register(
             "requests",

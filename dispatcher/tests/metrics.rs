@@ -215,3 +215,19 @@ async fn after_a_known_workload_the_request_metrics_equal_the_workload() {
     })
     .await;
 }
+
+#[test]
+fn every_labelled_series_is_there_at_zero_before_its_first_event() {
+    // Prometheus takes a series' first sample as its start: one born at 1 never shows in rate().
+    let mut registry = Registry::default();
+    let _metrics = fleet_dispatcher::metrics::DispatcherMetrics::register(&mut registry);
+    let scrape = Scrape::of(&registry);
+    for series in [
+        "fleet_dispatcher_requests_total{kind=\"infer\",outcome=\"accepted\",code=\"\"}",
+        "fleet_dispatcher_requests_total{kind=\"submit\",outcome=\"duplicate\",code=\"\"}",
+        "fleet_dispatcher_requests_total{kind=\"submit\",outcome=\"rejected\",code=\"overloaded\"}",
+        "fleet_dispatcher_jobs_rejected_total{code=\"rate_limited\"}",
+    ] {
+        assert_eq!(scrape.value(series), 0.0, "{series}");
+    }
+}
