@@ -21,6 +21,7 @@ pub mod http;
 pub mod openbao;
 pub mod openmetrics;
 pub mod prometheus;
+pub mod shipped_broker;
 
 /// A `nats-server` with JetStream and a temporary store, on a random loopback port. It can be
 /// stopped (a clean SIGTERM or a crash by SIGKILL) and started again on the same port and store,

@@ -7,19 +7,14 @@
 //! which async-nats reports to the event callback. Every refusal below is shown both ways: the
 //! server says so, and nothing happens (no message arrives, no answer comes, no stream changes).
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-    time::Duration,
-};
+use std::{path::PathBuf, process::Command, time::Duration};
 
 use async_nats::{
     Client, ConnectErrorKind, ConnectOptions, Event, HeaderMap, ServerError,
     jetstream::{self, consumer, stream::Stream},
 };
-use fleet_tests::NatsServer;
+use fleet_tests::shipped_broker::{ShippedBroker, run, workspace};
 use futures::StreamExt;
-use nkeys::KeyPair;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     sync::mpsc,
@@ -34,60 +29,26 @@ const MODEL: &str = "embed";
 /// The model the real worker serves.
 const REAL_MODEL: &str = "all-minilm-l6-v2";
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
+/// The shipped broker with a dispatcher, a worker, an operator and two tenants.
+struct Broker(ShippedBroker);
 
-fn run(command: &mut Command) {
-    let output = command.output().expect("run a shipped script");
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
+impl std::ops::Deref for Broker {
+    type Target = ShippedBroker;
 
-/// A broker as an operator sets one up: development PKI, users.list, render.sh, nats-server.
-struct Broker {
-    server: NatsServer,
-    dir: tempfile::TempDir,
-    users: Vec<(&'static str, &'static str, KeyPair)>,
+    fn deref(&self) -> &ShippedBroker {
+        &self.0
+    }
 }
 
 impl Broker {
     fn start() -> Broker {
-        let dir = tempfile::tempdir().expect("temporary directory");
-        run(Command::new(workspace().join("ops/make-dev-pki.sh"))
-            .arg("--out")
-            .arg(dir.path().join("pki"))
-            .arg("client"));
-        let users = vec![
-            ("dispatcher", "dispatcher-1", KeyPair::new_user()),
-            ("worker", "worker-1", KeyPair::new_user()),
-            ("operator", "ops", KeyPair::new_user()),
-            ("tenant", ACME, KeyPair::new_user()),
-            ("tenant", BOLT, KeyPair::new_user()),
-        ];
-        let conf = dir.path().join("conf");
-        std::fs::create_dir(&conf).expect("config directory");
-        let list: String = users
-            .iter()
-            .map(|(role, name, key)| format!("{role} {name} {}\n", key.public_key()))
-            .collect();
-        std::fs::write(conf.join("users.list"), list).expect("users.list");
-        run(Command::new(workspace().join("ops/nats/render.sh"))
-            .arg(&conf)
-            .arg("--pki")
-            .arg(dir.path().join("pki"))
-            .arg("--store")
-            .arg(dir.path().join("jetstream")));
-        // nats-server's own check of the rendered files, with its message if they are wrong.
-        run(Command::new("nats-server")
-            .arg("-t")
-            .arg("-c")
-            .arg(conf.join("fleet.conf")));
-        let server = NatsServer::start_with_config(&conf.join("fleet.conf"));
-        Broker { server, dir, users }
+        Broker(ShippedBroker::start(&[
+            ("dispatcher", "dispatcher-1"),
+            ("worker", "worker-1"),
+            ("operator", "ops"),
+            ("tenant", ACME),
+            ("tenant", BOLT),
+        ]))
     }
 
     /// Starts a broker and has a dispatcher create Fleet's streams, as `dispatcher` does.
@@ -101,31 +62,6 @@ impl Broker {
         .await
         .expect("a dispatcher creates the streams");
         broker
-    }
-
-    fn pki(&self, file: &str) -> PathBuf {
-        self.dir.path().join("pki").join(file)
-    }
-
-    /// TLS with the development CA and a client certificate, as the config demands.
-    fn tls(&self) -> ConnectOptions {
-        ConnectOptions::new()
-            .require_tls(true)
-            .add_root_certificates(self.pki("ca.pem"))
-            .add_client_certificate(
-                self.pki("client-client.pem"),
-                self.pki("client-client-key.pem"),
-            )
-            .connection_timeout(Duration::from_secs(5))
-    }
-
-    fn seed(&self, name: &str) -> String {
-        let (_, _, key) = self
-            .users
-            .iter()
-            .find(|(_, user, _)| *user == name)
-            .unwrap_or_else(|| panic!("no user {name}"));
-        key.seed().expect("a generated key has a seed")
     }
 
     /// Connects as `name` with its nkey; a tenant uses its own inbox prefix, as WIRE.md says.
@@ -145,11 +81,7 @@ impl Broker {
             });
         // Any request the server answers will do; each role has one it may send.
         let mut answered = "$JS.API.STREAM.INFO.FLEET_JOBS".to_owned();
-        if self
-            .users
-            .iter()
-            .any(|(role, user, _)| *role == "tenant" && *user == name)
-        {
+        if self.is_tenant(name) {
             options = options.custom_inbox_prefix(format!("_INBOX.{name}"));
             answered = format!("$JS.API.DIRECT.GET.FLEET_RESULTS.fleet.results.{name}.none");
         }
@@ -342,7 +274,7 @@ async fn a_connection_without_valid_credentials_is_refused() {
     );
 
     // A well-formed nkey the server does not know.
-    let stranger = KeyPair::new_user().seed().unwrap();
+    let stranger = nkeys::KeyPair::new_user().seed().unwrap();
     let unknown = broker
         .server
         .connect_with(broker.tls().nkey(stranger))
@@ -874,7 +806,7 @@ async fn dispatchers_and_workers_do_their_jobs_and_only_theirs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tenant_made_by_fleet_tenant_add_connects_once_its_line_is_listed_and_loaded() {
     let broker = Broker::start();
-    let conf = broker.dir.path().join("conf");
+    let conf = broker.conf_dir();
     let seed = broker.dir.path().join("carol.nk");
     let made = Command::new(fleet_tests::binary("fleet"))
         .args(["tenant", "--tenants"])
@@ -951,35 +883,12 @@ async fn answers_to_a_tenant_s_requests_never_land_in_the_fleet_s_streams() {
     assert_eq!(count(&operator, "FLEET_DLQ").await, 0);
 }
 
-/// Writes `name`'s nkey seed to a file only its owner reads, as the processes are given it.
-fn seed_file(broker: &Broker, name: &str) -> String {
-    use std::os::unix::fs::PermissionsExt;
-    let path = broker.dir.path().join(format!("{name}.nk"));
-    std::fs::write(&path, broker.seed(name)).unwrap();
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
-    path.to_string_lossy().into_owned()
-}
-
-/// The settings a Fleet process connects to the broker with, as user `name`: its nkey seed from
-/// a file, TLS with the development CA and a client certificate; metrics on a free port.
+/// The settings a Fleet process connects to the broker with, as user `name`, and its metrics
+/// on a free port.
 fn process_nats_args(broker: &Broker, name: &str) -> Vec<String> {
-    let pki = |file: &str| broker.pki(file).to_string_lossy().into_owned();
-    [
-        "--nats-url",
-        broker.server.url(),
-        "--nats-nkey-file",
-        &seed_file(broker, name),
-        "--nats-tls-ca",
-        &pki("ca.pem"),
-        "--nats-tls-cert",
-        &pki("client-client.pem"),
-        "--nats-tls-key",
-        &pki("client-client-key.pem"),
-        "--metrics-addr",
-        "127.0.0.1:0",
-    ]
-    .map(str::to_owned)
-    .to_vec()
+    let mut args = broker.process_args(name);
+    args.extend(["--metrics-addr".to_owned(), "127.0.0.1:0".to_owned()]);
+    args
 }
 
 /// Starts the workspace binary `name` with its stdout and stderr in `<name>.log` in the

@@ -6,16 +6,17 @@
 use std::{
     collections::{BTreeSet, HashSet},
     net::SocketAddr,
-    path::{Path, PathBuf},
-    process::Command,
+    path::Path,
     time::Duration,
 };
 
-use async_nats::{Client, ConnectOptions, Event, ServerError};
+use async_nats::{Client, Event, ServerError};
 use fleet_schemas::DEFAULT_MODEL;
-use fleet_tests::{NatsServer, Process, Signal, eventually, http, model_dir, write_tenants_file};
+use fleet_tests::{
+    NatsServer, Process, Signal, eventually, http, model_dir, shipped_broker::ShippedBroker,
+    write_tenants_file,
+};
 use futures::StreamExt;
-use nkeys::KeyPair;
 use serde_json::Value;
 
 /// How long the answers to one discovery request are gathered (every instance answers once).
@@ -239,127 +240,39 @@ async fn every_running_dispatcher_and_worker_answers_ping_info_and_stats() {
     );
 }
 
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn run(command: &mut Command) {
-    let output = command.output().expect("run a shipped script");
-    assert!(
-        output.status.success(),
-        "{command:?} failed: {}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
-
-/// The shipped broker configuration (`ops/nats/`) as an operator renders it, with a dispatcher,
-/// a worker, an operator and a tenant.
-struct Broker {
-    server: NatsServer,
-    dir: tempfile::TempDir,
-    users: Vec<(&'static str, KeyPair)>,
-}
-
-impl Broker {
-    fn start() -> Broker {
-        let dir = tempfile::tempdir().unwrap();
-        run(Command::new(workspace().join("ops/make-dev-pki.sh"))
-            .arg("--out")
-            .arg(dir.path().join("pki"))
-            .arg("client"));
-        let users = vec![
-            ("dispatcher", KeyPair::new_user()),
-            ("worker", KeyPair::new_user()),
-            ("operator", KeyPair::new_user()),
-            ("tenant", KeyPair::new_user()),
-        ];
-        let conf = dir.path().join("conf");
-        std::fs::create_dir(&conf).unwrap();
-        // The name of each user is its role's, and the tenant's is acme.
-        let list: String = users
-            .iter()
-            .map(|(role, key)| {
-                let name = if *role == "tenant" { "acme" } else { role };
-                format!("{role} {name} {}\n", key.public_key())
-            })
-            .collect();
-        std::fs::write(conf.join("users.list"), list).unwrap();
-        run(Command::new(workspace().join("ops/nats/render.sh"))
-            .arg(&conf)
-            .arg("--pki")
-            .arg(dir.path().join("pki"))
-            .arg("--store")
-            .arg(dir.path().join("jetstream")));
-        let server = NatsServer::start_with_config(&conf.join("fleet.conf"));
-        Broker { server, dir, users }
-    }
-
-    fn pki(&self, file: &str) -> String {
-        self.dir
-            .path()
-            .join("pki")
-            .join(file)
-            .to_string_lossy()
-            .into_owned()
-    }
-
-    fn seed(&self, role: &str) -> String {
-        let (_, key) = self.users.iter().find(|(r, _)| *r == role).unwrap();
-        key.seed().unwrap()
-    }
-
-    /// The settings a Fleet process of `role` connects with: nkey seed file, TLS.
-    fn process_args(&self, role: &str) -> Vec<String> {
-        use std::os::unix::fs::PermissionsExt;
-        let seed = self.dir.path().join(format!("{role}.nk"));
-        std::fs::write(&seed, self.seed(role)).unwrap();
-        std::fs::set_permissions(&seed, std::fs::Permissions::from_mode(0o600)).unwrap();
-        [
-            "--nats-url",
-            self.server.url(),
-            "--nats-nkey-file",
-            &seed.to_string_lossy(),
-            "--nats-tls-ca",
-            &self.pki("ca.pem"),
-            "--nats-tls-cert",
-            &self.pki("client-client.pem"),
-            "--nats-tls-key",
-            &self.pki("client-client-key.pem"),
-        ]
-        .map(str::to_owned)
-        .to_vec()
-    }
-
-    /// Connects as `role`, with the server's refusals sent to `errors`.
-    async fn connect(
-        &self,
-        role: &str,
-        options: ConnectOptions,
-        errors: tokio::sync::mpsc::UnboundedSender<String>,
-    ) -> Client {
-        let options = options
-            .require_tls(true)
-            .add_root_certificates(self.pki("ca.pem").into())
-            .add_client_certificate(
-                self.pki("client-client.pem").into(),
-                self.pki("client-client-key.pem").into(),
-            )
-            .nkey(self.seed(role))
-            .event_callback(move |event| {
-                let errors = errors.clone();
-                async move {
-                    if let Event::ServerError(ServerError::Other(message)) = event {
-                        let _ = errors.send(message.to_lowercase());
-                    }
+/// Connects to the shipped broker as user `name` (a tenant with its own inbox prefix), with the
+/// server's refusals sent to `errors`.
+async fn connect(
+    broker: &ShippedBroker,
+    name: &str,
+    errors: tokio::sync::mpsc::UnboundedSender<String>,
+) -> Client {
+    let mut options = broker
+        .tls()
+        .nkey(broker.seed(name))
+        .event_callback(move |event| {
+            let errors = errors.clone();
+            async move {
+                if let Event::ServerError(ServerError::Other(message)) = event {
+                    let _ = errors.send(message.to_lowercase());
                 }
-            });
-        self.server.connect_with(options).await.unwrap()
+            }
+        });
+    if broker.is_tenant(name) {
+        options = options.custom_inbox_prefix(format!("_INBOX.{name}"));
     }
+    broker.server.connect_with(options).await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_the_shipped_config_operators_see_the_fleet_and_tenants_cannot_ask() {
-    let broker = Broker::start();
+    // Each user named after its role, the tenant acme.
+    let broker = ShippedBroker::start(&[
+        ("dispatcher", "dispatcher"),
+        ("worker", "worker"),
+        ("operator", "operator"),
+        ("tenant", "acme"),
+    ]);
     let tenants = write_tenants_file(broker.dir.path(), &["acme"]);
     let dir = broker.dir.path();
     let args = [
@@ -376,9 +289,7 @@ async fn under_the_shipped_config_operators_see_the_fleet_and_tenants_cannot_ask
     let _worker = spawn(dir, "worker", "worker-1", &args);
 
     let (errors_tx, mut errors) = tokio::sync::mpsc::unbounded_channel();
-    let operator = broker
-        .connect("operator", ConnectOptions::new(), errors_tx.clone())
-        .await;
+    let operator = connect(&broker, "operator", errors_tx.clone()).await;
     let expected = set(&[
         ("fleet-dispatcher", "dispatcher-1"),
         ("fleet-worker", "worker-1"),
@@ -389,13 +300,7 @@ async fn under_the_shipped_config_operators_see_the_fleet_and_tenants_cannot_ask
 
     // Tenants live in another account, which neither imports nor may publish `$SRV.*`: the
     // server refuses the request and nothing answers; listening to it is refused too.
-    let tenant = broker
-        .connect(
-            "tenant",
-            ConnectOptions::new().custom_inbox_prefix("_INBOX.acme"),
-            errors_tx,
-        )
-        .await;
+    let tenant = connect(&broker, "acme", errors_tx).await;
     let _listening = tenant.subscribe("$SRV.>").await.unwrap();
     for subject in ["$SRV.PING", "$SRV.INFO.fleet-worker", "$SRV.STATS"] {
         assert!(ask(&tenant, subject).await.is_empty(), "{subject} answered");
