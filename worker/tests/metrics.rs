@@ -10,16 +10,12 @@ mod support;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
-use clap::Parser;
-use fleet_keys::{FileSource, KeyStore, StoreOptions};
 use fleet_schemas::{ErrorCode, Job, ResultStatus, SigningKey, Task, encode, subject};
 use fleet_tests::{NatsServer, Streams, eventually, openmetrics::Scrape, write_tenants_file};
-use fleet_worker::{Metrics, PipelineError, WorkerArgs, WorkerConfig};
+use fleet_worker::Metrics;
 use prometheus_client::registry::Registry;
-use support::FakeEmbedder;
-use tokio::{sync::oneshot, task::JoinHandle};
+use support::{FakeEmbedder, MODEL, RunningWorker, config, job};
 
-const MODEL: &str = "fake-model";
 const WAIT: Duration = Duration::from_secs(15);
 
 struct Fleet {
@@ -41,63 +37,16 @@ impl Fleet {
         }
     }
 
-    fn config(&self, extra: &[&str]) -> WorkerConfig {
-        let args = ["worker", "--nats-url", self.server.url(), "--model", MODEL]
-            .into_iter()
-            .chain(["--ack-wait", "2s", "--retry-delay", "200ms"])
-            .chain(["--max-batch-tokens", "4096", "--shutdown-timeout", "10s"])
-            .chain(extra.iter().copied());
-        WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments"))
-            .expect("config")
+    /// A worker running in this process with `extra` flags on `embedder`.
+    async fn worker(&self, extra: &[&str], embedder: FakeEmbedder) -> RunningWorker {
+        RunningWorker::start(
+            self.server.client().await,
+            support::key_store(self.tenants.path()).await,
+            config(self.server.url(), extra),
+            embedder,
+        )
+        .await
     }
-}
-
-struct RunningWorker {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), PipelineError>>,
-    registry: Registry,
-}
-
-impl RunningWorker {
-    async fn start(fleet: &Fleet, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
-        let client = fleet.server.client().await;
-        let file = FileSource::new(fleet.tenants.path().join("tenants.toml"));
-        let keys = KeyStore::start(file, StoreOptions::default())
-            .await
-            .expect("key store");
-        let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn(async move {
-            fleet_worker::run(&config, client, embedder, keys, metrics, async {
-                let _ = stopped.await;
-            })
-            .await
-        });
-        RunningWorker {
-            stop,
-            task,
-            registry,
-        }
-    }
-
-    fn scrape(&self) -> Scrape {
-        Scrape::of(&self.registry)
-    }
-
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("worker stops in time")
-            .expect("worker task does not panic")
-            .expect("clean stop");
-    }
-}
-
-fn job(id: &str, inputs: &[&str]) -> Job {
-    let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
-    Job::embed(id, "acme", MODEL, inputs, 0)
 }
 
 fn untruncated(mut job: Job) -> Job {
@@ -124,12 +73,9 @@ fn dead_letters_series(reason: &str) -> String {
 async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
     let fleet = Fleet::start().await;
     let embedder = FakeEmbedder::new(16, 64);
-    let worker = RunningWorker::start(
-        &fleet,
-        fleet.config(&["--max-deliver", "2"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(&["--max-deliver", "2"], embedder.clone())
+        .await;
     let streams = &fleet.streams;
 
     // Fails on its first delivery, answered on its second.
@@ -181,7 +127,7 @@ async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
     streams.wait_queue_empty(WAIT).await;
 
     let scrape = eventually(WAIT, "ten jobs counted", || async {
-        let scrape = worker.scrape();
+        let scrape = Scrape::of(&worker.registry);
         (scrape.sum("fleet_worker_jobs_total") >= 10.0).then_some(scrape)
     })
     .await;
@@ -284,7 +230,7 @@ async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
     );
     scrape.assert_family("fleet_worker_batch_tokens", "histogram", Some("tokens"));
     scrape.assert_family("fleet_worker_batch_inputs", "histogram", Some("inputs"));
-    worker.stop().await;
+    worker.stop().await.expect("clean stop");
 }
 
 /// The queue's gauges, read from JetStream by the worker every `--queue-metrics-every`: the
@@ -295,18 +241,18 @@ async fn the_queue_gauges_follow_jetstream() {
     let fleet = Fleet::start().await;
     let embedder = FakeEmbedder::new(16, 64);
     embedder.set_delay(Duration::from_millis(1500));
-    let worker = RunningWorker::start(
-        &fleet,
-        fleet.config(&["--queue-metrics-every", "100ms", "--worker-name", "w-1"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            &["--queue-metrics-every", "100ms", "--worker-name", "w-1"],
+            embedder.clone(),
+        )
+        .await;
     let labels = format!("{{model=\"{MODEL}\",worker=\"w-1\"}}");
     let stream = |name: &str| format!("{{stream=\"{name}\",worker=\"w-1\"}}");
     let jobs: Vec<Job> = (0..3).map(|i| job(&format!("q-{i}"), &["text"])).collect();
     // The worker has bound the consumer and read the queue once.
     eventually(WAIT, "the queue read", || async {
-        let scrape = worker.scrape();
+        let scrape = Scrape::of(&worker.registry);
         (scrape
             .samples
             .contains_key(&format!("fleet_queue_consumer_lag{labels}")))
@@ -317,7 +263,7 @@ async fn the_queue_gauges_follow_jetstream() {
         fleet.streams.enqueue(job, None).await;
     }
     eventually(WAIT, "a lag of three jobs", || async {
-        let scrape = worker.scrape();
+        let scrape = Scrape::of(&worker.registry);
         (scrape.value(&format!("fleet_queue_consumer_lag{labels}")) == 3.0
             && scrape.value(&format!(
                 "fleet_queue_stream_messages{}",
@@ -326,13 +272,13 @@ async fn the_queue_gauges_follow_jetstream() {
             .then_some(())
     })
     .await;
-    let scrape = worker.scrape();
+    let scrape = Scrape::of(&worker.registry);
     assert!(scrape.value(&format!("fleet_queue_stream_bytes{}", stream("FLEET_JOBS"))) > 0.0);
     for job in &jobs {
         fleet.streams.wait_result(job, WAIT).await;
     }
     let scrape = eventually(WAIT, "no lag", || async {
-        let scrape = worker.scrape();
+        let scrape = Scrape::of(&worker.registry);
         (scrape.value(&format!("fleet_queue_consumer_lag{labels}")) == 0.0
             && scrape.value(&format!(
                 "fleet_queue_stream_messages{}",
@@ -360,7 +306,7 @@ async fn the_queue_gauges_follow_jetstream() {
         .await
         .expect("consumer exists");
     assert_eq!(info.num_pending + info.num_ack_pending as u64, 0);
-    worker.stop().await;
+    worker.stop().await.expect("clean stop");
 }
 
 #[test]

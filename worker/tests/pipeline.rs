@@ -2,6 +2,8 @@
 //! job in the queue turns into (stored result, reply, ack, dead letter, retry), and that
 //! shutdown loses nothing.
 
+// Shared with the other in-process tests, which do not use all of it.
+#[allow(dead_code)]
 mod support;
 
 use std::time::Duration;
@@ -10,24 +12,21 @@ use async_nats::{
     HeaderMap,
     jetstream::{self, stream::Stream},
 };
-use clap::Parser;
 use fleet_keys::{FileSource, KeyStore, StoreOptions};
 use fleet_schemas::{
     ErrorCode, Job, JobResult, Output, ResultStatus, SigningKey, Task, decode, encode, subject,
 };
 use fleet_tests::{NatsServer, Streams, TestTenant, eventually, write_tenants_file};
 use fleet_worker::{
-    Metrics, PipelineError, WorkerArgs, WorkerConfig, consumer,
+    Metrics, PipelineError, WorkerConfig, consumer,
     consumer::ConsumerSetupError,
     metrics::{Outcome, Reconciled},
     pipeline::ModelFault,
 };
 use futures::StreamExt;
 use prometheus_client::registry::Registry;
-use support::FakeEmbedder;
-use tokio::{sync::oneshot, task::JoinHandle};
+use support::{FakeEmbedder, MODEL, RunningWorker, config, job};
 
-const MODEL: &str = "fake-model";
 const WAIT: Duration = Duration::from_secs(15);
 
 /// A nats-server with Fleet's streams (the harness's [`Streams`]) and the tenants file the
@@ -57,10 +56,18 @@ impl Fleet {
 
     /// The worker's view of the tenants: acme and globex, each with its [`signer`]'s key.
     async fn key_store(&self) -> KeyStore {
-        let file = FileSource::new(self.tenants.path().join("tenants.toml"));
-        KeyStore::start(file, StoreOptions::default())
-            .await
-            .expect("key store")
+        support::key_store(self.tenants.path()).await
+    }
+
+    /// A worker running in this process with `config` on `embedder`.
+    async fn worker(&self, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
+        RunningWorker::start(
+            self.server.client().await,
+            self.key_store().await,
+            config,
+            embedder,
+        )
+        .await
     }
 
     async fn wait_queue_empty(&self) {
@@ -104,60 +111,9 @@ impl Fleet {
     }
 }
 
-fn config(fleet: &Fleet, extra: &[&str]) -> WorkerConfig {
-    let args = ["worker", "--nats-url", fleet.server.url(), "--model", MODEL]
-        .into_iter()
-        .chain(["--ack-wait", "2s", "--retry-delay", "200ms"])
-        .chain(["--max-batch-tokens", "4096", "--shutdown-timeout", "10s"])
-        .chain(extra.iter().copied());
-    WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments")).expect("config")
-}
-
-struct RunningWorker {
-    stop: oneshot::Sender<()>,
-    task: JoinHandle<Result<(), PipelineError>>,
-    metrics: Metrics,
-}
-
-impl RunningWorker {
-    async fn start(fleet: &Fleet, config: WorkerConfig, embedder: FakeEmbedder) -> RunningWorker {
-        let client = fleet.server.client().await;
-        let keys = fleet.key_store().await;
-        let metrics = Metrics::new(&mut Registry::default());
-        let (stop, stopped) = oneshot::channel::<()>();
-        let task = tokio::spawn({
-            let metrics = metrics.clone();
-            async move {
-                fleet_worker::run(&config, client, embedder, keys, metrics, async {
-                    let _ = stopped.await;
-                })
-                .await
-            }
-        });
-        RunningWorker {
-            stop,
-            task,
-            metrics,
-        }
-    }
-
-    async fn stop(self) -> Result<(), PipelineError> {
-        let _ = self.stop.send(());
-        tokio::time::timeout(WAIT, self.task)
-            .await
-            .expect("worker stops in time")
-            .expect("worker task does not panic")
-    }
-}
-
 /// The key a test tenant signs with, registered in the tenants file as `<tenant>-key`.
 fn signer(tenant: &str) -> SigningKey {
     TestTenant::new(tenant).key
-}
-
-fn job(id: &str, inputs: &[&str]) -> Job {
-    let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
-    Job::embed(id, "acme", MODEL, inputs, 0)
 }
 
 /// The next answer on a caller's inbox, decoded, with the message it came in.
@@ -191,7 +147,9 @@ fn vectors(result: &JobResult) -> Vec<Vec<f32>> {
 async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     let mut inbox = fleet.client.subscribe("_INBOX.acme.1").await.expect("sub");
     let texts = ["the quick brown fox", "jumps", "over the lazy dog again"];
     let job = job("job-1", &texts);
@@ -224,7 +182,7 @@ async fn a_job_is_answered_on_its_reply_subject_and_stored_then_acked() {
 #[tokio::test]
 async fn answers_go_only_to_the_jobs_own_tenants_inboxes() {
     let fleet = Fleet::start().await;
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    let worker = fleet.worker(config(fleet.server.url(), &[]), fake()).await;
     // Tenant acme's jobs name reply subjects it does not own: another tenant's inbox, and
     // another tenant's results subject (the confused deputy).
     let mut elsewhere = fleet
@@ -262,12 +220,12 @@ async fn answers_go_only_to_the_jobs_own_tenants_inboxes() {
 async fn a_job_its_tenants_key_did_not_sign_is_dead_lettered_never_run_stored_or_answered() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--max-deliver", "2"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--max-deliver", "2"]),
+            embedder.clone(),
+        )
+        .await;
     // The tenants' inboxes (this test's own requests use other inboxes).
     let mut inboxes = fleet
         .client
@@ -354,7 +312,9 @@ async fn a_job_its_tenants_key_did_not_sign_is_dead_lettered_never_run_stored_or
 async fn jobs_of_two_tenants_with_one_id_both_store_their_results() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     let acme = job("row-1", &["from acme"]);
     let globex = Job::embed("row-1", "globex", MODEL, vec!["from globex".into()], 0);
     fleet.enqueue(&acme, None).await;
@@ -403,7 +363,7 @@ async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again
     let job = job("job-twice", &["hello world"]);
     // A worker took the job, stored its result, and died before acking (or its ack was lost
     // in a broker restart): the job stays unacked.
-    let consumer = consumer::bind(&fleet.js, &config(&fleet, &[]).consumer)
+    let consumer = consumer::bind(&fleet.js, &config(fleet.server.url(), &[]).consumer)
         .await
         .expect("bind");
     let job_seq = fleet.enqueue(&job, Some("_INBOX.acme.twice")).await;
@@ -423,7 +383,9 @@ async fn a_redelivered_job_whose_result_is_stored_is_acked_without_running_again
     drop(first);
 
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     eventually(WAIT, "the redelivered job acked", || async {
         (worker.metrics.jobs(Outcome::AlreadyStored) == 1).then_some(())
     })
@@ -452,7 +414,7 @@ async fn a_result_stored_by_another_delivery_is_neither_replaced_nor_answered_ag
     // result while this one ran: this worker's store must lose, and it must not answer.
     let job_seq = fleet.enqueue(&job, Some("_INBOX.acme.raced")).await;
     store_earlier_result(&fleet, &job, job_seq, "other-worker").await;
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), fake()).await;
+    let worker = fleet.worker(config(fleet.server.url(), &[]), fake()).await;
     eventually(WAIT, "the job acked", || async {
         (worker.metrics.jobs(Outcome::AlreadyStored) == 1).then_some(())
     })
@@ -476,7 +438,9 @@ async fn a_result_stored_by_another_delivery_is_neither_replaced_nor_answered_ag
 async fn a_job_id_reused_as_a_new_job_gets_its_own_result() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     let old = job("row-7", &["old text"]);
     let old_seq = fleet.enqueue(&old, None).await;
     fleet.wait_result(&old).await;
@@ -516,12 +480,12 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
     // The stalled worker runs on this test's only thread, so the stall freezes all of it, its
     // in-progress acks too, as SIGSTOP would.
     stalling.freeze_next(Duration::from_secs(5));
-    let stalled = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--worker-name", "stalled"]),
-        stalling.clone(),
-    )
-    .await;
+    let stalled = fleet
+        .worker(
+            config(fleet.server.url(), &["--worker-name", "stalled"]),
+            stalling.clone(),
+        )
+        .await;
     let job = job("job-stall", &["stalls"]);
     let inbox_client = fleet.server.client().await;
     let mut inbox = inbox_client
@@ -531,7 +495,7 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
     inbox_client.flush().await.expect("flush");
     // The healthy worker starts on a thread of its own a second after the stall begins, and
     // takes the job when the server redelivers it (ack wait 2 s).
-    let healthy_config = config(&fleet, &["--worker-name", "healthy"]);
+    let healthy_config = config(fleet.server.url(), &["--worker-name", "healthy"]);
     let healthy_url = fleet.server.url().to_owned();
     let healthy_tenants = fleet.tenants.path().join("tenants.toml");
     let (stop_healthy, healthy_stopped) = std::sync::mpsc::channel::<()>();
@@ -586,12 +550,12 @@ async fn one_poison_input_fails_only_its_own_job() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.poison("kaboom");
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--max-delay-ms", "300"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--max-delay-ms", "300"]),
+            embedder.clone(),
+        )
+        .await;
     let good: Vec<Job> = (0..3)
         .map(|i| job(&format!("good-{i}"), &[&format!("fine text {i}")]))
         .collect();
@@ -622,22 +586,22 @@ async fn a_batch_that_hangs_makes_the_worker_hand_back_its_jobs_and_stop() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.set_delay(Duration::from_secs(60));
-    let worker = RunningWorker::start(
-        &fleet,
-        config(
-            &fleet,
-            &[
-                "--batch-timeout",
-                "500ms",
-                "--batch-timeout-per-token",
-                "0ms",
-                "--ack-wait",
-                "10s",
-            ],
-        ),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(
+                fleet.server.url(),
+                &[
+                    "--batch-timeout",
+                    "500ms",
+                    "--batch-timeout-per-token",
+                    "0ms",
+                    "--ack-wait",
+                    "10s",
+                ],
+            ),
+            embedder.clone(),
+        )
+        .await;
     let hung = job("job-hung", &["never returns"]);
     fleet.enqueue(&hung, None).await;
     let stopped = tokio::time::timeout(WAIT, worker.task)
@@ -657,8 +621,9 @@ async fn a_batch_that_hangs_makes_the_worker_hand_back_its_jobs_and_stop() {
     assert_eq!(worker.metrics.ready.get(), 0, "reported unready");
     assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
     // Handed back at once for another worker, not after the 10 s ack wait.
-    let rescuer =
-        RunningWorker::start(&fleet, config(&fleet, &["--ack-wait", "10s"]), fake()).await;
+    let rescuer = fleet
+        .worker(config(fleet.server.url(), &["--ack-wait", "10s"]), fake())
+        .await;
     let rescued = eventually(
         Duration::from_secs(5),
         "the job answered by another worker",
@@ -677,15 +642,15 @@ async fn a_frozen_process_is_not_taken_for_a_hung_model() {
     // for 3 s inside the batch, as under SIGSTOP, and the batch needs 0.5 s more after that.
     embedder.freeze_next(Duration::from_secs(3));
     embedder.set_delay(Duration::from_millis(500));
-    let worker = RunningWorker::start(
-        &fleet,
-        config(
-            &fleet,
-            &["--batch-timeout", "1s", "--batch-timeout-per-token", "0ms"],
-        ),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(
+                fleet.server.url(),
+                &["--batch-timeout", "1s", "--batch-timeout-per-token", "0ms"],
+            ),
+            embedder.clone(),
+        )
+        .await;
     let job = job("job-frozen", &["text"]);
     fleet.enqueue(&job, None).await;
     // Its hold on the job lapsed in the freeze (ack wait 2 s): the job comes back to it and is
@@ -701,22 +666,22 @@ async fn a_model_that_keeps_failing_stops_the_worker_instead_of_draining_the_que
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.fail_next(1000);
-    let worker = RunningWorker::start(
-        &fleet,
-        config(
-            &fleet,
-            &[
-                "--max-model-failures",
-                "3",
-                "--max-batch-size",
-                "1",
-                "--max-deliver",
-                "2",
-            ],
-        ),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(
+                fleet.server.url(),
+                &[
+                    "--max-model-failures",
+                    "3",
+                    "--max-batch-size",
+                    "1",
+                    "--max-deliver",
+                    "2",
+                ],
+            ),
+            embedder.clone(),
+        )
+        .await;
     let jobs: Vec<Job> = (0..6)
         .map(|i| job(&format!("doomed-{i}"), &["text"]))
         .collect();
@@ -748,7 +713,7 @@ async fn a_model_that_keeps_failing_stops_the_worker_instead_of_draining_the_que
 #[tokio::test]
 async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answered() {
     let fleet = Fleet::start().await;
-    let config = config(&fleet, &["--max-deliver", "1"]);
+    let config = config(fleet.server.url(), &["--max-deliver", "1"]);
     let mut inbox = fleet
         .client
         .subscribe("_INBOX.acme.exhausted")
@@ -769,7 +734,7 @@ async fn a_job_whose_last_delivery_is_never_settled_is_dead_lettered_and_answere
         .expect("fetch");
     let _taken = delivery.next().await.expect("a delivery").expect("message");
 
-    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let worker = fleet.worker(config, fake()).await;
     eventually(WAIT, "the exhausted job dead-lettered", || async {
         (fleet.messages_in(subject::DLQ_STREAM).await == 1).then_some(())
     })
@@ -831,7 +796,10 @@ async fn strand_out_of_deliveries(
 #[tokio::test]
 async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() {
     let fleet = Fleet::start().await;
-    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let config = config(
+        fleet.server.url(),
+        &["--max-deliver", "1", "--ack-wait", "1s"],
+    );
     let job = job("job-unheard", &["text"]);
     let mut inbox = fleet
         .client
@@ -840,7 +808,7 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
         .expect("sub");
     strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.acme.unheard").await;
 
-    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let worker = fleet.worker(config, fake()).await;
     let stored = fleet.wait_result(&job).await;
     assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
     let (answered, _) = answer(&mut inbox).await;
@@ -854,7 +822,10 @@ async fn a_job_out_of_deliveries_while_no_worker_listened_is_settled_at_start() 
 #[tokio::test]
 async fn a_stranded_job_is_not_answered_on_another_tenants_inbox() {
     let fleet = Fleet::start().await;
-    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let config = config(
+        fleet.server.url(),
+        &["--max-deliver", "1", "--ack-wait", "1s"],
+    );
     let job = job("job-elsewhere", &["text"]);
     let mut elsewhere = fleet
         .client
@@ -862,7 +833,7 @@ async fn a_stranded_job_is_not_answered_on_another_tenants_inbox() {
         .await
         .expect("sub");
     strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.globex.stranded").await;
-    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let worker = fleet.worker(config, fake()).await;
     let stored = fleet.wait_result(&job).await;
     assert_eq!(stored.error_code(), Some(ErrorCode::Internal));
     fleet.wait_queue_empty().await;
@@ -873,7 +844,10 @@ async fn a_stranded_job_is_not_answered_on_another_tenants_inbox() {
 #[tokio::test]
 async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
     let fleet = Fleet::start().await;
-    let config = config(&fleet, &["--max-deliver", "1", "--ack-wait", "1s"]);
+    let config = config(
+        fleet.server.url(),
+        &["--max-deliver", "1", "--ack-wait", "1s"],
+    );
     let job = job("job-orphan", &["text"]);
     let mut inbox = fleet
         .client
@@ -885,7 +859,7 @@ async fn a_stranded_job_whose_result_is_stored_is_removed_not_dead_lettered() {
     let job_seq = strand_out_of_deliveries(&fleet, &config, &job, "_INBOX.acme.orphan").await;
     store_earlier_result(&fleet, &job, job_seq, "earlier-worker").await;
 
-    let worker = RunningWorker::start(&fleet, config, fake()).await;
+    let worker = fleet.worker(config, fake()).await;
     fleet.wait_queue_empty().await;
     assert_eq!(worker.metrics.reconciled_count(Reconciled::Orphan), 1);
     assert_eq!(fleet.messages_in(subject::DLQ_STREAM).await, 0);
@@ -922,7 +896,9 @@ async fn the_results_stream_keeps_one_result_per_job_even_past_the_duplicate_win
 async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     let mut inbox = fleet
         .client
         .subscribe("_INBOX.acme.poison")
@@ -1001,8 +977,12 @@ async fn poison_jobs_go_to_the_dead_letter_stream_and_are_not_redelivered() {
 #[tokio::test]
 async fn a_dead_letter_whose_result_cannot_be_stored_stays_queued_until_it_can() {
     let fleet = Fleet::start().await;
-    let worker =
-        RunningWorker::start(&fleet, config(&fleet, &["--max-deliver", "100"]), fake()).await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--max-deliver", "100"]),
+            fake(),
+        )
+        .await;
     // A first job answered proves the worker is past its start-up checks of the streams.
     let first = job("job-first", &["text"]);
     fleet.enqueue(&first, None).await;
@@ -1044,7 +1024,9 @@ async fn a_dead_letter_whose_result_cannot_be_stored_stays_queued_until_it_can()
 async fn an_expired_job_is_answered_expired_without_inference() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(&fleet, config(&fleet, &[]), embedder.clone()).await;
+    let worker = fleet
+        .worker(config(fleet.server.url(), &[]), embedder.clone())
+        .await;
     let mut late = job("job-late", &["too late"]);
     late.deadline_ms = Some(1_000);
     fleet.enqueue(&late, None).await;
@@ -1075,12 +1057,15 @@ async fn an_expired_job_is_answered_expired_without_inference() {
 async fn one_batch_mixes_inputs_of_several_jobs() {
     let fleet = Fleet::start().await;
     let embedder = fake();
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--max-delay-ms", "300", "--max-batch-size", "32"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(
+                fleet.server.url(),
+                &["--max-delay-ms", "300", "--max-batch-size", "32"],
+            ),
+            embedder.clone(),
+        )
+        .await;
     let jobs: Vec<Job> = (0..3)
         .map(|i| {
             job(
@@ -1115,12 +1100,12 @@ async fn a_model_failure_is_retried_and_the_last_delivery_is_dead_lettered() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.fail_next(1);
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--max-deliver", "2"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--max-deliver", "2"]),
+            embedder.clone(),
+        )
+        .await;
     let retried = job("job-retried", &["flaky model"]);
     fleet.enqueue(&retried, None).await;
     let result = fleet.wait_result(&retried).await;
@@ -1148,12 +1133,12 @@ async fn a_long_batch_keeps_its_jobs_with_in_progress_acks() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.set_delay(Duration::from_millis(2500));
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--ack-wait", "1s"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--ack-wait", "1s"]),
+            embedder.clone(),
+        )
+        .await;
     let slow = job("job-slow", &["takes a while"]);
     fleet.enqueue(&slow, None).await;
     fleet.wait_result(&slow).await;
@@ -1171,12 +1156,12 @@ async fn shutdown_answers_every_job_in_flight() {
     let fleet = Fleet::start().await;
     let embedder = fake();
     embedder.set_delay(Duration::from_millis(300));
-    let worker = RunningWorker::start(
-        &fleet,
-        config(&fleet, &["--max-batch-size", "2"]),
-        embedder.clone(),
-    )
-    .await;
+    let worker = fleet
+        .worker(
+            config(fleet.server.url(), &["--max-batch-size", "2"]),
+            embedder.clone(),
+        )
+        .await;
     let jobs: Vec<Job> = (0..10)
         .map(|i| job(&format!("drain-{i}"), &["some text"]))
         .collect();
@@ -1217,13 +1202,17 @@ async fn shutdown_answers_every_job_in_flight() {
 async fn a_consumer_with_other_settings_is_refused() {
     let fleet = Fleet::start().await;
     let backoff = ["--backoff", "2s,4s"];
-    consumer::bind(&fleet.js, &config(&fleet, &backoff).consumer)
+    consumer::bind(&fleet.js, &config(fleet.server.url(), &backoff).consumer)
         .await
         .expect("first bind creates, and the server keeps every setting");
-    consumer::bind(&fleet.js, &config(&fleet, &backoff).consumer)
+    consumer::bind(&fleet.js, &config(fleet.server.url(), &backoff).consumer)
         .await
         .expect("a second worker with the same settings binds the same consumer");
-    let other = config(&fleet, &["--backoff", "2s,4s", "--max-deliver", "9"]).consumer;
+    let other = config(
+        fleet.server.url(),
+        &["--backoff", "2s,4s", "--max-deliver", "9"],
+    )
+    .consumer;
     let err = consumer::bind(&fleet.js, &other).await.unwrap_err();
     match err {
         ConsumerSetupError::Mismatch { differences, .. } => {

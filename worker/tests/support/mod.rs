@@ -1,4 +1,5 @@
-//! A deterministic stand-in for the model, for tests of the pipeline.
+//! For tests of the worker pipeline in-process: a deterministic stand-in for the model, and a
+//! worker running on it against a real nats-server.
 
 use std::{
     sync::{
@@ -8,8 +9,16 @@ use std::{
     time::Duration,
 };
 
-use fleet_worker::embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput};
+use clap::Parser;
+use fleet_keys::{FileSource, KeyStore, StoreOptions};
+use fleet_schemas::Job;
+use fleet_worker::{
+    Metrics, PipelineError, WorkerArgs, WorkerConfig,
+    embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
+};
 use futures::future::BoxFuture;
+use prometheus_client::registry::Registry;
+use tokio::{sync::oneshot, task::JoinHandle};
 
 /// A deterministic stand-in for a model, for tests of the pipeline: a token is a word, its id a
 /// hash of the word, and a vector counts token ids into `dimension` buckets. Equal texts get
@@ -178,4 +187,81 @@ impl Embedder for FakeEmbedder {
                 .collect())
         })
     }
+}
+
+/// The model the in-process workers of these tests serve.
+pub const MODEL: &str = "fake-model";
+/// How long a running worker is given to stop.
+const STOP_WAIT: Duration = Duration::from_secs(15);
+
+/// A worker's configuration for these tests, against `nats_url`: a short ack wait and retry
+/// delay, 4,096-token batches, a 10 s shutdown; `extra` flags come last and win.
+pub fn config(nats_url: &str, extra: &[&str]) -> WorkerConfig {
+    let args = ["worker", "--nats-url", nats_url, "--model", MODEL]
+        .into_iter()
+        .chain(["--ack-wait", "2s", "--retry-delay", "200ms"])
+        .chain(["--max-batch-tokens", "4096", "--shutdown-timeout", "10s"])
+        .chain(extra.iter().copied());
+    WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments")).expect("config")
+}
+
+/// The tenants file in `dir` (`fleet_tests::write_tenants_file`), as a worker reads it.
+pub async fn key_store(dir: &std::path::Path) -> KeyStore {
+    let file = FileSource::new(dir.join("tenants.toml"));
+    KeyStore::start(file, StoreOptions::default())
+        .await
+        .expect("key store")
+}
+
+/// A worker pipeline running in this test's process on the fake model, with its metrics and
+/// the registry they are read from.
+pub struct RunningWorker {
+    stop: oneshot::Sender<()>,
+    /// Ends when the pipeline does, by a stop or by itself (a model fault).
+    pub task: JoinHandle<Result<(), PipelineError>>,
+    pub metrics: Metrics,
+    pub registry: Registry,
+}
+
+impl RunningWorker {
+    pub async fn start(
+        client: async_nats::Client,
+        keys: KeyStore,
+        config: WorkerConfig,
+        embedder: FakeEmbedder,
+    ) -> RunningWorker {
+        let mut registry = Registry::default();
+        let metrics = Metrics::new(&mut registry);
+        let (stop, stopped) = oneshot::channel::<()>();
+        let task = tokio::spawn({
+            let metrics = metrics.clone();
+            async move {
+                fleet_worker::run(&config, client, embedder, keys, metrics, async {
+                    let _ = stopped.await;
+                })
+                .await
+            }
+        });
+        RunningWorker {
+            stop,
+            task,
+            metrics,
+            registry,
+        }
+    }
+
+    /// Stops it as SIGTERM would; its result once it has drained.
+    pub async fn stop(self) -> Result<(), PipelineError> {
+        let _ = self.stop.send(());
+        tokio::time::timeout(STOP_WAIT, self.task)
+            .await
+            .expect("worker stops in time")
+            .expect("worker task does not panic")
+    }
+}
+
+/// An embedding job of tenant acme for [`MODEL`].
+pub fn job(id: &str, inputs: &[&str]) -> Job {
+    let inputs = inputs.iter().map(|s| (*s).to_owned()).collect();
+    Job::embed(id, "acme", MODEL, inputs, 0)
 }
