@@ -3,7 +3,7 @@ use std::{collections::HashMap, sync::Arc};
 use anyhow::{Context as _, bail};
 use clap::Parser;
 use fleet_service::{
-    Check, ConnectionEvents, Discovery, Endpoints, NatsAuthArgs, Readiness, WORKER_SERVICE,
+    Check, ConnectionEvents, Discovery, Endpoints, Logging, NatsAuthArgs, Readiness, WORKER_SERVICE,
 };
 use fleet_worker::{WorkerArgs, WorkerConfig, embedder::warm_up, metrics::Metrics, model};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
@@ -25,7 +25,14 @@ struct Cli {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli: Cli = fleet_service::load_config_or_exit();
-    fleet_service::init_logging(cli.log.log_format);
+    let logging = fleet_service::init_logging(&cli.log, "worker")?;
+    let worked = work(cli, &logging).await;
+    // The last lines (why it stopped) still reach Elasticsearch.
+    logging.shutdown().await;
+    worked
+}
+
+async fn work(cli: Cli, logging: &Logging) -> anyhow::Result<()> {
     let config = WorkerConfig::from_args(cli.worker)?;
     let nats_url = fleet_service::redact_url(&config.nats_url);
     tracing::info!(
@@ -46,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     // Connect before the slow model load, so an unreachable server is reported at once; a
     // connection made once is kept up by reconnecting.
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::new(&mut registry, &config.model);
     // Every job is verified against its tenant's key before it runs, as at admission.
     let keys = config
         .key_store
@@ -54,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .context("cannot read the tenants' keys")?;
     keys.metrics().register(&mut registry);
+    logging.register(&mut registry);
     let dropped = Counter::default();
     registry.register(
         "fleet_worker_nats_messages_dropped",

@@ -202,7 +202,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(registry: &mut Registry) -> Metrics {
+    /// Registers the worker's series, each labelled with the `model` it serves, so a dashboard
+    /// or alert groups workers by model without a join.
+    pub fn new(registry: &mut Registry, model: &str) -> Metrics {
         let metrics = Metrics {
             jobs: Family::default(),
             job_seconds: Family::new_with_constructor(job_seconds_histogram),
@@ -229,7 +231,9 @@ impl Metrics {
             queue: QueueMetrics::default(),
         };
         metrics.zero_every_series();
-        let worker = registry.sub_registry_with_prefix("fleet_worker");
+        let worker = registry
+            .sub_registry_with_prefix("fleet_worker")
+            .sub_registry_with_label(("model".into(), model.to_owned().into()));
         worker.register(
             "jobs",
             "Jobs finished, once each, by final outcome (ok, expired, dead_lettered) and the error \

@@ -25,7 +25,7 @@ use fleet_tests::{
 use fleet_worker::{Metrics, WorkerArgs, WorkerConfig};
 use prometheus_client::registry::Registry;
 use serde_json::json;
-use support::FakeEmbedder;
+use support::{FakeEmbedder, MODEL};
 
 const WAIT: Duration = Duration::from_secs(60);
 /// Shown nowhere: the NATS token the worker is started with (the test server takes any).
@@ -112,7 +112,9 @@ async fn a_worker_process_is_ready_once_its_model_is_warm_and_the_queue_is_there
         "application/openmetrics-text; version=1.0.0; charset=utf-8"
     );
     assert!(
-        metrics.body.contains("fleet_worker_ready 0"),
+        metrics
+            .body
+            .contains("fleet_worker_ready{model=\"all-minilm-l6-v2\"} 0"),
         "{}",
         metrics.body
     );
@@ -162,7 +164,7 @@ async fn a_worker_is_not_ready_while_it_drains() {
     // In the binary the model check passes once it is loaded and warm; the fake is warm.
     readiness.pass(Check::Model);
     let mut registry = Registry::default();
-    let metrics = Metrics::new(&mut registry);
+    let metrics = Metrics::new(&mut registry, MODEL);
     let addr = fleet_service::serve_http(
         "127.0.0.1:0".parse().unwrap(),
         Endpoints {

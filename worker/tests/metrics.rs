@@ -58,12 +58,26 @@ fn untruncated(mut job: Job) -> Job {
     job
 }
 
+/// A worker series as scraped: every one carries the model the worker serves.
+fn series(name: &str, labels: &str) -> String {
+    match labels {
+        "" => format!("{name}{{model=\"{MODEL}\"}}"),
+        labels => format!("{name}{{model=\"{MODEL}\",{labels}}}"),
+    }
+}
+
 fn jobs_series(outcome: &str, code: &str) -> String {
-    format!("fleet_worker_jobs_total{{outcome=\"{outcome}\",code=\"{code}\"}}")
+    series(
+        "fleet_worker_jobs_total",
+        &format!("outcome=\"{outcome}\",code=\"{code}\""),
+    )
 }
 
 fn dead_letters_series(reason: &str) -> String {
-    format!("fleet_worker_dead_letters_total{{reason=\"{reason}\"}}")
+    series(
+        "fleet_worker_dead_letters_total",
+        &format!("reason=\"{reason}\""),
+    )
 }
 
 /// Ten jobs, each with a known fate: four answered with vectors (one of them only on its
@@ -151,8 +165,14 @@ async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
         );
     }
     // The retried job's and the doomed job's first deliveries, given back.
-    assert_eq!(scrape.value("fleet_worker_job_retries_total"), 2.0);
-    assert_eq!(scrape.value("fleet_worker_redeliveries_total"), 2.0);
+    assert_eq!(
+        scrape.value(&series("fleet_worker_job_retries_total", "")),
+        2.0
+    );
+    assert_eq!(
+        scrape.value(&series("fleet_worker_redeliveries_total", "")),
+        2.0
+    );
     for reason in [
         "out_of_retries",
         "poison_input",
@@ -172,26 +192,32 @@ async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
     // Each job's end to end time once, by outcome; queue wait for the jobs that reached a batch
     // and were answered with vectors.
     assert_eq!(
-        scrape.value("fleet_worker_job_seconds_count{outcome=\"ok\"}"),
+        scrape.value(&series("fleet_worker_job_seconds_count", r#"outcome="ok""#)),
         4.0
     );
     assert_eq!(
-        scrape.value("fleet_worker_job_seconds_count{outcome=\"dead_lettered\"}"),
+        scrape.value(&series(
+            "fleet_worker_job_seconds_count",
+            r#"outcome="dead_lettered""#
+        )),
         5.0
     );
-    assert_eq!(scrape.value("fleet_worker_queue_wait_seconds_count"), 4.0);
+    assert_eq!(
+        scrape.value(&series("fleet_worker_queue_wait_seconds_count", "")),
+        4.0
+    );
     // Every input that reached the model, in every batch, failed ones included.
     let batches = embedder.batches();
     assert_eq!(
-        scrape.value("fleet_worker_batch_inputs_sum"),
+        scrape.value(&series("fleet_worker_batch_inputs_sum", "")),
         batches.iter().map(Vec::len).sum::<usize>() as f64
     );
     assert_eq!(
-        scrape.value("fleet_worker_batch_inputs_count"),
+        scrape.value(&series("fleet_worker_batch_inputs_count", "")),
         batches.len() as f64
     );
     assert_eq!(
-        scrape.value("fleet_worker_batch_tokens_sum"),
+        scrape.value(&series("fleet_worker_batch_tokens_sum", "")),
         batches
             .iter()
             .flatten()
@@ -200,16 +226,22 @@ async fn after_a_known_workload_the_job_metrics_equal_the_workload() {
         "real tokens"
     );
     assert!(
-        scrape.value("fleet_worker_batch_padded_tokens_sum")
-            >= scrape.value("fleet_worker_batch_tokens_sum")
+        scrape.value(&series("fleet_worker_batch_padded_tokens_sum", ""))
+            >= scrape.value(&series("fleet_worker_batch_tokens_sum", ""))
     );
     assert_eq!(
-        scrape.value("fleet_worker_inference_seconds_count"),
+        scrape.value(&series("fleet_worker_inference_seconds_count", "")),
         batches.len() as f64
     );
-    assert!(scrape.value("fleet_worker_tokenize_seconds_count") >= 9.0);
-    assert_eq!(scrape.value("fleet_worker_jobs_in_flight"), 0.0);
-    assert_eq!(scrape.value("fleet_worker_batcher_pending_inputs"), 0.0);
+    assert!(scrape.value(&series("fleet_worker_tokenize_seconds_count", "")) >= 9.0);
+    assert_eq!(
+        scrape.value(&series("fleet_worker_jobs_in_flight", "")),
+        0.0
+    );
+    assert_eq!(
+        scrape.value(&series("fleet_worker_batcher_pending_inputs", "")),
+        0.0
+    );
 
     scrape.assert_family("fleet_worker_jobs", "counter", None);
     scrape.assert_family("fleet_worker_job_seconds", "histogram", Some("seconds"));
@@ -313,18 +345,34 @@ async fn the_queue_gauges_follow_jetstream() {
 fn every_labelled_series_is_there_at_zero_before_its_first_event() {
     // Prometheus takes a series' first sample as its start: one born at 1 never shows in rate().
     let mut registry = Registry::default();
-    let _metrics = Metrics::new(&mut registry);
+    let _metrics = Metrics::new(&mut registry, MODEL);
     let scrape = Scrape::of(&registry);
-    for series in [
-        "fleet_worker_jobs_total{outcome=\"ok\",code=\"\"}",
-        "fleet_worker_jobs_total{outcome=\"expired\",code=\"expired\"}",
-        "fleet_worker_jobs_total{outcome=\"dead_lettered\",code=\"bad_signature\"}",
-        "fleet_worker_job_seconds_count{outcome=\"dead_lettered\"}",
-        "fleet_worker_dead_letters_total{reason=\"unreadable\"}",
-        "fleet_worker_dead_letters_total{reason=\"out_of_deliveries\"}",
-        "fleet_worker_deliveries_unfinished_total{reason=\"handed_back\"}",
-        "fleet_worker_reconciled_total{kind=\"orphan\"}",
+    for (name, labels) in [
+        ("fleet_worker_jobs_total", r#"outcome="ok",code="""#),
+        (
+            "fleet_worker_jobs_total",
+            r#"outcome="expired",code="expired""#,
+        ),
+        (
+            "fleet_worker_jobs_total",
+            r#"outcome="dead_lettered",code="bad_signature""#,
+        ),
+        (
+            "fleet_worker_job_seconds_count",
+            r#"outcome="dead_lettered""#,
+        ),
+        ("fleet_worker_dead_letters_total", r#"reason="unreadable""#),
+        (
+            "fleet_worker_dead_letters_total",
+            r#"reason="out_of_deliveries""#,
+        ),
+        (
+            "fleet_worker_deliveries_unfinished_total",
+            r#"reason="handed_back""#,
+        ),
+        ("fleet_worker_reconciled_total", r#"kind="orphan""#),
     ] {
-        assert_eq!(scrape.value(series), 0.0, "{series}");
+        let series = series(name, labels);
+        assert_eq!(scrape.value(&series), 0.0, "{series}");
     }
 }

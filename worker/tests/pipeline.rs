@@ -507,7 +507,7 @@ async fn a_worker_that_stalls_past_its_ack_wait_drops_the_job_instead_of_answeri
             let keys = KeyStore::start(FileSource::new(healthy_tenants), StoreOptions::default())
                 .await
                 .expect("key store");
-            let metrics = Metrics::new(&mut Registry::default());
+            let metrics = Metrics::new(&mut Registry::default(), MODEL);
             let stop = tokio::task::spawn_blocking(move || {
                 let _ = healthy_stopped.recv();
             });

@@ -231,7 +231,7 @@ impl RunningWorker {
         embedder: FakeEmbedder,
     ) -> RunningWorker {
         let mut registry = Registry::default();
-        let metrics = Metrics::new(&mut registry);
+        let metrics = Metrics::new(&mut registry, MODEL);
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn({
             let metrics = metrics.clone();
