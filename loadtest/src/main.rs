@@ -5,7 +5,10 @@
 //!   same client, the same number in flight: the dispatcher's overhead as a ratio.
 //! * `embed`: a corpus of texts through the whole fleet by request-reply (`fleet.infer`).
 //! * `latency`: answer latency percentiles under an open-loop (fixed or Poisson rate) or
-//!   closed-loop load, by request-reply.
+//!   closed-loop load, by request-reply (`infer`) or by `submit` and the stored result.
+//! * `sweep`: the load stepped up until latency, errors or throughput break a bound; the knee.
+//!
+//! `latency` and `sweep` also write a report folder: JSON, Markdown and SVG plots.
 
 use std::{
     path::PathBuf,
@@ -19,10 +22,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 use fleet_client::{CallerArgs, Tenant};
 use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
 use futures::{StreamExt, stream};
-use serde::Deserialize;
 
 mod cpu;
+mod dist;
 mod latency;
+mod report;
+mod sweep;
+mod workload;
 
 /// Fleet load generator.
 #[derive(Debug, Parser)]
@@ -72,6 +78,9 @@ enum Command {
     /// Answer latency percentiles, errors by code and a per-second timeline, under an open-loop
     /// (--rate) or closed-loop (--in-flight) load.
     Latency(latency::LatencyArgs),
+    /// The offered rate or the requests in flight stepped up until a step's p99, error ratio or
+    /// throughput breaks a bound; reports the knee (the last step within the bounds).
+    Sweep(sweep::SweepArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -119,6 +128,7 @@ async fn main() -> anyhow::Result<()> {
         }
         Command::Embed(ref args) => embed(&run, args).await,
         Command::Latency(ref args) => latency::latency(&run, args).await,
+        Command::Sweep(ref args) => sweep::sweep(&run, args).await,
     }
 }
 
@@ -273,22 +283,10 @@ async fn through_dispatcher(
     results.into_iter().collect()
 }
 
-#[derive(Deserialize)]
-struct CorpusLine {
-    text: String,
-}
-
 async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout_secs);
     let texts_per_job = usize::from(args.texts_per_job);
-    let text = std::fs::read_to_string(&args.corpus)
-        .with_context(|| format!("cannot read {}", args.corpus.display()))?;
-    let mut texts = text
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .map(|l| serde_json::from_str::<CorpusLine>(l).map(|c| c.text))
-        .collect::<Result<Vec<_>, _>>()
-        .context("corpus lines must be {\"id\", \"text\"}")?;
+    let mut texts = workload::read_corpus(&args.corpus)?;
     if args.limit > 0 {
         texts.truncate(args.limit);
     }
