@@ -12,10 +12,11 @@ use std::{
 
 use async_nats::{Client, RequestErrorKind, jetstream::stream::DirectGetErrorKind};
 use fleet_schemas::{
-    CodecError, Job, JobResult, KeyError, SecretKeyFile, SigningKey, SubmitReply, decode, encode,
-    now_ms, subject,
+    CodecError, ErrorCode, Job, JobResult, KeyError, ResultStatus, SecretKeyFile, SigningKey,
+    SubmitReply, decode, encode, now_ms, subject,
 };
 pub use fleet_service::TraceParent;
+use rand::Rng;
 
 /// Largest answer a client accepts (a batch of embeddings is far smaller).
 const MAX_ANSWER_BYTES: usize = 64 << 20;
@@ -153,6 +154,103 @@ pub async fn infer_in_trace(
     let timeout_ms = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
     job.deadline_ms = Some(now_ms().saturating_add(timeout_ms));
     request(client, tenant, &job, subject, timeout, trace).await
+}
+
+/// How hard a call is tried: attempts, how long each waits for its answer, and the pauses
+/// between them (exponential from `first_pause` up to `max_pause`, each jittered by ±50% so
+/// that callers refused together do not come back together).
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Attempts in all, the first included (at least one is made).
+    pub attempts: u32,
+    /// How long one attempt waits for its answer.
+    pub timeout: Duration,
+    pub first_pause: Duration,
+    pub max_pause: Duration,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            attempts: 8,
+            timeout: Duration::from_secs(30),
+            first_pause: Duration::from_millis(200),
+            max_pause: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RetryPolicy {
+    /// Waits before retry number `retry` (1 for the second attempt).
+    async fn pause(&self, retry: u32) {
+        let exponential = self
+            .first_pause
+            .saturating_mul(1 << retry.saturating_sub(1).min(16))
+            .min(self.max_pause);
+        let jitter = rand::thread_rng().gen_range(0.5..1.5);
+        tokio::time::sleep(exponential.mul_f64(jitter)).await;
+    }
+}
+
+/// Refusals that say "later, the same job": the queue was full or the tenant over its rate.
+pub fn is_retryable(code: ErrorCode) -> bool {
+    matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited)
+}
+
+/// What [`infer_retrying`] got: the last answer, and how many attempts it took beyond the first.
+#[derive(Debug, Clone)]
+pub struct Retried {
+    pub result: JobResult,
+    pub retries: u32,
+}
+
+/// [`infer`], tried again under the same job id while the answer is a timeout, no dispatcher,
+/// `overloaded` or `rate_limited`, pausing as `policy` says. Keeping the id makes a retry safe:
+/// a job the queue already holds is stored and run once, and the dispatcher answers a repeated
+/// id with the first attempt's result. Each attempt is made anew (`created_at_ms` now, a
+/// deadline at the end of its own timeout unless the job has one), so a long series of retries
+/// is not refused `expired`. Fleet's refusals carry no retry-after hint (the dispatcher's token
+/// bucket does not say when it refills), so the pauses come from `policy` alone.
+///
+/// The last answer is returned whatever it is (a `rejected` result included); the error is the
+/// last attempt's when none was answered.
+///
+/// ```no_run
+/// # async fn example(client: async_nats::Client, tenant: fleet_client::Tenant) -> Result<(), fleet_client::ClientError> {
+/// use fleet_client::{RetryPolicy, infer_retrying};
+/// let job = tenant.embed_job("all-minilm-l6-v2", vec!["hello".into()]);
+/// let answer = infer_retrying(&client, &tenant, &job, &RetryPolicy::default()).await?;
+/// println!("{:?} after {} retries", answer.result.status, answer.retries);
+/// # Ok(()) }
+/// ```
+pub async fn infer_retrying(
+    client: &Client,
+    tenant: &Tenant,
+    job: &Job,
+    policy: &RetryPolicy,
+) -> Result<Retried, ClientError> {
+    let mut retries = 0;
+    loop {
+        let mut attempt = job.clone();
+        attempt.created_at_ms = now_ms();
+        let answer = infer(client, tenant, &attempt, policy.timeout).await;
+        let again = match &answer {
+            Ok(result) => {
+                result.status == ResultStatus::Rejected
+                    && result
+                        .error
+                        .as_ref()
+                        .is_some_and(|error| is_retryable(error.code))
+            }
+            Err(ClientError::TimedOut { .. } | ClientError::NoDispatcher { .. }) => true,
+            Err(_) => false,
+        };
+        if !again || retries + 1 >= policy.attempts {
+            return answer.map(|result| Retried { result, retries });
+        }
+        retries += 1;
+        policy.pause(retries).await;
+    }
 }
 
 /// The stored result of one of `tenant`'s jobs, or None when there is none (not finished yet,

@@ -1,8 +1,10 @@
 //! `fleet submit` as an ETL pipeline uses it, against a real fleet (nats-server, dispatcher,
 //! worker on the real model): one output row per input row in input order, vectors equal to
 //! `infer`'s; killed twice and re-run, the same output as an uninterrupted run, nothing sent
-//! again that was answered and no job queued twice; rows whose job fails land in the errors
-//! file.
+//! again that was answered and no job queued twice, in JSON lines and in Parquet (whose
+//! vectors equal the JSON-lines path's); rows whose job fails land in the errors file. The
+//! library under it: `submit_many` in order and resumed from a whole job, and `infer_retrying`
+//! through `rate_limited` refusals under one job id.
 
 use std::{
     path::{Path, PathBuf},
@@ -10,8 +12,19 @@ use std::{
     time::Duration,
 };
 
-use fleet_schemas::SecretKeyFile;
+use std::sync::Arc;
+
+use arrow_array::{Array, RecordBatch, StringArray, cast::AsArray, types::Float32Type};
+use arrow_schema::{DataType, Field, Schema};
+use fleet_client::{
+    RetryPolicy, Tenant,
+    bulk::{BulkError, BulkOptions, JobDone, Row, submit_many},
+    infer_retrying,
+};
+use fleet_schemas::{ErrorCode, ResultStatus, SecretKeyFile, SubmitStatus};
 use fleet_tests::{NatsServer, Process, Signal, Streams, TestTenant, model_dir};
+use futures::{StreamExt, stream};
+use parquet::arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder};
 use serde_json::Value;
 
 const MODEL: &str = "all-minilm-l6-v2";
@@ -28,9 +41,16 @@ struct Fleet {
 
 impl Fleet {
     fn start() -> Fleet {
+        Fleet::start_with(&TestTenant::new("acme").tenants_entry())
+    }
+
+    /// A fleet whose tenants file is `tenants` (acme's key, under whatever policy it says).
+    fn start_with(tenants: &str) -> Fleet {
         let nats = NatsServer::start();
         let dir = tempfile::tempdir().unwrap();
-        let tenants = fleet_tests::write_tenants_file(dir.path(), &["acme"]);
+        let tenants_path = dir.path().join("tenants.toml");
+        std::fs::write(&tenants_path, tenants).unwrap();
+        let tenants = tenants_path;
         let acme = TestTenant::new("acme");
         let key = dir.path().join("acme-key.toml");
         let file = SecretKeyFile {
@@ -68,6 +88,11 @@ impl Fleet {
 
     /// `fleet submit` from `input` to `output`, started (not waited for).
     fn submit(&self, input: &Path, output: &Path) -> std::process::Child {
+        self.submit_with(input, output, &[])
+    }
+
+    /// [`Fleet::submit`] with more arguments.
+    fn submit_with(&self, input: &Path, output: &Path, more: &[&str]) -> std::process::Child {
         Command::new(env!("CARGO_BIN_EXE_fleet"))
             .args(["submit", "--nats-url", self.nats.url(), "--key"])
             .arg(&self.key)
@@ -77,6 +102,7 @@ impl Fleet {
             .arg(output)
             .args(["--texts-per-job", &TEXTS_PER_JOB.to_string()])
             .args(["--in-flight", "4", "--job-timeout", "20s"])
+            .args(more)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
@@ -84,7 +110,14 @@ impl Fleet {
     }
 
     fn submit_to_end(&self, input: &Path, output: &Path) -> (Output, Value) {
-        let done = self.submit(input, output).wait_with_output().unwrap();
+        self.submit_to_end_with(input, output, &[])
+    }
+
+    fn submit_to_end_with(&self, input: &Path, output: &Path, more: &[&str]) -> (Output, Value) {
+        let done = self
+            .submit_with(input, output, more)
+            .wait_with_output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&done.stderr);
         let summary = stderr
             .lines()
@@ -265,4 +298,321 @@ async fn rows_of_a_job_that_fails_go_to_the_errors_file_and_the_exit_status_says
         "{done:?}"
     );
     assert_eq!(lines_in(&bad_output), 0);
+}
+
+/// A Parquet input like [`write_input`]'s, Snappy-compressed (as pandas and Spark write it), in
+/// row groups of 50 rows so that reading and resuming cross row groups.
+fn write_parquet_input(path: &Path, prefix: &str, texts: &[String]) {
+    let schema = Arc::new(Schema::new(vec![
+        Field::new("id", DataType::Utf8, false),
+        Field::new("text", DataType::Utf8, false),
+    ]));
+    let ids: StringArray = (0..texts.len())
+        .map(|i| Some(format!("{prefix}-{i}")))
+        .collect();
+    let texts: StringArray = texts.iter().map(Some).collect();
+    let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids), Arc::new(texts)]).unwrap();
+    let properties = parquet::file::properties::WriterProperties::builder()
+        .set_compression(parquet::basic::Compression::SNAPPY)
+        .set_max_row_group_row_count(Some(50))
+        .build();
+    let mut writer = ArrowWriter::try_new(
+        std::fs::File::create(path).unwrap(),
+        schema,
+        Some(properties),
+    )
+    .unwrap();
+    writer.write(&batch).unwrap();
+    writer.close().unwrap();
+}
+
+/// A Parquet output's rows: id, vector (None for a failed row), status.
+fn parquet_rows(path: &Path) -> Vec<(String, Option<Vec<f32>>, String)> {
+    let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(path).unwrap())
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut rows = Vec::new();
+    for batch in reader {
+        let batch = batch.unwrap();
+        let ids = batch.column_by_name("id").unwrap().as_string::<i32>();
+        let vectors = batch.column_by_name("vector").unwrap().as_list::<i32>();
+        let statuses = batch.column_by_name("status").unwrap().as_string::<i32>();
+        for i in 0..batch.num_rows() {
+            let vector = (!vectors.is_null(i)).then(|| {
+                let values = vectors.value(i);
+                values.as_primitive::<Float32Type>().values().to_vec()
+            });
+            rows.push((
+                ids.value(i).to_owned(),
+                vector,
+                statuses.value(i).to_owned(),
+            ));
+        }
+    }
+    rows
+}
+
+fn committed_parts(output: &Path) -> usize {
+    std::fs::read_dir(format!("{}.parts", output.display())).map_or(0, |entries| {
+        entries
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .is_ok_and(|entry| entry.file_name().to_string_lossy().ends_with(".parquet"))
+            })
+            .count()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parquet_rows_round_trip_and_a_killed_run_resumes_to_the_same_file() {
+    let fleet = Fleet::start();
+    let texts = texts();
+    let (input, output) = (fleet.path("p.parquet"), fleet.path("p.out.parquet"));
+    write_parquet_input(&input, "p", &texts);
+    // Parts of two jobs, so the kills fall between committed parts.
+    let parts = ["--rows-per-part", "16"];
+
+    // Killed twice part way (after one part, then three), then run to the end.
+    for at_least in [1, 3] {
+        let mut run = Process::adopt("fleet submit", fleet.submit_with(&input, &output, &parts));
+        fleet_tests::eventually(Duration::from_secs(60), "parts committed", || async {
+            (committed_parts(&output) >= at_least).then_some(())
+        })
+        .await;
+        run.signal(Signal::SIGKILL);
+        run.wait_exit(Duration::from_secs(10));
+    }
+    assert!(!output.exists(), "the kills came too late to test a resume");
+    let (done, summary) = fleet.submit_to_end_with(&input, &output, &parts);
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
+    assert!(
+        summary["rows_already_done"].as_u64() >= Some(48),
+        "{summary}"
+    );
+    // A fresh fleet: every job this test queued is on FLEET_JOBS.
+    let streams = Streams::connect(&fleet.nats).await;
+    let queued = streams
+        .stream("FLEET_JOBS")
+        .await
+        .info()
+        .await
+        .unwrap()
+        .state
+        .last_sequence;
+    assert_eq!(
+        queued,
+        (ROWS / TEXTS_PER_JOB) as u64,
+        "jobs queued for {ROWS} rows"
+    );
+    assert!(
+        !PathBuf::from(format!("{}.parts", output.display())).exists(),
+        "the parts outlived the finished output"
+    );
+    let resumed = parquet_rows(&output);
+    assert_eq!(resumed.len(), ROWS);
+    for (i, (id, vector, status)) in resumed.iter().enumerate() {
+        assert_eq!(
+            (id.as_str(), status.as_str()),
+            (format!("p-{i}").as_str(), "ok")
+        );
+        assert_eq!(vector.as_ref().map(Vec::len), Some(384), "row {i}");
+    }
+
+    // An uninterrupted run writes the same bytes, all of it read back from the fleet's results.
+    let again = fleet.path("again.parquet");
+    let (done, summary) = fleet.submit_to_end_with(&input, &again, &parts);
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
+    assert_eq!(summary["jobs_sent"], 0, "{summary}");
+    assert_eq!(
+        std::fs::read(&output).unwrap(),
+        std::fs::read(&again).unwrap(),
+        "a resumed run's Parquet output differs from an uninterrupted one's"
+    );
+
+    // The same rows as JSON lines make the same jobs (nothing sent) and the same vectors.
+    let (json_input, json_output) = (fleet.path("p.jsonl"), fleet.path("p.out.jsonl"));
+    write_input(&json_input, "p", &texts);
+    let (done, summary) = fleet.submit_to_end(&json_input, &json_output);
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
+    assert_eq!(summary["jobs_sent"], 0, "{summary}");
+    let json = rows(&json_output);
+    assert_eq!(json.len(), ROWS);
+    for (row, (id, in_parquet, _)) in json.iter().zip(&resumed) {
+        assert_eq!(row["id"], id.as_str());
+        let from_json: Vec<f32> = vector(row).iter().map(|&x| x as f32).collect();
+        assert_eq!(Some(&from_json), in_parquet.as_ref(), "row {id}");
+    }
+    // Parquet output from JSON-lines input and the other way: the same rows again.
+    let mixed = fleet.path("mixed.out.parquet");
+    let (done, _) = fleet.submit_to_end(&json_input, &mixed);
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
+    assert_eq!(parquet_rows(&mixed), resumed);
+    assert_eq!(
+        lines_in(&PathBuf::from(format!("{}.errors", output.display()))),
+        0
+    );
+}
+
+fn options(texts_per_job: usize) -> BulkOptions {
+    BulkOptions {
+        model: MODEL.into(),
+        texts_per_job,
+        in_flight: 3,
+        retry: RetryPolicy {
+            timeout: Duration::from_secs(20),
+            ..RetryPolicy::default()
+        },
+    }
+}
+
+fn library_rows(range: std::ops::Range<usize>) -> Vec<Result<Row, BulkError>> {
+    let texts = texts();
+    range
+        .map(|i| {
+            Ok(Row {
+                id: i.into(),
+                text: texts[i].clone(),
+            })
+        })
+        .collect()
+}
+
+async fn collect(
+    stream: impl futures::Stream<Item = Result<JobDone, BulkError>>,
+) -> Vec<Result<JobDone, BulkError>> {
+    stream.collect().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_many_yields_jobs_in_order_and_resumes_from_a_whole_job() {
+    let fleet = Fleet::start();
+    let client = fleet.nats.tenant_client("acme").await;
+    let tenant = Tenant::from_key_file(&fleet.key).unwrap();
+    let options = options(TEXTS_PER_JOB);
+
+    // Three jobs, in input order, every row with a vector.
+    let rows = stream::iter(library_rows(0..3 * TEXTS_PER_JOB));
+    let first: Vec<JobDone> = collect(submit_many(&client, &tenant, &options, 0, rows))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        first.iter().map(|job| job.index).collect::<Vec<_>>(),
+        [0, 1, 2]
+    );
+    let ids: Vec<Value> = first
+        .iter()
+        .flat_map(|job| &job.rows)
+        .map(|row| row.id.clone())
+        .collect();
+    assert_eq!(
+        ids,
+        (0..3 * TEXTS_PER_JOB).map(Value::from).collect::<Vec<_>>()
+    );
+    assert!(first.iter().all(|job| job.sent));
+    assert!(
+        first
+            .iter()
+            .flat_map(|job| &job.rows)
+            .all(|row| row.outcome.as_ref().is_ok_and(|vector| vector.len() == 384))
+    );
+
+    // Resumed at the third job: it is read back (same id, same vectors); the next ones are new.
+    let from = 2 * TEXTS_PER_JOB;
+    let rows = stream::iter(library_rows(from..5 * TEXTS_PER_JOB));
+    let resumed: Vec<JobDone> = collect(submit_many(&client, &tenant, &options, from as u64, rows))
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(
+        resumed.iter().map(|job| job.index).collect::<Vec<_>>(),
+        [2, 3, 4]
+    );
+    assert_eq!(resumed[0].job_id, first[2].job_id);
+    assert!(!resumed[0].sent, "a stored job was sent again");
+    assert_eq!(resumed[0].rows, first[2].rows);
+    assert!(resumed[1].sent && resumed[2].sent);
+
+    // A resume from inside a job would ask for other jobs: refused, and nothing after it.
+    let rows = stream::iter(library_rows(5..2 * TEXTS_PER_JOB));
+    let misaligned = collect(submit_many(&client, &tenant, &options, 5, rows)).await;
+    assert_eq!(misaligned.len(), 1);
+    assert!(
+        matches!(
+            misaligned[0],
+            Err(BulkError::Misaligned { first_row: 5, .. })
+        ),
+        "{:?}",
+        misaligned[0]
+    );
+
+    // A bad row ends the stream after the jobs before its own.
+    let mut rows = library_rows(0..TEXTS_PER_JOB + 2);
+    rows.push(Err(BulkError::Usage("a bad row".into())));
+    rows.extend(library_rows(TEXTS_PER_JOB + 3..3 * TEXTS_PER_JOB));
+    let cut = collect(submit_many(
+        &client,
+        &tenant,
+        &options,
+        0,
+        stream::iter(rows),
+    ))
+    .await;
+    assert_eq!(cut.len(), 2, "{cut:?}");
+    assert!(cut[0].as_ref().is_ok_and(|job| job.index == 0));
+    assert!(matches!(cut[1], Err(BulkError::Usage(_))), "{:?}", cut[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn infer_retrying_keeps_the_job_id_through_rate_limited_refusals() {
+    // One job a second, no burst: right after one job, the next is refused until a token is back.
+    let entry = TestTenant::new("acme")
+        .tenants_entry()
+        .replace("rate_per_second = 100000", "rate_per_second = 1")
+        .replace("burst = 100000", "burst = 1");
+    let fleet = Fleet::start_with(&entry);
+    let client = fleet.nats.tenant_client("acme").await;
+    let tenant = Tenant::from_key_file(&fleet.key).unwrap();
+    let wait = Duration::from_secs(20);
+    // The dispatcher may take a moment to start: the first accepted job spends the token.
+    fleet_tests::eventually(Duration::from_secs(30), "a job accepted", || async {
+        let job = tenant.embed_job(MODEL, vec!["spends the token".into()]);
+        let reply = fleet_client::submit(&client, &tenant, &job, wait)
+            .await
+            .ok()?;
+        (reply.status == SubmitStatus::Accepted).then_some(())
+    })
+    .await;
+
+    let job = tenant.embed_job(MODEL, vec![texts()[3].clone()]);
+    let once = RetryPolicy {
+        attempts: 1,
+        timeout: wait,
+        ..RetryPolicy::default()
+    };
+    let refused = infer_retrying(&client, &tenant, &job, &once).await.unwrap();
+    assert_eq!(refused.retries, 0);
+    assert_eq!(refused.result.status, ResultStatus::Rejected, "{refused:?}");
+    assert_eq!(
+        refused.result.error.as_ref().map(|error| error.code),
+        Some(ErrorCode::RateLimited),
+        "{refused:?}"
+    );
+
+    let patient = RetryPolicy {
+        attempts: 20,
+        timeout: wait,
+        first_pause: Duration::from_millis(100),
+        max_pause: Duration::from_millis(400),
+    };
+    let answered = infer_retrying(&client, &tenant, &job, &patient)
+        .await
+        .unwrap();
+    assert_eq!(answered.result.status, ResultStatus::Ok, "{answered:?}");
+    assert_eq!(answered.result.job_id, job.job_id);
+    assert!(answered.retries >= 1, "{answered:?}");
 }

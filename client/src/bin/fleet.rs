@@ -10,8 +10,8 @@ use anyhow::Context;
 use async_nats::ConnectOptions;
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum, error::ErrorKind};
 use fleet_client::{
-    CallerArgs, ClientError,
-    bulk::{self, BulkOptions},
+    CallerArgs, ClientError, RetryPolicy,
+    bulk::{self, BulkOptions, Files, Format},
     dlq::DeadLetters,
     infer, stored_result,
 };
@@ -23,6 +23,9 @@ use fleet_schemas::{
     InvalidName, ResultStatus, SecretKeyFile, SigningKey, SubmitStatus, now_ms, validate_name,
 };
 use fleet_service::NatsArgs;
+
+#[path = "fleet/progress.rs"]
+mod progress;
 
 /// Fleet's command-line client.
 #[derive(Debug, Parser)]
@@ -55,46 +58,19 @@ enum Command {
         #[command(subcommand)]
         action: TenantAction,
     },
-    /// Embeds a file of rows (JSON lines) into a file of embeddings, one output row per input
-    /// row in input order; re-run with the same arguments after a kill, it goes on where it
-    /// stopped and sends nothing already answered.
+    /// Embeds a file of rows (JSON lines or Parquet) into a file of embeddings, one output row
+    /// per input row in input order; re-run with the same arguments after a kill, it goes on
+    /// where it stopped and sends nothing already answered.
     #[command(
-        after_help = "Output rows: {\"id\", \"status\": \"ok\", \"vector\"} or \
-        {\"id\", \"status\": \"failed\", \"code\", \"message\"}; the failed ones are also \
-        in --errors. Exit status: 0 every row embedded; 4 some rows failed; 1 an error (the \
-        output so far stays valid: run again to go on)."
+        after_help = "Output rows (JSON lines): {\"id\", \"status\": \"ok\", \"vector\"} or \
+        {\"id\", \"status\": \"failed\", \"code\", \"message\"}; Parquet: columns id, vector \
+        (list of float32), status, code, message. A Parquet output is committed in parts under \
+        <output>.parts/ and becomes one file at the end. The failed rows are also in --errors \
+        (JSON lines). Progress goes to stderr; a summary always ends the run. Exit status: 0 \
+        every row embedded; 4 some rows failed; 1 an error (the output so far stays valid: run \
+        again to go on)."
     )]
-    Submit {
-        #[command(flatten)]
-        caller: Box<CallerArgs>,
-        /// Input rows, one JSON object per line (`-`: standard input).
-        #[arg(long, env = "FLEET_INPUT")]
-        input: PathBuf,
-        /// Where the embeddings go (appended to when resuming).
-        #[arg(long, env = "FLEET_OUTPUT")]
-        output: PathBuf,
-        /// Where the rows that failed for good go (default: the output's name + `.errors`).
-        #[arg(long, env = "FLEET_ERRORS")]
-        errors: Option<PathBuf>,
-        /// The input field holding a row's id (copied to its output row).
-        #[arg(long, env = "FLEET_ID_FIELD", default_value = "id")]
-        id_field: String,
-        /// The input field holding the text to embed.
-        #[arg(long, env = "FLEET_TEXT_FIELD", default_value = "text")]
-        text_field: String,
-        /// Rows per job.
-        #[arg(long, env = "FLEET_TEXTS_PER_JOB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=256))]
-        texts_per_job: u64,
-        /// Jobs awaiting their result at once.
-        #[arg(long, env = "FLEET_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
-        in_flight: u64,
-        /// How long to wait for one job's result before submitting it again (same id).
-        #[arg(long, env = "FLEET_JOB_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
-        job_timeout: Duration,
-        /// Attempts per job before its rows are given up.
-        #[arg(long, env = "FLEET_MAX_ATTEMPTS", default_value_t = 8)]
-        max_attempts: u32,
-    },
+    Submit(Box<SubmitArgs>),
     /// Reads the dead-letter stream and runs a dead letter's job again (needs the fleet's
     /// rights: an operator's NATS user under the shipped broker configuration).
     Dlq {
@@ -146,6 +122,54 @@ enum Command {
         #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
         timeout_secs: u64,
     },
+}
+
+#[derive(Debug, clap::Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    caller: CallerArgs,
+    /// Input rows, JSON lines or Parquet (`-`: standard input, JSON lines only).
+    #[arg(long, env = "FLEET_INPUT")]
+    input: PathBuf,
+    /// The input's format (default: Parquet for a `.parquet` or `.pq` file, else JSON lines).
+    #[arg(long, env = "FLEET_INPUT_FORMAT")]
+    input_format: Option<Format>,
+    /// Where the embeddings go (appended to when resuming).
+    #[arg(long, env = "FLEET_OUTPUT")]
+    output: PathBuf,
+    /// The output's format (default: from its name, as for the input).
+    #[arg(long, env = "FLEET_OUTPUT_FORMAT")]
+    output_format: Option<Format>,
+    /// Where the rows that failed for good go, as JSON lines (default: the output's name +
+    /// `.errors`).
+    #[arg(long, env = "FLEET_ERRORS")]
+    errors: Option<PathBuf>,
+    /// The input field (or Parquet column) holding a row's id (copied to its output row).
+    #[arg(long, env = "FLEET_ID_FIELD", default_value = "id")]
+    id_field: String,
+    /// The input field (or Parquet column) holding the text to embed.
+    #[arg(long, env = "FLEET_TEXT_FIELD", default_value = "text")]
+    text_field: String,
+    /// Rows per job.
+    #[arg(long, env = "FLEET_TEXTS_PER_JOB", default_value_t = 32, value_parser = clap::value_parser!(u64).range(1..=256))]
+    texts_per_job: u64,
+    /// Jobs awaiting their result at once.
+    #[arg(long, env = "FLEET_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
+    in_flight: u64,
+    /// How long to wait for one job's result before submitting it again (same id).
+    #[arg(long, env = "FLEET_JOB_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    job_timeout: Duration,
+    /// Attempts per job before its rows are given up.
+    #[arg(long, env = "FLEET_MAX_ATTEMPTS", default_value_t = 8)]
+    max_attempts: u32,
+    /// Parquet output: rows per committed part (rounded up to whole jobs). A kill loses at
+    /// most the part being gathered, whose results the re-run reads back from the fleet.
+    #[arg(long, env = "FLEET_ROWS_PER_PART", default_value_t = 4096, value_parser = clap::value_parser!(u64).range(1..))]
+    rows_per_part: u64,
+    /// The progress bar on stderr: `auto` only when stderr is a terminal, `always` (a line a
+    /// second when stderr is not a terminal), `never`.
+    #[arg(long, env = "FLEET_PROGRESS", default_value = "auto")]
+    progress: progress::When,
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,46 +309,7 @@ async fn main() -> anyhow::Result<()> {
             println!("{}", make_nats_user(&role, &name, &seed.seed_out)?);
             Ok(())
         }
-        Command::Submit {
-            caller,
-            input,
-            output,
-            errors,
-            id_field,
-            text_field,
-            texts_per_job,
-            in_flight,
-            job_timeout,
-            max_attempts,
-        } => {
-            let options = BulkOptions {
-                model: caller.model.clone(),
-                texts_per_job: usize::try_from(texts_per_job).unwrap_or(1),
-                in_flight: usize::try_from(in_flight).unwrap_or(1),
-                timeout: job_timeout,
-                max_attempts,
-                id_field,
-                text_field,
-            };
-            let errors =
-                errors.unwrap_or_else(|| PathBuf::from(format!("{}.errors", output.display())));
-            let reader: Box<dyn std::io::BufRead + Send> = if input.as_os_str() == "-" {
-                Box::new(std::io::BufReader::new(std::io::stdin()))
-            } else {
-                let file = std::fs::File::open(&input)
-                    .with_context(|| format!("cannot read {}", input.display()))?;
-                Box::new(std::io::BufReader::new(file))
-            };
-            let (tenant, client) = caller.connect().await?;
-            let summary =
-                bulk::submit_rows(&client, &tenant, reader, &output, &errors, &options).await?;
-            eprintln!("{}", serde_json::to_string(&summary)?);
-            if summary.rows_failed_in_output > 0 {
-                eprintln!("rows that failed: {}", errors.display());
-                std::process::exit(EXIT_FAILED);
-            }
-            Ok(())
-        }
+        Command::Submit(args) => submit(*args).await,
         Command::Dlq { action } => dead_letters(action).await,
         Command::Results {
             action: ResultsAction::Get { caller, job_id },
@@ -389,6 +374,51 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     }
+}
+
+/// `fleet submit`: the library's [`bulk::submit_file`] with a progress bar and a summary.
+async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
+    let output_format = args
+        .output_format
+        .unwrap_or_else(|| Format::of_path(&args.output));
+    let errors = args
+        .errors
+        .unwrap_or_else(|| PathBuf::from(format!("{}.errors", args.output.display())));
+    let files = Files {
+        input_format: args
+            .input_format
+            .unwrap_or_else(|| Format::of_path(&args.input)),
+        input: args.input,
+        id_field: args.id_field,
+        text_field: args.text_field,
+        output: args.output,
+        output_format,
+        errors: errors.clone(),
+        rows_per_part: usize::try_from(args.rows_per_part).unwrap_or(usize::MAX),
+    };
+    let options = BulkOptions {
+        model: args.caller.model.clone(),
+        texts_per_job: usize::try_from(args.texts_per_job).unwrap_or(1),
+        in_flight: usize::try_from(args.in_flight).unwrap_or(1),
+        retry: RetryPolicy {
+            attempts: args.max_attempts,
+            timeout: args.job_timeout,
+            ..RetryPolicy::default()
+        },
+    };
+    let bar = progress::Bar::new(args.progress, || files.count_input_rows())?;
+    let (tenant, client) = args.caller.connect().await?;
+    let summary = bulk::submit_file(&client, &tenant, &files, &options, &mut |summary| {
+        bar.show(summary)
+    })
+    .await;
+    let summary = bar.finish(summary)?;
+    eprintln!("{}", serde_json::to_string(&summary)?);
+    if summary.rows_failed_in_output > 0 {
+        eprintln!("rows that failed: {}", errors.display());
+        std::process::exit(EXIT_FAILED);
+    }
+    Ok(())
 }
 
 async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
