@@ -26,6 +26,8 @@ pub struct ReportArgs {
 const LATENCY_OVER_TIME: &str = "latency_over_time.svg";
 const THROUGHPUT_OVER_TIME: &str = "throughput_over_time.svg";
 const LATENCY_VS_LOAD: &str = "latency_vs_load.svg";
+/// plotters' GREEN is pure #00FF00, hard to read on white.
+const DARK_GREEN: RGBColor = RGBColor(0, 140, 0);
 
 pub fn write(args: &ReportArgs, report: &Value) -> anyhow::Result<()> {
     let pretty = serde_json::to_string_pretty(report)?;
@@ -248,7 +250,7 @@ fn timeline_points(timeline: &[Value], field: &[&str]) -> Vec<(f64, f64)> {
 }
 
 fn latency_over_time(timeline: &[Value]) -> anyhow::Result<String> {
-    let series = [("p50", BLUE), ("p90", GREEN), ("p99", RED)].map(|(name, color)| Series {
+    let series = [("p50", BLUE), ("p90", DARK_GREEN), ("p99", RED)].map(|(name, color)| Series {
         name,
         color,
         points: timeline_points(timeline, &["latency_ms", name]),
@@ -272,7 +274,7 @@ fn throughput_over_time(timeline: &[Value]) -> anyhow::Result<String> {
         },
         Series {
             name: "answered ok/s",
-            color: GREEN,
+            color: DARK_GREEN,
             points: timeline_points(timeline, &["completed_ok"]),
         },
     ];
