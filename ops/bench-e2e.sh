@@ -26,7 +26,7 @@ bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
 RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$model" --metrics-addr 127.0.0.1:0 \
   --max-batch-size "$batch" --max-in-flight "$in_flight" --max-ack-pending $((in_flight * 2)) \
-  --max-delay-ms 5
+  --max-delay 5ms
 # Warm-up: the first answer proves the dispatcher and the worker (with its model) are ready.
 for _ in $(seq 120); do
   "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout-secs 5 >/dev/null 2>&1 && break

@@ -42,26 +42,26 @@ pub struct DispatcherConfig {
     /// Largest input text, in bytes.
     #[arg(long, env = "FLEET_MAX_INPUT_BYTES", default_value_t = 32 << 10)]
     pub max_input_bytes: usize,
-    /// Oldest job accepted, in seconds since its `created_at_ms` (replay bound).
-    #[arg(long, env = "FLEET_MAX_JOB_AGE_SECS", default_value_t = 60)]
-    pub max_job_age_secs: u64,
-    /// How far in the future a job's `created_at_ms` may be, in seconds.
-    #[arg(long, env = "FLEET_MAX_CLOCK_SKEW_SECS", default_value_t = 30)]
-    pub max_clock_skew_secs: u64,
+    /// Oldest job accepted, since its `created_at_ms` (replay bound).
+    #[arg(long, env = "FLEET_MAX_JOB_AGE", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub max_job_age: Duration,
+    /// How far in the future a job's `created_at_ms` may be.
+    #[arg(long, env = "FLEET_MAX_CLOCK_SKEW", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub max_clock_skew: Duration,
     /// Jobs being checked or awaiting their JetStream ack at once; past it, new jobs are
     /// answered `overloaded` at once.
     #[arg(long, env = "FLEET_MAX_PENDING_PUBLISHES", default_value_t = 512, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_pending_publishes: u32,
-    /// How long a job may wait for its JetStream ack before `overloaded`, in ms.
-    #[arg(long, env = "FLEET_PUBLISH_TIMEOUT_MS", default_value_t = 5000)]
-    pub publish_timeout_ms: u64,
+    /// How long a job may wait for its JetStream ack before `overloaded`.
+    #[arg(long, env = "FLEET_PUBLISH_TIMEOUT", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub publish_timeout: Duration,
     /// Requests NATS holds for this dispatcher, per subject, while it is busy; past it NATS drops
     /// them (each drop counted in `fleet_dispatcher_requests_dropped` and logged).
     #[arg(long, env = "FLEET_MAX_BUFFERED_REQUESTS", default_value_t = 65_536, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_buffered_requests: u32,
-    /// How long an `infer` repeating a queued job id waits for that job's stored result, in ms.
-    #[arg(long, env = "FLEET_RELAY_WAIT_MS", default_value_t = 60_000)]
-    pub relay_wait_ms: u64,
+    /// How long an `infer` repeating a queued job id waits for that job's stored result.
+    #[arg(long, env = "FLEET_RELAY_WAIT", default_value = "60s", value_parser = humantime::parse_duration)]
+    pub relay_wait: Duration,
     /// Most repeated `infer` calls waiting for a stored result at once; past it they are
     /// answered `overloaded`.
     #[arg(long, env = "FLEET_MAX_RELAYS", default_value_t = 1024)]
@@ -72,15 +72,15 @@ pub struct DispatcherConfig {
     /// Most bytes held in FLEET_JOBS.
     #[arg(long, env = "FLEET_JOBS_MAX_BYTES", default_value_t = 4 << 30)]
     pub jobs_max_bytes: i64,
-    /// Window in which a repeated job id is stored once, in seconds.
-    #[arg(long, env = "FLEET_DUPLICATE_WINDOW_SECS", default_value_t = 120)]
-    pub duplicate_window_secs: u64,
-    /// How long results stay on FLEET_RESULTS, in seconds.
-    #[arg(long, env = "FLEET_RESULTS_MAX_AGE_SECS", default_value_t = 86_400)]
-    pub results_max_age_secs: u64,
-    /// How long dead letters stay on FLEET_DLQ, in seconds.
-    #[arg(long, env = "FLEET_DLQ_MAX_AGE_SECS", default_value_t = 604_800)]
-    pub dlq_max_age_secs: u64,
+    /// Window in which a repeated job id is stored once.
+    #[arg(long, env = "FLEET_DUPLICATE_WINDOW", default_value = "2m", value_parser = humantime::parse_duration)]
+    pub duplicate_window: Duration,
+    /// How long results stay on FLEET_RESULTS.
+    #[arg(long, env = "FLEET_RESULTS_MAX_AGE", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub results_max_age: Duration,
+    /// How long dead letters stay on FLEET_DLQ.
+    #[arg(long, env = "FLEET_DLQ_MAX_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
+    pub dlq_max_age: Duration,
     /// Address of the HTTP endpoints: /metrics (Prometheus), /health, /ready, /info (port 0:
     /// any free port, logged at start).
     #[arg(
@@ -91,13 +91,20 @@ pub struct DispatcherConfig {
     pub metrics_addr: SocketAddr,
 }
 
+/// A duration as a person writes it in a flag (`1m 30s`), for `/info`.
+fn shown(duration: Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(
-        "max_job_age_secs + max_clock_skew_secs ({0} s) must not exceed duplicate_window_secs ({1} s): \
-         a job replayed after the duplicate window would be queued again"
+        "max_job_age + max_clock_skew ({}) must not exceed duplicate_window ({}): \
+         a job replayed after the duplicate window would be queued again",
+        humantime::format_duration(*.0),
+        humantime::format_duration(*.1)
     )]
-    ReplayWindow(u64, u64),
+    ReplayWindow(Duration, Duration),
     #[error("at least one model must be served")]
     NoModels,
     #[error(transparent)]
@@ -107,14 +114,9 @@ pub enum ConfigError {
 impl DispatcherConfig {
     /// Checks settings that are only valid together.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let replay = self
-            .max_job_age_secs
-            .saturating_add(self.max_clock_skew_secs);
-        if replay > self.duplicate_window_secs {
-            return Err(ConfigError::ReplayWindow(
-                replay,
-                self.duplicate_window_secs,
-            ));
+        let replay = self.max_job_age.saturating_add(self.max_clock_skew);
+        if replay > self.duplicate_window {
+            return Err(ConfigError::ReplayWindow(replay, self.duplicate_window));
         }
         if self.models.is_empty() {
             return Err(ConfigError::NoModels);
@@ -130,8 +132,8 @@ impl DispatcherConfig {
             max_envelope_bytes: self.max_envelope_bytes,
             max_inputs: self.max_inputs,
             max_input_bytes: self.max_input_bytes,
-            max_job_age: Duration::from_secs(self.max_job_age_secs),
-            max_clock_skew: Duration::from_secs(self.max_clock_skew_secs),
+            max_job_age: self.max_job_age,
+            max_clock_skew: self.max_clock_skew,
         }
     }
 
@@ -139,18 +141,10 @@ impl DispatcherConfig {
         StreamLimits {
             jobs_max_msgs: self.jobs_max_msgs,
             jobs_max_bytes: self.jobs_max_bytes,
-            duplicate_window: Duration::from_secs(self.duplicate_window_secs),
-            results_max_age: Duration::from_secs(self.results_max_age_secs),
-            dlq_max_age: Duration::from_secs(self.dlq_max_age_secs),
+            duplicate_window: self.duplicate_window,
+            results_max_age: self.results_max_age,
+            dlq_max_age: self.dlq_max_age,
         }
-    }
-
-    pub fn publish_timeout(&self) -> Duration {
-        Duration::from_millis(self.publish_timeout_ms)
-    }
-
-    pub fn relay_wait(&self) -> Duration {
-        Duration::from_millis(self.relay_wait_ms)
     }
 
     /// What `/info` shows: models, limits, stream settings and where NATS and the tenants are,
@@ -162,20 +156,20 @@ impl DispatcherConfig {
                 "max_envelope_bytes": self.max_envelope_bytes,
                 "max_inputs": self.max_inputs,
                 "max_input_bytes": self.max_input_bytes,
-                "max_job_age_secs": self.max_job_age_secs,
-                "max_clock_skew_secs": self.max_clock_skew_secs,
+                "max_job_age": shown(self.max_job_age),
+                "max_clock_skew": shown(self.max_clock_skew),
                 "max_pending_publishes": self.max_pending_publishes,
-                "publish_timeout_ms": self.publish_timeout_ms,
+                "publish_timeout": shown(self.publish_timeout),
                 "max_buffered_requests": self.max_buffered_requests,
-                "relay_wait_ms": self.relay_wait_ms,
+                "relay_wait": shown(self.relay_wait),
                 "max_relays": self.max_relays,
             },
             "streams": {
                 "jobs_max_msgs": self.jobs_max_msgs,
                 "jobs_max_bytes": self.jobs_max_bytes,
-                "duplicate_window_secs": self.duplicate_window_secs,
-                "results_max_age_secs": self.results_max_age_secs,
-                "dlq_max_age_secs": self.dlq_max_age_secs,
+                "duplicate_window": shown(self.duplicate_window),
+                "results_max_age": shown(self.results_max_age),
+                "dlq_max_age": shown(self.dlq_max_age),
             },
             "nats": fleet_service::nats_summary(&self.nats.nats_url, &self.nats.auth),
             "tenants": tenants,
@@ -200,16 +194,19 @@ mod tests {
     #[test]
     fn replay_bound_must_fit_the_duplicate_window() {
         assert!(parse(&[]).validate().is_ok());
-        let err = parse(&["--max-job-age-secs", "200"])
-            .validate()
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::ReplayWindow(230, 120)));
-        // A sum past u64 must not wrap around into a small, accepted window.
-        let huge = u64::MAX.to_string();
-        let err = parse(&["--max-job-age-secs", &huge])
-            .validate()
-            .unwrap_err();
-        assert!(matches!(err, ConfigError::ReplayWindow(u64::MAX, 120)));
+        let err = parse(&["--max-job-age", "200s"]).validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ReplayWindow(replay, window)
+                if replay == Duration::from_secs(230) && window == Duration::from_secs(120)),
+            "{err}"
+        );
+        // A sum past the largest duration must not wrap around into a small, accepted window.
+        let huge = format!("{}s", u64::MAX);
+        let err = parse(&["--max-job-age", &huge]).validate().unwrap_err();
+        assert!(
+            matches!(err, ConfigError::ReplayWindow(replay, _) if replay == Duration::MAX),
+            "{err}"
+        );
         assert!(matches!(
             parse(&["--models", "a.b"]).validate(),
             Err(ConfigError::BadModelName(_))
@@ -230,6 +227,8 @@ mod tests {
         assert_eq!(info.role, "dispatcher");
         assert_eq!(info.details["models"], json!(["m1", "m2"]));
         assert_eq!(info.details["limits"]["max_inputs"], 7);
+        assert_eq!(info.details["limits"]["relay_wait"], "1m");
+        assert_eq!(info.details["streams"]["dlq_max_age"], "7days");
         assert_eq!(info.details["nats"]["url"], "nats://127.0.0.1:4222");
         assert_eq!(info.details["tenants"], "file tenants.toml");
         let shown = info.details.to_string();

@@ -73,9 +73,9 @@ impl Dispatcher {
             metrics,
             publish_slots: Arc::new(Semaphore::new(config.max_pending_publishes as usize)),
             publish_slots_capacity: config.max_pending_publishes,
-            publish_timeout: config.publish_timeout(),
+            publish_timeout: config.publish_timeout,
             results: streams.results,
-            relay_wait: config.relay_wait(),
+            relay_wait: config.relay_wait,
             relay_slots: Arc::new(Semaphore::new(config.max_relays)),
         }))
     }

@@ -18,7 +18,7 @@ const ADMISSION_BUCKETS: [f64; 12] = [
     0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 ];
 /// A JetStream publish is a round trip to the server and a store (sub-ms on loopback, ms on a
-/// network, more with replication), bounded by `--publish-timeout-ms` (5 s by default).
+/// network, more with replication), bounded by `--publish-timeout` (5 s by default).
 const PUBLISH_BUCKETS: [f64; 11] = [
     0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1.0, 5.0,
 ];

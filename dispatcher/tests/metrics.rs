@@ -47,8 +47,8 @@ async fn start() -> Running {
     let args = ["dispatcher", "--nats-url", nats.url()].into_iter().chain([
         "--metrics-addr",
         "127.0.0.1:0",
-        "--relay-wait-ms",
-        "1500",
+        "--relay-wait",
+        "1500ms",
     ]);
     let config: DispatcherConfig =
         fleet_service::load_config(args.map(Into::into)).expect("config");
@@ -209,7 +209,7 @@ async fn after_a_known_workload_the_request_metrics_equal_the_workload() {
     );
     scrape.assert_family("fleet_dispatcher_relays_waiting", "gauge", None);
 
-    // No result comes: the repeated call stops waiting after --relay-wait-ms.
+    // No result comes: the repeated call stops waiting after --relay-wait.
     eventually(WAIT, "the relay given up", || async {
         (Scrape::of(&fleet.registry).value("fleet_dispatcher_relays_waiting") == 0.0).then_some(())
     })

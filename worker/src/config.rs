@@ -53,9 +53,9 @@ pub struct WorkerArgs {
     #[arg(long, env = "FLEET_MAX_BATCH_TOKENS", default_value_t = 16384)]
     pub max_batch_tokens: usize,
 
-    /// Longest an input waits for more work before a batch that is not full runs, in ms.
-    #[arg(long, env = "FLEET_MAX_DELAY_MS", default_value_t = 5)]
-    pub max_delay_ms: u64,
+    /// Longest an input waits for more work before a batch that is not full runs.
+    #[arg(long, env = "FLEET_MAX_DELAY", default_value = "5ms", value_parser = humantime::parse_duration)]
+    pub max_delay: Duration,
 
     /// Most jobs this worker holds unacknowledged at once; it pulls no more until some finish.
     #[arg(long, env = "FLEET_MAX_IN_FLIGHT", default_value_t = 256)]
@@ -72,7 +72,7 @@ pub struct WorkerArgs {
     /// How long the server waits for an ack before redelivering a job (e.g. `3s`, `500ms`).
     /// Workers send in-progress acks three times per ack wait while they hold a job, so this
     /// bounds failover: a killed worker's jobs go to another worker within it.
-    #[arg(long, env = "FLEET_ACK_WAIT", default_value = "3s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_ACK_WAIT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub ack_wait: Duration,
 
     /// Deliveries of a job before it goes to the dead-letter stream.
@@ -82,30 +82,30 @@ pub struct WorkerArgs {
     /// Redelivery delays, one per delivery (comma-separated, e.g. `30s,60s`). The server takes
     /// the first as the ack wait of the first delivery, so it must equal `--ack-wait`. Empty:
     /// every redelivery waits `--ack-wait`.
-    #[arg(long, env = "FLEET_BACKOFF", value_delimiter = ',', value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_BACKOFF", value_delimiter = ',', value_parser = humantime::parse_duration)]
     pub backoff: Vec<Duration>,
 
     /// Delay before a job that failed transiently (results not stored, model error) is retried.
-    #[arg(long, env = "FLEET_RETRY_DELAY", default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_RETRY_DELAY", default_value = "2s", value_parser = humantime::parse_duration)]
     pub retry_delay: Duration,
 
     /// How often a worker looks for queued jobs the server will not deliver again (out of
     /// deliveries, or orphaned by a broker crash) and settles them; also once at start.
-    #[arg(long, env = "FLEET_RECONCILE_EVERY", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_RECONCILE_EVERY", default_value = "30s", value_parser = humantime::parse_duration)]
     pub reconcile_every: Duration,
 
     /// How often the worker reads the queue's state from JetStream for its metrics (the
     /// consumer's lag, the streams' sizes): one request per stream and one for the consumer.
-    #[arg(long, env = "FLEET_QUEUE_METRICS_EVERY", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_QUEUE_METRICS_EVERY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub queue_metrics_every: Duration,
 
     /// Longest a batch may run on the model, before the per-token allowance below; past it the
     /// model is taken to be hung: the worker hands its jobs back and exits.
-    #[arg(long, env = "FLEET_BATCH_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_BATCH_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub batch_timeout: Duration,
 
     /// Extra time a batch may run per padded token.
-    #[arg(long, env = "FLEET_BATCH_TIMEOUT_PER_TOKEN", default_value = "1ms", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_BATCH_TIMEOUT_PER_TOKEN", default_value = "1ms", value_parser = humantime::parse_duration)]
     pub batch_timeout_per_token: Duration,
 
     /// Failed batches in a row after which the worker stops pulling and exits (a broken model
@@ -127,7 +127,7 @@ pub struct WorkerArgs {
     pub metrics_addr: SocketAddr,
 
     /// On SIGTERM/SIGINT, how long to finish the jobs in flight before giving up on them.
-    #[arg(long, env = "FLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    #[arg(long, env = "FLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
 }
 
@@ -164,25 +164,6 @@ impl fmt::Display for DeviceSpec {
             DeviceSpec::Cpu => f.write_str("cpu"),
             DeviceSpec::Cuda(n) => write!(f, "cuda:{n}"),
         }
-    }
-}
-
-/// Parses `250ms`, `30s`, `2m` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 250ms, 30s or 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "" | "s" => Ok(Duration::from_secs(n)),
-        "m" => n
-            .checked_mul(60)
-            .map(Duration::from_secs)
-            .ok_or_else(|| format!("{s:?} is too long")),
-        _ => Err(format!("{s:?}: unknown unit {unit:?} (ms, s or m)")),
     }
 }
 
@@ -309,7 +290,7 @@ impl WorkerConfig {
             batch: BatchLimits {
                 max_batch_size: args.max_batch_size,
                 max_batch_tokens: args.max_batch_tokens,
-                max_delay: Duration::from_millis(args.max_delay_ms),
+                max_delay: args.max_delay,
             },
             max_in_flight: args.max_in_flight,
             fetch_batch: args.fetch_batch,
@@ -345,26 +326,26 @@ impl WorkerConfig {
             "limits": {
                 "max_batch_size": self.batch.max_batch_size,
                 "max_batch_tokens": self.batch.max_batch_tokens,
-                "max_delay": format!("{:?}", self.batch.max_delay),
+                "max_delay": humantime::format_duration(self.batch.max_delay).to_string(),
                 "max_in_flight": self.max_in_flight,
                 "fetch_batch": self.fetch_batch,
                 "max_job_bytes": self.max_job_bytes,
-                "batch_timeout": format!("{:?}", guard.batch_timeout),
-                "batch_timeout_per_token": format!("{:?}", guard.batch_timeout_per_token),
+                "batch_timeout": humantime::format_duration(guard.batch_timeout).to_string(),
+                "batch_timeout_per_token": humantime::format_duration(guard.batch_timeout_per_token).to_string(),
                 "max_model_failures": guard.max_model_failures,
             },
             "consumer": {
                 "durable_name": consumer.durable_name,
                 "filter_subject": consumer.filter_subject,
-                "ack_wait": format!("{:?}", consumer.ack_wait),
+                "ack_wait": humantime::format_duration(consumer.ack_wait).to_string(),
                 "max_deliver": consumer.max_deliver,
                 "backoff": consumer.backoff.iter().map(|step| format!("{step:?}")).collect::<Vec<_>>(),
                 "max_ack_pending": consumer.max_ack_pending,
             },
-            "retry_delay": format!("{:?}", self.retry_delay),
-            "reconcile_every": format!("{:?}", self.reconcile_every),
-            "queue_metrics_every": format!("{:?}", self.queue_metrics_every),
-            "shutdown_timeout": format!("{:?}", self.shutdown_timeout),
+            "retry_delay": humantime::format_duration(self.retry_delay).to_string(),
+            "reconcile_every": humantime::format_duration(self.reconcile_every).to_string(),
+            "queue_metrics_every": humantime::format_duration(self.queue_metrics_every).to_string(),
+            "shutdown_timeout": humantime::format_duration(self.shutdown_timeout).to_string(),
             "nats": nats_summary(&self.nats_url, nats),
             "tenants": tenants,
         });
@@ -443,7 +424,7 @@ mod tests {
             ]
         );
         assert!(WorkerArgs::try_parse_from(["worker", "--device", "tpu"]).is_err());
-        assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", "3 weeks"]).is_err());
+        assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", "3 fortnights"]).is_err());
         let minutes = format!("{}m", u64::MAX);
         assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", &minutes]).is_err());
     }

@@ -154,7 +154,7 @@ async fn a_worker_is_not_ready_while_it_drains() {
         "fake-model",
     ]
     .into_iter()
-    .chain(["--max-batch-tokens", "4096", "--max-delay-ms", "0"]);
+    .chain(["--max-batch-tokens", "4096", "--max-delay", "0s"]);
     let config = WorkerConfig::from_args(WorkerArgs::try_parse_from(args).expect("arguments"))
         .expect("config");
     // Each batch takes a while, so the drain of a held job lasts long enough to be seen.

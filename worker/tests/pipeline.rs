@@ -552,7 +552,7 @@ async fn one_poison_input_fails_only_its_own_job() {
     embedder.poison("kaboom");
     let worker = fleet
         .worker(
-            config(fleet.server.url(), &["--max-delay-ms", "300"]),
+            config(fleet.server.url(), &["--max-delay", "300ms"]),
             embedder.clone(),
         )
         .await;
@@ -1061,7 +1061,7 @@ async fn one_batch_mixes_inputs_of_several_jobs() {
         .worker(
             config(
                 fleet.server.url(),
-                &["--max-delay-ms", "300", "--max-batch-size", "32"],
+                &["--max-delay", "300ms", "--max-batch-size", "32"],
             ),
             embedder.clone(),
         )

@@ -129,10 +129,7 @@ async fn two_worker_processes_share_one_consumer_and_both_work() {
 async fn jobs_held_by_a_killed_worker_are_answered_once_by_the_other() {
     let fleet = Fleet::start().await;
     // This worker holds jobs for a minute waiting for a fuller batch, then dies.
-    let mut doomed = fleet.worker(
-        "doomed",
-        &["--max-delay-ms", "60000", "--max-batch-size", "64"],
-    );
+    let mut doomed = fleet.worker("doomed", &["--max-delay", "60s", "--max-batch-size", "64"]);
     let jobs = jobs("failover", 5);
     fleet.enqueue_all(&jobs).await;
     fleet.streams.wait_held(MODEL, 5, WAIT).await;
@@ -159,7 +156,7 @@ async fn sigterm_finishes_the_jobs_in_flight_and_exits_zero() {
     let fleet = Fleet::start().await;
     let mut worker = fleet.worker(
         "graceful",
-        &["--max-delay-ms", "60000", "--max-batch-size", "64"],
+        &["--max-delay", "60s", "--max-batch-size", "64"],
     );
     let jobs = jobs("graceful", 5);
     fleet.enqueue_all(&jobs).await;
