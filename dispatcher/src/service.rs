@@ -31,7 +31,7 @@ use fleet_schemas::{
     ErrorBody, ErrorCode, Job, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
     subject::{self, Ingress},
 };
-use fleet_service::TraceParent;
+use fleet_service::{AUDIT_TARGET, TraceParent};
 use futures::StreamExt;
 use tokio::sync::Semaphore;
 use tracing::{Instrument, field::Empty};
@@ -194,7 +194,9 @@ impl Dispatcher {
         if reply_to_job && message.reply.is_none() {
             // A synchronous call with no inbox has nobody to answer; queuing it would waste work.
             self.metrics.count_rejection(kind, ErrorCode::Malformed);
-            tracing::warn!(subject = %message.subject, "infer request without a reply subject dropped");
+            tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = "rejected",
+                code = ErrorCode::Malformed.as_str(), kind = kind_name(kind), model = %model,
+                subject = %message.subject, "infer request without a reply subject dropped");
             return;
         }
         let slot = match self.publish_slots.clone().try_acquire_owned() {
@@ -268,6 +270,7 @@ impl Dispatcher {
                 match self.relay_slots.clone().try_acquire_owned() {
                     Ok(relay_slot) => {
                         self.metrics.count_queued(kind, true);
+                        audit_queued(kind, true);
                         let _waiting = GaugedPermit::new(relay_slot, &self.metrics.relays_waiting);
                         self.relay_result(&message, &admitted.job, seq).await;
                     }
@@ -456,6 +459,7 @@ impl Dispatcher {
                 duplicate,
             } => {
                 self.metrics.count_queued(kind, duplicate);
+                audit_queued(kind, duplicate);
                 if reply_to_job {
                     // The worker answers synchronous callers once the job has run.
                     return;
@@ -471,9 +475,12 @@ impl Dispatcher {
             }
             Outcome::Rejected(rejection) => {
                 self.metrics.count_rejection(kind, rejection.code());
-                tracing::warn!(code = %rejection.code(), job_id = %rejection.job_id,
-                    tenant = %rejection.tenant, subject = %message.subject,
-                    reason = %rejection.error.message, "job rejected");
+                // The audit event of a refusal; its ids are the span's, and the job's own where
+                // it could be read (a refusal before the signature is checked has none).
+                tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = "rejected",
+                    code = rejection.code().as_str(), kind = kind_name(kind),
+                    job_id = %rejection.job_id, tenant = %rejection.tenant, model,
+                    subject = %message.subject, reason = %rejection.error.message, "job rejected");
                 let mut headers = HeaderMap::new();
                 headers.insert(subject::SERVICE_ERROR_CODE, rejection.code().as_str());
                 headers.insert(
@@ -523,6 +530,23 @@ impl Dispatcher {
         if let Err(err) = self.client.publish_with_headers(reply, headers, body).await {
             tracing::warn!(%err, "cannot answer the caller");
         }
+    }
+}
+
+/// The audit event of an admitted job (queued now, or already queued: `duplicate`), written
+/// where it is counted. It carries nothing but constants: the job's ids (`job_id`, `tenant`,
+/// `model`, `key_id`, `trace_id`) are its span's, recorded at admission, so the hot path formats
+/// nothing for it.
+fn audit_queued(kind: RequestKind, duplicate: bool) {
+    let outcome = if duplicate { "duplicate" } else { "accepted" };
+    tracing::info!(target: AUDIT_TARGET, action = "admission", outcome, kind = kind_name(kind),
+        "job admitted");
+}
+
+fn kind_name(kind: RequestKind) -> &'static str {
+    match kind {
+        RequestKind::Infer => "infer",
+        RequestKind::Submit => "submit",
     }
 }
 

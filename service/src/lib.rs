@@ -12,8 +12,13 @@ pub mod trace;
 pub use config::{ConfigError, load_config, load_config_or_exit};
 pub use discovery::{DISPATCHER_SERVICE, Discovery, DiscoveryError, WORKER_SERVICE};
 pub use events::ConnectionEvents;
+/// The target of audit events, shipped to their own index: `tracing::info!(target: AUDIT_TARGET, ...)`.
+pub use fleet_shipping::AUDIT_TARGET;
 pub use http::{Check, Endpoints, HttpServer, Info, Readiness, nats_summary, serve_http};
-pub use logging::{LogArgs, LogFormat, init_logging, init_logging_to};
+pub use logging::{
+    LOG_ES_PASSWORD_ENV, LogArgs, LogFormat, Logging, LoggingError, init_cli_logging, init_logging,
+    init_logging_to,
+};
 pub use nats::{NatsArgs, NatsAuthArgs, NatsError, Secret, redact_url};
 pub use trace::TraceParent;
 

@@ -17,6 +17,7 @@ use async_nats::{
 use fleet_schemas::{Job, JobResult, SigningKey, VerifyingKey, decode, encode, subject};
 use nix::{sys::signal, unistd::Pid};
 
+pub mod elasticsearch;
 pub mod http;
 pub mod openbao;
 pub mod openmetrics;

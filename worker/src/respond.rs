@@ -24,6 +24,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::OwnedSemaphorePermit;
 
 use fleet_keys::KeyStore;
+use fleet_service::AUDIT_TARGET;
 
 use crate::{
     job::read_verified_job,
@@ -381,7 +382,11 @@ impl Responder {
                 return;
             }
         }
-        tracing::warn!(job_id = job.map(|j| j.job_id.as_str()), %code, %reason, "job dead-lettered");
+        // The audit event of the dead letter (tenant and job id are the claimed ones when the
+        // job did not verify, and absent when it could not be read).
+        tracing::warn!(target: AUDIT_TARGET, action = "dead_letter", code = code.as_str(),
+            job_id = job.map(|j| j.job_id.as_str()), tenant = job.map(|j| j.tenant.as_str()),
+            model = %self.model, %reason, "job dead-lettered");
         drop(held.lease);
         if let Err(error) = held.msg.double_ack_with(AckKind::Term).await {
             tracing::warn!(error = %AnswerError::Settle(error), "dead-lettered job not terminated; a redelivery settles it");
@@ -458,7 +463,11 @@ impl Responder {
             tracing::error!(sequence, %error, "abandoned job stays on the queue");
             return;
         }
-        tracing::warn!(sequence, job_id = job.as_ref().map(|j| j.job_id.as_str()), %reason, "abandoned job dead-lettered");
+        tracing::warn!(target: AUDIT_TARGET, action = "dead_letter",
+            code = ErrorCode::Internal.as_str(), sequence,
+            job_id = job.as_ref().map(|j| j.job_id.as_str()),
+            tenant = job.as_ref().map(|j| j.tenant.as_str()), model = %self.model, %reason,
+            "abandoned job dead-lettered");
         let destination = Destination {
             job: job.as_ref(),
             job_seq: Some(sequence),

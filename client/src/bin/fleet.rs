@@ -33,6 +33,8 @@ mod progress;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    log: fleet_service::LogArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -295,7 +297,17 @@ struct NewKeyArgs {
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
-    match Cli::parse().command {
+    let cli = Cli::parse();
+    // Warnings on stderr; with --log-es-url, the audit events of tenant changes shipped too.
+    let logging = fleet_service::init_cli_logging(&cli.log, "fleet")?;
+    let ran = run(cli.command).await;
+    // A command is short: what it logged is sent before it exits.
+    logging.shutdown().await;
+    ran
+}
+
+async fn run(command: Command) -> anyhow::Result<()> {
+    match command {
         Command::Keygen {
             tenant,
             key_id,
@@ -551,9 +563,50 @@ async fn manage_tenants<S: TenantAdmin>(source: S, action: TenantAction) -> anyh
             return apply_with_key(&source, change, &out).await;
         }
     };
-    source.apply(change).await?;
+    apply_audited(&source, change).await?;
     eprintln!("{}: done", source.describe());
     Ok(())
+}
+
+/// Applies a change and writes its audit event (`fleet::audit`, shipped to the audit index with
+/// --log-es-url): which tenant and key, in which store, by which user, applied or refused. Key
+/// ids only: never a key, public or secret.
+async fn apply_audited<S: TenantAdmin>(
+    source: &S,
+    change: Change,
+) -> Result<(), fleet_keys::AdminError> {
+    let (action, tenant, key_id, retired_key_id) = match &change {
+        Change::AddTenant { tenant, key, .. } => (
+            "tenant_added",
+            Some(tenant.clone()),
+            key.key_id.clone(),
+            None,
+        ),
+        Change::AddKey {
+            tenant,
+            key,
+            retire,
+        } => (
+            "key_added",
+            Some(tenant.clone()),
+            key.key_id.clone(),
+            retire.as_ref().map(|retire| retire.key_id.clone()),
+        ),
+        Change::Retire(retire) => ("key_retired", None, retire.key_id.clone(), None),
+        Change::Revoke { key_id } => ("key_revoked", None, key_id.clone(), None),
+    };
+    let applied = source.apply(change).await;
+    let outcome = if applied.is_ok() {
+        "applied"
+    } else {
+        "refused"
+    };
+    let user = std::env::var("USER").ok();
+    tracing::info!(target: fleet_service::AUDIT_TARGET, action, outcome,
+        tenant = tenant.as_deref(), key_id = key_id.as_str(),
+        retired_key_id = retired_key_id.as_deref(), store = %source.describe(),
+        user = user.as_deref(), "tenant change");
+    applied
 }
 
 /// Applies a change that registers a key whose secret was just written to `out`; a refused
@@ -563,7 +616,7 @@ async fn apply_with_key<S: TenantAdmin>(
     change: Change,
     out: &std::path::Path,
 ) -> anyhow::Result<()> {
-    if let Err(error) = source.apply(change).await {
+    if let Err(error) = apply_audited(source, change).await {
         let _ = std::fs::remove_file(out);
         return Err(error.into());
     }
