@@ -81,6 +81,10 @@ pub struct DispatcherConfig {
     /// How long dead letters stay on FLEET_DLQ.
     #[arg(long, env = "FLEET_DLQ_MAX_AGE", default_value = "7days", value_parser = humantime::parse_duration)]
     pub dlq_max_age: Duration,
+    /// Copies of each stream: 1 on a single nats-server, 3 on a JetStream cluster (survives the
+    /// loss of one node). Checked like every other stream setting: every dispatcher must agree.
+    #[arg(long, env = "FLEET_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
+    pub replicas: u8,
     /// Address of the HTTP endpoints: /metrics (Prometheus), /health, /ready, /info (port 0:
     /// any free port, logged at start).
     #[arg(
@@ -144,6 +148,7 @@ impl DispatcherConfig {
             duplicate_window: self.duplicate_window,
             results_max_age: self.results_max_age,
             dlq_max_age: self.dlq_max_age,
+            replicas: usize::from(self.replicas),
         }
     }
 
@@ -170,6 +175,7 @@ impl DispatcherConfig {
                 "duplicate_window": shown(self.duplicate_window),
                 "results_max_age": shown(self.results_max_age),
                 "dlq_max_age": shown(self.dlq_max_age),
+                "replicas": self.replicas,
             },
             "nats": fleet_service::nats_summary(&self.nats.nats_url, &self.nats.auth),
             "tenants": tenants,

@@ -27,6 +27,9 @@ pub struct StreamLimits {
     pub results_max_age: Duration,
     /// How long dead letters stay on `FLEET_DLQ`.
     pub dlq_max_age: Duration,
+    /// Copies of each stream kept by a JetStream cluster: 1 on a single server, 3 on a cluster
+    /// (what survives one lost node; JetStream's own replication, Raft per stream).
+    pub replicas: usize,
 }
 
 impl Default for StreamLimits {
@@ -37,6 +40,7 @@ impl Default for StreamLimits {
             duplicate_window: Duration::from_secs(120),
             results_max_age: Duration::from_secs(24 * 3600),
             dlq_max_age: Duration::from_secs(7 * 24 * 3600),
+            replicas: 1,
         }
     }
 }
@@ -138,6 +142,7 @@ pub fn jobs_stream(limits: &StreamLimits) -> stream::Config {
         max_messages: limits.jobs_max_msgs,
         max_bytes: limits.jobs_max_bytes,
         duplicate_window: limits.duplicate_window,
+        num_replicas: limits.replicas,
         ..Default::default()
     }
 }
@@ -157,6 +162,7 @@ pub fn results_stream(limits: &StreamLimits) -> stream::Config {
         max_messages_per_subject: 1,
         // Results are read by subject (`fleet.results.<tenant>.<job_id>`), one message each.
         allow_direct: true,
+        num_replicas: limits.replicas,
         ..Default::default()
     }
 }
@@ -171,6 +177,7 @@ pub fn dlq_stream(limits: &StreamLimits) -> stream::Config {
         max_messages: UNLIMITED,
         max_bytes: UNLIMITED,
         duplicate_window: limits.duplicate_window,
+        num_replicas: limits.replicas,
         ..Default::default()
     }
 }
@@ -223,6 +230,12 @@ pub fn differences(wanted: &stream::Config, found: &stream::Config) -> Vec<Diffe
             &found.duplicate_window,
         )
         .field("allow_direct", &wanted.allow_direct, &found.allow_direct)
+        // A single server reports 1 for a stream asked for with 0 (its default).
+        .field(
+            "num_replicas",
+            &wanted.num_replicas.max(1),
+            &found.num_replicas.max(1),
+        )
         .finish()
 }
 
@@ -334,11 +347,12 @@ mod tests {
         let mut found = wanted.clone();
         found.discard = DiscardPolicy::Old;
         found.duplicate_window = Duration::ZERO;
+        found.num_replicas = 3;
         let fields: Vec<_> = differences(&wanted, &found)
             .into_iter()
             .map(|d| d.field)
             .collect();
-        assert_eq!(fields, ["discard", "duplicate_window"]);
+        assert_eq!(fields, ["discard", "duplicate_window", "num_replicas"]);
     }
 
     #[test]

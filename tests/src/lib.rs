@@ -17,6 +17,7 @@ use async_nats::{
 use fleet_schemas::{Job, JobResult, SigningKey, VerifyingKey, decode, encode, subject};
 use nix::{sys::signal, unistd::Pid};
 
+pub mod cluster;
 pub mod elasticsearch;
 pub mod http;
 pub mod openbao;
@@ -173,11 +174,19 @@ pub struct Streams {
 impl Streams {
     /// Connects to `server` and creates Fleet's streams with their default limits.
     pub async fn create(server: &NatsServer) -> Streams {
-        let streams = Streams::connect(server).await;
-        fleet_streams::ensure_all(&streams.js, &fleet_streams::StreamLimits::default())
+        Streams::create_with(server.client().await, &Default::default()).await
+    }
+
+    /// Creates Fleet's streams with `limits` (a cluster's replicas, say) through `client`.
+    pub async fn create_with(
+        client: async_nats::Client,
+        limits: &fleet_streams::StreamLimits,
+    ) -> Streams {
+        let js = jetstream::new(client.clone());
+        fleet_streams::ensure_all(&js, limits)
             .await
             .expect("Fleet's streams");
-        streams
+        Streams { client, js }
     }
 
     /// Connects to `server`, leaving the streams to whoever creates them (a dispatcher).

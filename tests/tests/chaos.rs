@@ -24,7 +24,9 @@ use std::{
 
 use async_nats::Message;
 use fleet_schemas::{Job, JobResult, ResultStatus, decode, encode, now_ms, subject};
-use fleet_tests::{NatsServer, Process, Signal, Streams, TestTenant, binary, model_dir};
+use fleet_tests::{
+    NatsServer, Process, Signal, Streams, TestTenant, binary, cluster::NatsCluster, model_dir,
+};
 use futures::StreamExt;
 use tokio::task::JoinHandle;
 
@@ -90,8 +92,7 @@ struct Observer {
 }
 
 impl Observer {
-    async fn start(server: &NatsServer) -> Observer {
-        let client = server.client().await;
+    async fn start(client: async_nats::Client) -> Observer {
         let mut answers = client
             .subscribe(format!("{INBOXES}.>"))
             .await
@@ -149,6 +150,18 @@ impl Observer {
 
     fn deliveries(&self) -> Vec<Delivery> {
         lock(&self.seen).deliveries.clone()
+    }
+
+    /// When each answer came, earliest first.
+    fn answer_times(&self) -> Vec<Instant> {
+        let mut times: Vec<Instant> = lock(&self.seen)
+            .answers
+            .values()
+            .flatten()
+            .map(|a| a.at)
+            .collect();
+        times.sort();
+        times
     }
 
     /// Workers that have answered at least once.
@@ -224,11 +237,48 @@ fn make_jobs(prefix: &str, count: usize) -> Vec<Job> {
         .collect()
 }
 
+/// Where a scenario's fleet finds NATS: one server, or a JetStream cluster.
+enum Broker {
+    Server(NatsServer),
+    Cluster(NatsCluster),
+}
+
+impl Broker {
+    /// What processes are given as `--nats-url`: every node of a cluster.
+    fn url(&self) -> &str {
+        match self {
+            Broker::Server(server) => server.url(),
+            Broker::Cluster(cluster) => cluster.urls(),
+        }
+    }
+
+    async fn client(&self) -> async_nats::Client {
+        match self {
+            Broker::Server(server) => server.client().await,
+            Broker::Cluster(cluster) => cluster.client().await,
+        }
+    }
+
+    fn server(&mut self) -> &mut NatsServer {
+        match self {
+            Broker::Server(server) => server,
+            Broker::Cluster(_) => panic!("this scenario runs on one server"),
+        }
+    }
+
+    fn cluster(&mut self) -> &mut NatsCluster {
+        match self {
+            Broker::Cluster(cluster) => cluster,
+            Broker::Server(_) => panic!("this scenario runs on a cluster"),
+        }
+    }
+}
+
 /// One scenario's fleet: a server, its streams, the watcher, workers in numbered slots (a
 /// killed worker's replacement takes its slot with a new name), and the jobs sent.
 struct Chaos {
     name: &'static str,
-    server: NatsServer,
+    broker: Broker,
     streams: Streams,
     observer: Observer,
     model_dir: PathBuf,
@@ -244,15 +294,25 @@ struct Chaos {
 }
 
 impl Chaos {
+    /// A scenario on one nats-server.
     async fn start(name: &'static str) -> Chaos {
-        let server = NatsServer::start();
-        let streams = Streams::create(&server).await;
-        let observer = Observer::start(&server).await;
+        Chaos::on(
+            name,
+            Broker::Server(NatsServer::start()),
+            &fleet_streams::StreamLimits::default(),
+        )
+        .await
+    }
+
+    /// A scenario on `broker`, Fleet's streams made with `limits`.
+    async fn on(name: &'static str, broker: Broker, limits: &fleet_streams::StreamLimits) -> Chaos {
+        let streams = Streams::create_with(broker.client().await, limits).await;
+        let observer = Observer::start(broker.client().await).await;
         let tenants = tempfile::tempdir().expect("temporary directory");
         fleet_tests::write_tenants_file(tenants.path(), &[TENANT]);
         Chaos {
             name,
-            server,
+            broker,
             streams,
             observer,
             model_dir: model_dir(),
@@ -295,7 +355,7 @@ impl Chaos {
             &self.worker_program,
             &[
                 "--nats-url",
-                self.server.url(),
+                self.broker.url(),
                 "--model-dir",
                 &model_dir,
                 "--worker-name",
@@ -662,9 +722,9 @@ async fn server_restarts(name: &'static str, signal: Signal) {
     chaos.wait_started().await;
     for _ in 0..pick(3, 10) {
         tokio::time::sleep(Duration::from_secs(3)).await;
-        chaos.server.stop(signal);
+        chaos.broker.server().stop(signal);
         tokio::time::sleep(Duration::from_secs(1)).await;
-        chaos.server.restart();
+        chaos.broker.server().restart();
     }
     let faults_over = Instant::now();
     feeder.stop().await;
@@ -757,7 +817,7 @@ async fn callers_retrying_through_killed_dispatchers_are_each_answered_once_per_
     )
     .expect("tenants file");
     let tenants = tenants.to_string_lossy().into_owned();
-    let url = chaos.server.url().to_owned();
+    let url = chaos.broker.url().to_owned();
     let dispatcher = |name: &str| {
         Process::spawn_binary(
             "dispatcher",
@@ -779,7 +839,7 @@ async fn callers_retrying_through_killed_dispatchers_are_each_answered_once_per_
         chaos.start_worker(slot);
     });
 
-    let client = chaos.server.tenant_client(TENANT).await;
+    let client = chaos.broker.server().tenant_client(TENANT).await;
     // Callers, each sending a new job once its last is answered, until the faults are over.
     let (calling, stop_calling) = tokio::sync::watch::channel(true);
     let mut callers = tokio::task::JoinSet::new();
@@ -941,4 +1001,68 @@ async fn a_killed_workers_jobs_go_to_another_worker_within_seconds_and_no_earlie
         redelivered_max < 10.0,
         "failover took {redelivered_max:.1} s"
     );
+}
+
+/// The longest time without an answer from `from` to `to`: how long the fleet stood still.
+fn longest_silence(answers: &[Instant], from: Instant, to: Instant) -> Duration {
+    let mut last = from;
+    let mut longest = Duration::ZERO;
+    for &at in answers.iter().filter(|&&at| at > from && at <= to) {
+        longest = longest.max(at - last);
+        last = at;
+    }
+    longest.max(to - last)
+}
+
+/// Longest the fleet may stand still after a node of its cluster dies: JetStream elects new
+/// leaders for the streams and the workers' consumer, and clients reconnect to another node.
+const CLUSTER_FAILOVER_LIMIT: Duration = Duration::from_secs(10);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_queues_leader_killed_on_a_3_node_cluster_loses_nothing_and_the_fleet_goes_on() {
+    let _one = ONE_AT_A_TIME.lock().await;
+    let limits = fleet_streams::StreamLimits {
+        replicas: 3,
+        ..Default::default()
+    };
+    let broker = Broker::Cluster(NatsCluster::start(3).await);
+    let mut chaos = Chaos::on("FLEET_JOBS leader SIGKILL, 3-node cluster", broker, &limits).await;
+    for slot in 0..2 {
+        chaos.start_worker(slot);
+    }
+    let feeder = chaos.feed(BACKLOG);
+    chaos.wait_started().await;
+    let mut silences = Vec::new();
+    for _ in 0..pick(2, 6) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let js = chaos.streams.js.clone();
+        let cluster = chaos.broker.cluster();
+        let leader = cluster.stream_leader(&js, subject::JOBS_STREAM).await;
+        let killed = Instant::now();
+        cluster.stop(leader, Signal::SIGKILL);
+        // The two nodes left are a majority: the fleet goes on without the third.
+        tokio::time::sleep(CLUSTER_FAILOVER_LIMIT + Duration::from_secs(5)).await;
+        let back = Instant::now();
+        silences.push(longest_silence(
+            &chaos.observer.answer_times(),
+            killed,
+            back,
+        ));
+        chaos.broker.cluster().restart(leader);
+    }
+    let faults_over = Instant::now();
+    feeder.stop().await;
+    let row = chaos.finish(faults_over).await;
+    let shown: Vec<String> = silences
+        .iter()
+        .map(|s| format!("{:.1} s", s.as_secs_f64()))
+        .collect();
+    eprintln!("longest time without an answer after each leader kill: {shown:?}");
+    row.assert_clean();
+    for silence in silences {
+        assert!(
+            silence < CLUSTER_FAILOVER_LIMIT,
+            "no answer for {silence:?} after a leader was killed (limit {CLUSTER_FAILOVER_LIMIT:?}): {row}"
+        );
+    }
 }

@@ -1,0 +1,182 @@
+//! A JetStream cluster of `nats-server` processes on loopback: the broker a fleet runs on when
+//! one lost node must not stop it. Each node has its own store and can be stopped (SIGTERM or
+//! SIGKILL) and started again on the same ports and store, as [`crate::NatsServer`] can.
+
+use std::{
+    net::TcpListener,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use async_nats::jetstream::{self, context::GetStreamErrorKind};
+
+use crate::{NatsServer, Process, Signal, eventually};
+
+/// How long a cluster may take to elect its JetStream meta leader after its nodes listen.
+const META_LEADER_WAIT: Duration = Duration::from_secs(60);
+
+/// One node: its name (`n1`…), client port, configuration file and process (None while
+/// stopped).
+struct Node {
+    name: String,
+    port: u16,
+    config: PathBuf,
+    process: Option<Process>,
+}
+
+/// `size` nodes routed to each other, JetStream on every one.
+pub struct NatsCluster {
+    nodes: Vec<Node>,
+    /// Every node's client URL, comma-separated: what clients are given, so they reconnect to
+    /// whichever node is up.
+    urls: String,
+    _dir: tempfile::TempDir,
+}
+
+impl NatsCluster {
+    /// Starts `size` nodes and returns once JetStream has a meta leader (streams can be made).
+    pub async fn start(size: usize) -> NatsCluster {
+        let dir = tempfile::tempdir().expect("temporary folder for the cluster");
+        let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let route_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
+        let routes = route_ports
+            .iter()
+            .map(|port| format!("\"nats-route://127.0.0.1:{port}\""))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut nodes = Vec::new();
+        for (index, (&port, &route_port)) in client_ports.iter().zip(&route_ports).enumerate() {
+            let name = format!("n{}", index + 1);
+            let store = dir.path().join(&name);
+            std::fs::create_dir_all(&store).expect("node store");
+            let config = dir.path().join(format!("{name}.conf"));
+            std::fs::write(
+                &config,
+                format!(
+                    "server_name: {name}\n\
+                     jetstream {{ store_dir: \"{store}\" }}\n\
+                     cluster {{\n  name: fleet-test\n  listen: \"127.0.0.1:{route_port}\"\n  \
+                     routes: [{routes}]\n}}\n",
+                    store = store.display()
+                ),
+            )
+            .expect("node configuration");
+            nodes.push(Node {
+                name,
+                port,
+                config,
+                process: None,
+            });
+        }
+        let urls = client_ports
+            .iter()
+            .map(|port| format!("nats://127.0.0.1:{port}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut cluster = NatsCluster {
+            nodes,
+            urls,
+            _dir: dir,
+        };
+        for node in 0..size {
+            cluster.start_node(node);
+        }
+        cluster.wait_meta_leader().await;
+        cluster
+    }
+
+    /// Every node's URL, comma-separated, as Fleet's `--nats-url` takes them.
+    pub fn urls(&self) -> &str {
+        &self.urls
+    }
+
+    /// A client that knows every node and reconnects to any.
+    pub async fn client(&self) -> async_nats::Client {
+        let urls: Vec<async_nats::ServerAddr> = self
+            .urls
+            .split(',')
+            .map(|url| url.parse().expect("a node URL"))
+            .collect();
+        async_nats::ConnectOptions::new()
+            .retry_on_initial_connect()
+            .connect(urls)
+            .await
+            .expect("connect to the test cluster")
+    }
+
+    /// The index of the node called `name` (a stream's leader as JetStream reports it).
+    pub fn node_named(&self, name: &str) -> Option<usize> {
+        self.nodes.iter().position(|node| node.name == name)
+    }
+
+    /// The node leading `stream` now (its Raft group's leader).
+    pub async fn stream_leader(&self, js: &jetstream::Context, stream: &str) -> usize {
+        eventually(
+            Duration::from_secs(30),
+            "a leader of the stream",
+            || async {
+                let mut stream = js.get_stream(stream).await.ok()?;
+                let info = stream.info().await.ok()?;
+                let leader = info.cluster.as_ref()?.leader.as_deref()?;
+                self.node_named(leader)
+            },
+        )
+        .await
+    }
+
+    /// Stops node `node` with `signal` and waits until it has exited; its store is kept.
+    pub fn stop(&mut self, node: usize, signal: Signal) {
+        if let Some(mut process) = self.nodes[node].process.take() {
+            process.signal(signal);
+            process.wait_exit(Duration::from_secs(30));
+        }
+    }
+
+    /// Starts a stopped node again on its ports with its store.
+    pub fn restart(&mut self, node: usize) {
+        self.stop(node, Signal::SIGTERM);
+        self.start_node(node);
+    }
+
+    fn start_node(&mut self, index: usize) {
+        let node = &mut self.nodes[index];
+        let (process, port) =
+            NatsServer::spawn(Path::new(""), i32::from(node.port), Some(&node.config));
+        assert_eq!(
+            port, node.port,
+            "node {} listens on another port",
+            node.name
+        );
+        node.process = Some(process);
+    }
+
+    /// JetStream answers API requests only once the cluster has elected its meta leader: until
+    /// then a stream lookup times out or is answered "temporarily unavailable", after it "not
+    /// found". (Account info would be the natural probe, but async-nats cannot read a clustered
+    /// nats-server 2.9's answer to it.)
+    async fn wait_meta_leader(&self) {
+        let client = self.client().await;
+        let js = jetstream::new(client);
+        eventually(META_LEADER_WAIT, "a JetStream meta leader", || async {
+            match js.get_stream("FLEET_TEST_PROBE").await {
+                Err(error) => matches!(
+                    error.kind(),
+                    GetStreamErrorKind::JetStream(e)
+                        if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+                )
+                .then_some(()),
+                Ok(_) => Some(()),
+            }
+        })
+        .await;
+    }
+}
+
+/// A loopback port free now. The cluster's nodes must know each other's ports before any of
+/// them starts, so the ports cannot come from the servers themselves.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|addr| addr.port())
+        .expect("a free loopback port")
+}
