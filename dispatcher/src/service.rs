@@ -12,7 +12,7 @@
 //!   successes instead would make the service's error count always 0.
 //! - Counts: the library counts and times a request when it is answered through it. An
 //!   admitted `infer`, most of the traffic, is answered by a worker, and a relay up to
-//!   `--relay-wait-ms` later, so its request counts would miss most requests.
+//!   `--relay-wait` later, so its request counts would miss most requests.
 //! - Stopping: an endpoint stops by unsubscribing at once; requests the server had already
 //!   handed to this member of the queue group (no other member gets them) are dropped
 //!   unanswered. [`Listening::run`] drains instead, and answers every request it was given.
@@ -400,20 +400,14 @@ impl Dispatcher {
             headers.insert(subject::REPLY_TO, reply.as_str());
         }
         let started = Instant::now();
-        let sent = self
-            .jetstream
-            .publish_with_headers(subject::jobs(&job.model), headers, message.payload.clone())
-            .await;
-        let acked = match sent {
-            Ok(ack_future) => tokio::time::timeout(self.publish_timeout, ack_future)
-                .await
-                .unwrap_or_else(|_| {
-                    Err(jetstream::context::PublishError::new(
-                        PublishErrorKind::TimedOut,
-                    ))
-                }),
-            Err(err) => Err(err),
-        };
+        let acked = publish_with_retries(
+            &self.jetstream,
+            self.publish_timeout,
+            subject::jobs(&job.model),
+            headers,
+            message.payload.clone(),
+        )
+        .await;
         self.metrics
             .publish_seconds
             .observe(started.elapsed().as_secs_f64());
@@ -579,6 +573,59 @@ fn check_reply(
             })
         }
         _ => Ok(()),
+    }
+}
+
+/// First pause between two attempts to queue a job; doubled after each, up to
+/// [`PUBLISH_RETRY_MAX_PAUSE`].
+const PUBLISH_RETRY_FIRST_PAUSE: Duration = Duration::from_millis(50);
+const PUBLISH_RETRY_MAX_PAUSE: Duration = Duration::from_millis(800);
+
+/// Queues `payload` on `subject`, again while JetStream cannot take it yet, until
+/// `publish_timeout` has passed since the first attempt. On a cluster a stream has no leader
+/// for a few seconds after its leader's node dies (the publish is answered "no responders"),
+/// and a connection to a dying node breaks mid-request (no answer, or a broken pipe). Each
+/// retry is safe: it carries the same `Nats-Msg-Id`, and the queue stores one message per id
+/// within its duplicate window (longer than the publish timeout), so a retry of a publish
+/// that did land is answered `duplicate` with the first sequence, never queued twice.
+async fn publish_with_retries(
+    jetstream: &jetstream::Context,
+    publish_timeout: Duration,
+    subject: String,
+    headers: async_nats::HeaderMap,
+    payload: bytes::Bytes,
+) -> Result<jetstream::publish::PublishAck, jetstream::context::PublishError> {
+    let deadline = tokio::time::Instant::now() + publish_timeout;
+    let mut pause = PUBLISH_RETRY_FIRST_PAUSE;
+    loop {
+        let attempt = async {
+            jetstream
+                .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+                .await?
+                .await
+        };
+        let result = tokio::time::timeout_at(deadline, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                Err(jetstream::context::PublishError::new(
+                    PublishErrorKind::TimedOut,
+                ))
+            });
+        match result {
+            Err(err)
+                if matches!(
+                    err.kind(),
+                    PublishErrorKind::StreamNotFound
+                        | PublishErrorKind::TimedOut
+                        | PublishErrorKind::BrokenPipe
+                ) && tokio::time::Instant::now() + pause < deadline =>
+            {
+                tracing::debug!(%subject, error = %err, "the queue did not take the job; retrying");
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(PUBLISH_RETRY_MAX_PAUSE);
+            }
+            other => return other,
+        }
     }
 }
 

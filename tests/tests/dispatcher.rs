@@ -494,6 +494,31 @@ async fn a_stopping_dispatcher_answers_every_request_delivered_to_it() {
     assert_eq!(fleet.queued_jobs().await, sent);
 }
 
+/// What a JetStream cluster does for a few seconds after the node leading FLEET_JOBS dies:
+/// nobody answers a publish to the queue. Here the stream is gone for a moment instead.
+#[tokio::test]
+async fn a_job_the_queue_cannot_take_for_a_moment_is_queued_once_it_can() {
+    let fleet = Fleet::start(1, &[]).await;
+    let jobs_stream = fleet_streams::jobs_stream(&Default::default());
+    fleet
+        .streams
+        .js
+        .delete_stream(subject::JOBS_STREAM)
+        .await
+        .expect("delete FLEET_JOBS");
+    let job = fleet.job("acme", vec!["while the queue has no leader".into()]);
+    let submitted = fleet.submit(fleet.signed(&fleet.acme.key, &job));
+    let queue_back = async {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        fleet_streams::ensure_stream(&fleet.streams.js, jobs_stream)
+            .await
+            .expect("FLEET_JOBS again");
+    };
+    let ((reply, _), ()) = tokio::join!(submitted, queue_back);
+    assert_eq!(reply.status, SubmitStatus::Accepted, "{:?}", reply.error);
+    assert_eq!(fleet.queued_jobs().await, 1);
+}
+
 #[tokio::test]
 async fn a_full_queue_answers_overloaded_without_blocking() {
     let fleet = Fleet::start(1, &["--jobs-max-msgs", "2"]).await;
