@@ -109,6 +109,13 @@ pub enum ConfigError {
         humantime::format_duration(*.1)
     )]
     ReplayWindow(Duration, Duration),
+    #[error(
+        "publish_timeout ({}) must not exceed duplicate_window ({}): a job published again \
+         within the timeout must be stored once",
+        humantime::format_duration(*.0),
+        humantime::format_duration(*.1)
+    )]
+    PublishRetryWindow(Duration, Duration),
     #[error("at least one model must be served")]
     NoModels,
     #[error(transparent)]
@@ -121,6 +128,12 @@ impl DispatcherConfig {
         let replay = self.max_job_age.saturating_add(self.max_clock_skew);
         if replay > self.duplicate_window {
             return Err(ConfigError::ReplayWindow(replay, self.duplicate_window));
+        }
+        if self.publish_timeout > self.duplicate_window {
+            return Err(ConfigError::PublishRetryWindow(
+                self.publish_timeout,
+                self.duplicate_window,
+            ));
         }
         if self.models.is_empty() {
             return Err(ConfigError::NoModels);
@@ -213,6 +226,10 @@ mod tests {
             matches!(err, ConfigError::ReplayWindow(replay, _) if replay == Duration::MAX),
             "{err}"
         );
+        assert!(matches!(
+            parse(&["--publish-timeout", "3m"]).validate(),
+            Err(ConfigError::PublishRetryWindow(..))
+        ));
         assert!(matches!(
             parse(&["--models", "a.b"]).validate(),
             Err(ConfigError::BadModelName(_))
