@@ -3,14 +3,13 @@
 //! SIGKILL) and started again on the same ports and store, as [`crate::NatsServer`] can.
 
 use std::{
-    net::TcpListener,
     path::{Path, PathBuf},
     time::Duration,
 };
 
 use async_nats::jetstream::{self, context::GetStreamErrorKind};
 
-use crate::{NatsServer, Process, Signal, eventually};
+use crate::{NatsServer, Process, Signal, eventually, free_port};
 
 /// How long a cluster may take to elect its JetStream meta leader after its nodes listen.
 const META_LEADER_WAIT: Duration = Duration::from_secs(60);
@@ -170,13 +169,4 @@ impl NatsCluster {
         })
         .await;
     }
-}
-
-/// A loopback port free now. The cluster's nodes must know each other's ports before any of
-/// them starts, so the ports cannot come from the servers themselves.
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .map(|addr| addr.port())
-        .expect("a free loopback port")
 }

@@ -190,12 +190,7 @@ pub fn osmem_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("FLEET_OSMEM") {
         return PathBuf::from(path);
     }
-    let exe = std::env::current_exe().expect("current test executable");
-    // <target>/<profile>/deps/<test binary>
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("test executable lives in <target>/<profile>/deps");
+    let target = crate::target_dir();
     let venv = target.join("osmem-venv/lib");
     // The package data lies under lib/python3.X/site-packages/, X being the venv's Python.
     let found = std::fs::read_dir(&venv).ok().and_then(|entries| {

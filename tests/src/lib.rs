@@ -420,14 +420,41 @@ impl Drop for Process {
     }
 }
 
-/// The workspace's target directory of the profile the tests were built with: test binaries
-/// live in `<target>/<profile>/deps/`, the workspace's binaries in `<target>/<profile>/`.
-pub fn binary(name: &str) -> PathBuf {
+/// The directory test binaries were built in: `<target>/<profile>/deps/`, where the
+/// workspace's binaries are in `<target>/<profile>/` and the servers the install scripts put in
+/// virtual environments are in `<target>/`.
+fn test_binary_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe
+    exe.parent()
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_owned()
+}
+
+/// The target directory the tests were built in (`CARGO_TARGET_DIR` or `target/`), where
+/// `ops/install-*.sh` put the servers they install.
+pub fn target_dir() -> PathBuf {
+    test_binary_dir()
+        .ancestors()
+        .nth(2)
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_owned()
+}
+
+/// A loopback port free now, for a server that cannot pick its own (or whose port others must
+/// know before it starts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .expect("a free loopback port")
+        .port()
+}
+
+/// A workspace binary of the profile the tests were built with.
+pub fn binary(name: &str) -> PathBuf {
+    let profile_dir = test_binary_dir()
         .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in <target>/<profile>/deps");
+        .expect("test executable lives in <target>/<profile>/deps")
+        .to_owned();
     let path = profile_dir.join(name);
     assert!(
         path.exists(),

@@ -7,13 +7,13 @@
 
 use std::{
     io::{Read, Write},
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     path::PathBuf,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use crate::{Process, Signal};
+use crate::{Process, Signal, free_port};
 
 /// A running `bao server -dev`.
 pub struct OpenBao {
@@ -128,12 +128,7 @@ pub fn bao_binary() -> PathBuf {
     if let Some(path) = std::env::var_os("FLEET_BAO") {
         return PathBuf::from(path);
     }
-    let exe = std::env::current_exe().expect("current test executable");
-    // <target>/<profile>/deps/<test binary>
-    let target = exe
-        .ancestors()
-        .nth(3)
-        .expect("test executable lives in <target>/<profile>/deps");
+    let target = crate::target_dir();
     let path = target.join("openbao-venv/bin/bao");
     assert!(
         path.exists(),
@@ -141,13 +136,6 @@ pub fn bao_binary() -> PathBuf {
         path.display()
     );
     path
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
 
 fn random_token() -> String {

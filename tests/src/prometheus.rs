@@ -8,7 +8,7 @@
 use std::{
     fmt::Write as _,
     io::{Read, Write},
-    net::{SocketAddr, TcpListener, TcpStream},
+    net::{SocketAddr, TcpStream},
     path::{Path, PathBuf},
     process::{Command, Stdio},
     time::{Duration, Instant},
@@ -16,7 +16,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::Process;
+use crate::{Process, free_port};
 
 /// The scrape interval (and rule evaluation interval) of the test server.
 pub const SCRAPE_INTERVAL: Duration = Duration::from_secs(1);
@@ -281,11 +281,4 @@ pub fn url_encode(text: &str) -> String {
             _ => format!("%{byte:02X}"),
         })
         .collect()
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|listener| listener.local_addr())
-        .expect("a free loopback port")
-        .port()
 }
