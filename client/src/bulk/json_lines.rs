@@ -167,13 +167,21 @@ impl Sink for Output {
         // written by this run.
         let failed = input.lines().filter_map(|line| match line {
             Ok(line) => {
-                let row: Value = serde_json::from_str(&line).unwrap_or(Value::Null);
-                (row["status"] != "ok").then_some(Ok(line))
+                let ok = serde_json::from_str::<Status>(&line).is_ok_and(|row| row.status == "ok");
+                (!ok).then_some(Ok(line))
             }
             Err(source) => Some(Err(read(source))),
         });
         write_errors(errors, failed)
     }
+}
+
+/// The one field of an output line that a resume and the errors file read: serde skips the
+/// rest (the vector) without building it, several times faster than a whole `Value` over an
+/// output of a million rows.
+#[derive(serde::Deserialize)]
+struct Status {
+    status: Value,
 }
 
 /// How many rows `output` holds whole; a torn last line (a kill mid-write) is cut off.
@@ -203,12 +211,11 @@ fn resume_point(output: &Path) -> Result<u64, BulkError> {
         if read == 0 || !line.ends_with('\n') {
             break;
         }
-        let parsed: Result<Value, _> = serde_json::from_str(&line);
-        if !parsed.as_ref().is_ok_and(|row| row.get("status").is_some()) {
+        if let Err(error) = serde_json::from_str::<Status>(&line) {
             return Err(BulkError::Output {
                 path: shown(),
                 line: rows + 1,
-                reason: parsed.err().map_or("no status".into(), |e| e.to_string()),
+                reason: error.to_string(),
             });
         }
         rows += 1;
