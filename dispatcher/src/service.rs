@@ -423,8 +423,13 @@ impl Dispatcher {
             }
             Err(err) => {
                 let rejection = match err.kind() {
-                    PublishErrorKind::TimedOut | PublishErrorKind::MaxAckPending => {
-                        overloaded(admitted, "the queue did not confirm the job in time")
+                    // Retried until the publish timeout: the queue is away (no stream leader,
+                    // as in a cluster without a quorum, or no broker), not the job at fault.
+                    PublishErrorKind::TimedOut
+                    | PublishErrorKind::MaxAckPending
+                    | PublishErrorKind::StreamNotFound
+                    | PublishErrorKind::BrokenPipe => {
+                        overloaded(admitted, "the queue did not take the job in time")
                     }
                     PublishErrorKind::Other if is_queue_full(&err) => {
                         overloaded(admitted, "the queue is full")

@@ -91,12 +91,24 @@ impl NatsCluster {
 
     /// A client that knows every node and reconnects to any.
     pub async fn client(&self) -> async_nats::Client {
+        self.client_with(async_nats::ConnectOptions::new()).await
+    }
+
+    /// A client of `tenant`, taking its answers on the tenant's inboxes, as
+    /// [`NatsServer::tenant_client`].
+    pub async fn tenant_client(&self, tenant: &str) -> async_nats::Client {
+        let options = async_nats::ConnectOptions::new()
+            .custom_inbox_prefix(fleet_schemas::subject::inbox_prefix(tenant));
+        self.client_with(options).await
+    }
+
+    async fn client_with(&self, options: async_nats::ConnectOptions) -> async_nats::Client {
         let urls: Vec<async_nats::ServerAddr> = self
             .urls
             .split(',')
             .map(|url| url.parse().expect("a node URL"))
             .collect();
-        async_nats::ConnectOptions::new()
+        options
             .retry_on_initial_connect()
             .connect(urls)
             .await
@@ -128,6 +140,14 @@ impl NatsCluster {
         if let Some(mut process) = self.nodes[node].process.take() {
             process.signal(signal);
             process.wait_exit(Duration::from_secs(30));
+        }
+    }
+
+    /// Sends `signal` to a running node: SIGSTOP freezes it (to the others it is cut off, as in
+    /// a network partition), SIGCONT lets it go on.
+    pub fn signal(&self, node: usize, signal: Signal) {
+        if let Some(process) = &self.nodes[node].process {
+            process.signal(signal);
         }
     }
 

@@ -191,7 +191,11 @@ impl Streams {
 
     /// Connects to `server`, leaving the streams to whoever creates them (a dispatcher).
     pub async fn connect(server: &NatsServer) -> Streams {
-        let client = server.client().await;
+        Streams::connect_client(server.client().await)
+    }
+
+    /// The streams through `client` (of a cluster, say), made by whoever makes them.
+    pub fn connect_client(client: async_nats::Client) -> Streams {
         let js = jetstream::new(client.clone());
         Streams { client, js }
     }

@@ -1,0 +1,229 @@
+//! A fleet on a 3-node JetStream cluster (streams kept by three nodes, `--replicas 3`), real
+//! `dispatcher` and `worker` processes given every node's URL: what it does when the cluster
+//! loses its quorum and gets it back, and when every node restarts. (The leader of the queue
+//! killed and a node frozen under load are chaos scenarios: tests/tests/chaos.rs.)
+
+use std::time::Duration;
+
+use fleet_schemas::{ErrorCode, Job, SubmitReply, SubmitStatus, decode, encode, now_ms, subject};
+use fleet_tests::{
+    Process, Signal, Streams, TestTenant, cluster::NatsCluster, eventually, model_dir,
+    write_tenants_file,
+};
+
+const MODEL: &str = "all-minilm-l6-v2";
+const TENANT: &str = "acme";
+/// Longest a dispatcher may retry a publish before answering; short, so that a test of a lost
+/// quorum is quick.
+const PUBLISH_TIMEOUT: &str = "2s";
+/// How long a submit may take to be answered, whatever the cluster is doing.
+const ANSWER_LIMIT: Duration = Duration::from_secs(15);
+/// How long the fleet may take to work again after the cluster is whole.
+const RESUME_LIMIT: Duration = Duration::from_secs(90);
+
+/// A dispatcher and a worker on a 3-node cluster, the streams made by the dispatcher with three
+/// replicas.
+struct ClusterFleet {
+    cluster: NatsCluster,
+    streams: Streams,
+    caller: async_nats::Client,
+    tenant: TestTenant,
+    _dispatcher: Process,
+    worker: Option<Process>,
+    tenants: tempfile::TempDir,
+}
+
+impl ClusterFleet {
+    async fn start() -> ClusterFleet {
+        let cluster = NatsCluster::start(3).await;
+        let tenants = tempfile::tempdir().expect("temporary directory");
+        let tenants_file = write_tenants_file(tenants.path(), &[TENANT]);
+        let tenants_file = tenants_file.to_string_lossy().into_owned();
+        let dispatcher = Process::spawn_binary(
+            "dispatcher",
+            &[
+                "--nats-url",
+                cluster.urls(),
+                "--tenants",
+                &tenants_file,
+                "--replicas",
+                "3",
+                "--publish-timeout",
+                PUBLISH_TIMEOUT,
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            &[("RUST_LOG", "warn")],
+        );
+        let streams = Streams::connect_client(cluster.client().await);
+        eventually(
+            Duration::from_secs(30),
+            "the dispatcher's streams",
+            || async {
+                streams
+                    .js
+                    .get_stream(subject::JOBS_STREAM)
+                    .await
+                    .ok()
+                    .map(|_| ())
+            },
+        )
+        .await;
+        let caller = cluster.tenant_client(TENANT).await;
+        let mut fleet = ClusterFleet {
+            cluster,
+            streams,
+            caller,
+            tenant: TestTenant::new(TENANT),
+            _dispatcher: dispatcher,
+            worker: None,
+            tenants,
+        };
+        fleet.start_worker();
+        fleet
+    }
+
+    fn start_worker(&mut self) {
+        let tenants = self.tenants.path().join("tenants.toml");
+        let model = model_dir();
+        self.worker = Some(Process::spawn_binary(
+            "worker",
+            &[
+                "--nats-url",
+                self.cluster.urls(),
+                "--tenants",
+                &tenants.to_string_lossy(),
+                "--model-dir",
+                &model.to_string_lossy(),
+                "--metrics-addr",
+                "127.0.0.1:0",
+            ],
+            &[("RUST_LOG", "warn")],
+        ));
+    }
+
+    fn stop_worker(&mut self) {
+        if let Some(mut worker) = self.worker.take() {
+            worker.signal(Signal::SIGTERM);
+            assert_eq!(worker.wait_exit(Duration::from_secs(30)), Some(0));
+        }
+    }
+
+    fn job(&self, id: &str) -> Job {
+        Job::embed(id, TENANT, MODEL, vec![format!("text of {id}")], now_ms())
+    }
+
+    /// Submits `job` once; the answer, or None when none came within [`ANSWER_LIMIT`].
+    async fn submit(&self, job: &Job) -> Option<SubmitReply> {
+        let payload = encode(&self.tenant.key.sign_job(job).expect("sign")).expect("encode");
+        let request = self.caller.request(subject::submit(MODEL), payload.into());
+        let answer = tokio::time::timeout(ANSWER_LIMIT, request)
+            .await
+            .ok()?
+            .ok()?;
+        Some(decode(&answer.payload, 1 << 20).expect("a submit reply"))
+    }
+
+    /// Submits `job` until it is accepted.
+    async fn submit_until_accepted(&self, job: &Job) -> SubmitReply {
+        eventually(
+            RESUME_LIMIT,
+            &format!("{} accepted", job.job_id),
+            || async {
+                self.submit(job)
+                    .await
+                    .filter(|reply| reply.status == SubmitStatus::Accepted)
+            },
+        )
+        .await
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_quorum_a_submit_is_answered_overloaded_and_the_fleet_resumes_on_its_own() {
+    let mut fleet = ClusterFleet::start().await;
+    let before = fleet.job("before");
+    fleet.submit_until_accepted(&before).await;
+    fleet.streams.wait_result(&before, RESUME_LIMIT).await;
+
+    // Two of three nodes gone: no stream can have a leader.
+    fleet.cluster.stop(1, Signal::SIGTERM);
+    fleet.cluster.stop(2, Signal::SIGTERM);
+    let during = fleet.job("during");
+    let reply = fleet
+        .submit(&during)
+        .await
+        .expect("a submit without a quorum is answered, not left hanging");
+    assert_eq!(reply.status, SubmitStatus::Rejected, "{reply:?}");
+    assert_eq!(
+        reply.error.as_ref().map(|e| e.code),
+        Some(ErrorCode::Overloaded),
+        "{reply:?}"
+    );
+
+    // Whole again: the same job is taken (once) and run, nobody restarted.
+    fleet.cluster.restart(1);
+    fleet.cluster.restart(2);
+    fleet.submit_until_accepted(&during).await;
+    let result = fleet.streams.wait_result(&during, RESUME_LIMIT).await;
+    assert_eq!(result.job_id, "during");
+    fleet.streams.wait_queue_empty(RESUME_LIMIT).await;
+    assert_eq!(fleet.streams.results_stored_again().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_cluster_restart_keeps_the_queue_and_the_stored_results() {
+    let mut fleet = ClusterFleet::start().await;
+    let answered: Vec<Job> = (0..5)
+        .map(|i| fleet.job(&format!("answered-{i}")))
+        .collect();
+    for job in &answered {
+        fleet.submit_until_accepted(job).await;
+    }
+    for job in &answered {
+        fleet.streams.wait_result(job, RESUME_LIMIT).await;
+    }
+    // Queued with no worker to take them.
+    fleet.stop_worker();
+    let queued: Vec<Job> = (0..5).map(|i| fleet.job(&format!("queued-{i}"))).collect();
+    for job in &queued {
+        fleet.submit_until_accepted(job).await;
+    }
+
+    for node in 0..3 {
+        fleet.cluster.stop(node, Signal::SIGTERM);
+    }
+    for node in 0..3 {
+        fleet.cluster.restart(node);
+    }
+
+    // The queued jobs and the stored results are all there, once each.
+    let held = |stream: &'static str| {
+        let js = fleet.streams.js.clone();
+        async move {
+            let mut stream = js.get_stream(stream).await.ok()?;
+            Some(stream.info().await.ok()?.state.messages)
+        }
+    };
+    let waiting = eventually(RESUME_LIMIT, "the queue back", || {
+        held(subject::JOBS_STREAM)
+    })
+    .await;
+    let results = eventually(RESUME_LIMIT, "the results back", || {
+        held(subject::RESULTS_STREAM)
+    })
+    .await;
+    assert_eq!(waiting, queued.len() as u64);
+    assert_eq!(results, answered.len() as u64);
+    // Read by direct get, which the restarted nodes answer once they have caught up.
+    for job in &answered {
+        fleet.streams.wait_result(job, RESUME_LIMIT).await;
+    }
+    // A worker started now runs them.
+    fleet.start_worker();
+    for job in &queued {
+        fleet.streams.wait_result(job, RESUME_LIMIT).await;
+    }
+    fleet.streams.wait_queue_empty(RESUME_LIMIT).await;
+    assert_eq!(fleet.streams.results_stored_again().await, 0);
+}
