@@ -44,7 +44,9 @@ assert config["cluster"]["enabled"] and config["cluster"]["replicas"] == 3, "a c
 assert config["jetstream"]["enabled"] and config["jetstream"]["fileStore"]["enabled"], "JetStream, file store"
 print(f"ok   {sys.argv[1].split('/ops/')[-1]}: Helm values (YAML; cluster of 3 with JetStream)")
 PY
-summary=$("$venv/bin/python" "$k8s/check.py" "$kube_version" "${rendered[@]}" | tee /dev/stderr | tail -n 1) || status=1
+"$venv/bin/python" "$k8s/check.py" "$kube_version" "${rendered[@]}" >"$out/check.txt" || status=1
+cat "$out/check.txt"
+summary=$(tail -n 1 "$out/check.txt")
 passed=$(awk '{ print $1 }' <<<"$summary")
 failed=$(awk '{ print $3 }' <<<"$summary")
 [ "$status" -eq 0 ] || [ "${failed:-0}" -gt 0 ] || failed=1

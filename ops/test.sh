@@ -46,6 +46,8 @@ else
   [ "$py_failed" -gt 0 ] || py_failed=1
   echo "test result: FAILED. $py_passed passed; $py_failed failed (clients/python)" | tee -a "$log"
 fi
+# Kubernetes manifests against the Kubernetes and KEDA schemas (strict): prints its own line.
+ops/check-k8s.sh | tee -a "$log" | grep -v '^ok ' || status=1
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"
