@@ -3,25 +3,34 @@
 
 use std::{
     io::IsTerminal,
-    sync::atomic::{AtomicBool, Ordering},
-    time::Instant,
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::{Duration, Instant},
 };
 
 use fleet_client::bulk::{BulkError, BulkSummary};
-use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle, TermLike};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressState, ProgressStyle};
 
 /// When to show the bar.
 #[derive(Debug, Clone, Copy, clap::ValueEnum)]
 pub enum When {
     /// Only when stderr is a terminal: a log file gets the summary alone.
     Auto,
-    /// Also when stderr is not a terminal, as a line a second.
+    /// Also when stderr is not a terminal (a log), as a line at most every 10 s.
     Always,
     Never,
 }
 
+/// How often a log gets a progress line.
+const LINE_EVERY: Duration = Duration::from_secs(10);
+
 pub struct Bar {
     bar: Option<ProgressBar>,
+    /// When stderr is not a terminal: the bar is hidden (it only keeps the rate and ETA), and
+    /// a line is written when this long has passed since the last one.
+    lines: Option<Mutex<Instant>>,
     /// Whether the bar has been moved to the rows an earlier run did (its first update).
     placed: AtomicBool,
     started: Instant,
@@ -35,29 +44,39 @@ impl Bar {
         total: impl FnOnce() -> Result<Option<u64>, BulkError>,
     ) -> Result<Bar, BulkError> {
         let terminal = std::io::stderr().is_terminal();
-        let target = match when {
-            When::Never => None,
-            When::Auto | When::Always if terminal => Some(ProgressDrawTarget::stderr()),
-            When::Auto => None,
-            When::Always => Some(ProgressDrawTarget::term_like_with_hz(Box::new(Lines), 1)),
+        let (target, lines) = match when {
+            When::Never => (None, None),
+            When::Auto | When::Always if terminal => (Some(ProgressDrawTarget::stderr()), None),
+            When::Auto => (None, None),
+            When::Always => (
+                Some(ProgressDrawTarget::hidden()),
+                Some(Mutex::new(Instant::now())),
+            ),
         };
         let bar = match target {
             Some(target) => {
                 let total = total()?;
                 let template = match total {
                     Some(_) => {
-                        "{elapsed_precise} {wide_bar} {pos}/{len} rows, {per_sec}, ETA {eta} {msg}"
+                        "{elapsed_precise} {wide_bar} {pos}/{len} rows, {rate}, ETA {eta} {msg}"
                     }
-                    None => "{elapsed_precise} {pos} rows, {per_sec} {msg}",
+                    None => "{elapsed_precise} {pos} rows, {rate} {msg}",
                 };
                 let style = ProgressStyle::with_template(template)
-                    .unwrap_or_else(|_| ProgressStyle::default_bar());
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .with_key(
+                        "rate",
+                        |state: &ProgressState, out: &mut dyn std::fmt::Write| {
+                            let _ = write!(out, "{:.0} rows/s", state.per_sec());
+                        },
+                    );
                 Some(ProgressBar::with_draw_target(total, target).with_style(style))
             }
             None => None,
         };
         Ok(Bar {
             bar,
+            lines,
             placed: AtomicBool::new(false),
             started: Instant::now(),
         })
@@ -72,10 +91,25 @@ impl Bar {
             // The rows an earlier run did are not this run's rate.
             bar.reset_eta();
         }
-        bar.set_message(format!(
+        let message = format!(
             "{} failed, {} retries",
             summary.rows_failed, summary.retries
-        ));
+        );
+        if let Some(last) = &self.lines {
+            let mut last = last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            if last.elapsed() >= LINE_EVERY {
+                *last = Instant::now();
+                let total = bar
+                    .length()
+                    .map_or(String::new(), |total| format!("/{total}"));
+                eprintln!(
+                    "{done}{total} rows, {:.0} rows/s, ETA {}, {message}",
+                    bar.per_sec(),
+                    humantime::format_duration(Duration::from_secs(bar.eta().as_secs()))
+                );
+            }
+        }
+        bar.set_message(message);
     }
 
     /// Clears the bar and prints the summary line (or leaves the bar as it was on an error).
@@ -108,41 +142,5 @@ impl Bar {
             summary.rows_failed_in_output,
         );
         Ok(summary)
-    }
-}
-
-/// A draw target for stderr that is not a terminal: each redraw is a new line, as a log wants.
-#[derive(Debug)]
-struct Lines;
-
-impl TermLike for Lines {
-    fn width(&self) -> u16 {
-        100
-    }
-    fn move_cursor_up(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_down(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_right(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn move_cursor_left(&self, _: usize) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn write_line(&self, line: &str) -> std::io::Result<()> {
-        eprintln!("{line}");
-        Ok(())
-    }
-    fn write_str(&self, text: &str) -> std::io::Result<()> {
-        eprint!("{text}");
-        Ok(())
-    }
-    fn clear_line(&self) -> std::io::Result<()> {
-        Ok(())
-    }
-    fn flush(&self) -> std::io::Result<()> {
-        Ok(())
     }
 }
