@@ -520,6 +520,24 @@ async fn a_job_the_queue_cannot_take_for_a_moment_is_queued_once_it_can() {
 }
 
 #[tokio::test]
+async fn a_job_the_queue_cannot_take_within_the_publish_timeout_is_answered_overloaded() {
+    let fleet = Fleet::start(1, &["--publish-timeout", "500ms"]).await;
+    fleet
+        .streams
+        .js
+        .delete_stream(subject::JOBS_STREAM)
+        .await
+        .expect("delete FLEET_JOBS");
+    let job = fleet.job("acme", vec!["nobody takes it".into()]);
+    let (reply, _) = fleet.submit(fleet.signed(&fleet.acme.key, &job)).await;
+    assert_eq!(
+        reply.error.map(|e| e.code),
+        Some(ErrorCode::Overloaded),
+        "the queue is away, not the job at fault: the caller may retry"
+    );
+}
+
+#[tokio::test]
 async fn a_full_queue_answers_overloaded_without_blocking() {
     let fleet = Fleet::start(1, &["--jobs-max-msgs", "2"]).await;
     let mut codes = Vec::new();
