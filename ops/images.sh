@@ -6,7 +6,7 @@
 #   fleet              the command-line client
 #   fleet-nats         nats-server 2.9.10 (Debian's), for ops/compose/
 #
-#   ops/images.sh [--tag TAG] [IMAGE ...]     # default: all four, tag `local`
+#   ops/images.sh [--tag TAG] [--no-build] [IMAGE ...]     # default: all four, tag `local`
 #
 # Each image is FROM scratch: the release binary (stripped), exactly the shared libraries `ldd`
 # lists (the same paths as on this Debian machine, the loader included), /etc/ssl/certs's CA
@@ -15,17 +15,21 @@
 # exec-form ENTRYPOINT so that SIGTERM reaches the process (the worker drains). The Dockerfiles
 # are in ops/docker/; the CUDA worker's (worker-cuda.Dockerfile) is not built here.
 #
-# Builds the binaries first (cargo build --release). Staging goes to target/images/. Prints each
+# Builds the binaries first (cargo build --release) unless --no-build (or FLEET_NO_BUILD=1):
+# then the ones already in target/release are used. Staging goes to target/images/. Prints each
 # image's size at the end; old dangling layers are pruned.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 tag=local
+build=1
+[ "${FLEET_NO_BUILD:-0}" != 1 ] || build=0
 images=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag=$2; shift 2 ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    --no-build) build=0; shift ;;
+    -h|--help) sed -n "2,21p" "$0"; exit 0 ;;
     dispatcher|worker|fleet|nats) images+=("$1"); shift ;;
     *) echo "unknown image or option $1 (dispatcher, worker, fleet, nats)" >&2; exit 2 ;;
   esac
@@ -48,7 +52,7 @@ fi
 need_cargo=0
 for image in "${images[@]}"; do [ "$image" = nats ] || need_cargo=1; done
 target="${CARGO_TARGET_DIR:-$root/target}"
-if [ "$need_cargo" = 1 ]; then
+if [ "$need_cargo" = 1 ] && [ "$build" = 1 ]; then
   cargo build --release --quiet -p fleet-dispatcher -p fleet-worker -p fleet-client --bins
 fi
 

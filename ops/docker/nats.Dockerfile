@@ -8,7 +8,7 @@ USER 10001:10001
 # The monitoring endpoint's /healthz (JetStream included); set NATS_MONITOR to its address.
 ENV NATS_MONITOR=127.0.0.1:8222
 HEALTHCHECK --interval=10s --timeout=3s --start-period=10s --retries=3 \
-  CMD ["/bin/busybox", "sh", "-c", "exec /bin/busybox wget -q -T 2 -O /dev/null http://$NATS_MONITOR/healthz"]
+  CMD ["/bin/busybox", "sh", "-c", "exec /bin/busybox wget -q -O /dev/null http://$NATS_MONITOR/healthz"]
 # SIGTERM: nats-server shuts down cleanly (SIGUSR2 would be lame-duck mode).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/sbin/nats-server"]

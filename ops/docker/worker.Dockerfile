@@ -11,7 +11,7 @@ ENV FLEET_MODEL_DIR=/models/all-MiniLM-L6-v2 \
 # /health answers once the process serves HTTP; readiness (model loaded, consuming) is /ready,
 # for Kubernetes' readinessProbe.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-  CMD ["/bin/busybox", "sh", "-c", "a=${FLEET_METRICS_ADDR/0.0.0.0/127.0.0.1}; exec /bin/busybox wget -q -T 2 -O /dev/null http://$a/health"]
+  CMD ["/bin/busybox", "sh", "-c", "a=${FLEET_METRICS_ADDR/0.0.0.0/127.0.0.1}; exec /bin/busybox wget -q -O /dev/null http://$a/health"]
 # SIGTERM starts the drain: stop pulling, finish and ack what is in flight, within
 # --shutdown-timeout (FLEET_SHUTDOWN_TIMEOUT, 30s). Give `docker stop -t` / compose's
 # stop_grace_period / Kubernetes' terminationGracePeriodSeconds more than that.

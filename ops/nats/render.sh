@@ -2,6 +2,8 @@
 # Renders a Fleet broker configuration for nats-server 2.9.10 into CONF_DIR:
 #
 #   ops/nats/render.sh CONF_DIR [--pki DIR] [--store DIR] [--listen HOST:PORT]
+#                      [--server-name NAME] [--http HOST:PORT]
+#                      [--cluster HOST:PORT --routes URL[,URL...]]
 #
 # CONF_DIR/users.list holds one user per line, `ROLE NAME NKEY` (ROLE: dispatcher, worker,
 # operator or tenant; NAME: for a tenant, the tenant's name; NKEY: the user's public nkey,
@@ -12,6 +14,13 @@
 # of ops/make-dev-pki.sh, the store in CONF_DIR/jetstream, 127.0.0.1:4222). No secret is ever
 # read or written: users.list holds public keys only.
 #
+# One node of a JetStream cluster (each node its own CONF_DIR, store and server name, the same
+# users.list): --server-name NAME (default `fleet`), --cluster HOST:PORT where the node listens
+# for routes, --routes the other nodes' route URLs (nats-route://HOST:PORT,...). Routes use TLS
+# with verification both ways, with the PKI's route.pem and route-key.pem (a certificate for
+# both serverAuth and clientAuth, with the nodes' addresses). --http HOST:PORT turns on the
+# monitoring endpoint (/healthz). Without these options the output is the single server's.
+#
 # Adding a tenant: append `tenant NAME UPUBLICKEY` to users.list, run this script again, then
 # `nats-server --signal reload=PID` (the server keeps its connections and applies the new
 # users; a tenant removed from the list is disconnected).
@@ -20,12 +29,16 @@ here=$(cd "$(dirname "$0")" && pwd)
 [ $# -ge 1 ] || { sed -n '2,16p' "$0" >&2; exit 2; }
 conf=$1
 shift
-pki="" store="" listen=""
+pki="" store="" listen="" server_name="" http="" cluster="" routes=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --pki) pki=$(cd "$2" && pwd); shift 2 ;;
     --store) store=$2; shift 2 ;;
     --listen) listen=$2; shift 2 ;;
+    --server-name) server_name=$2; shift 2 ;;
+    --http) http=$2; shift 2 ;;
+    --cluster) cluster=$2; shift 2 ;;
+    --routes) routes=$2; shift 2 ;;
     *) echo "unknown option $1" >&2; exit 2 ;;
   esac
 done
@@ -33,17 +46,38 @@ mkdir -p "$conf"
 list="$conf/users.list"
 [ -f "$list" ] || { echo "$list is missing (one 'ROLE NAME NKEY' per line)" >&2; exit 1; }
 
-if [ ! -f "$conf/fleet.conf" ] || [ -n "$pki$store$listen" ]; then
+[ -z "$routes" ] || [ -n "$cluster" ] || { echo "--routes needs --cluster" >&2; exit 2; }
+[ -z "$server_name" ] || [[ "$server_name" =~ ^[A-Za-z0-9_-]{1,64}$ ]] ||
+  { echo "bad server name: $server_name" >&2; exit 2; }
+if [ ! -f "$conf/fleet.conf" ] || [ -n "$pki$store$listen$server_name$http$cluster" ]; then
   root=$(cd "$here/../.." && pwd)
   pki=${pki:-$root/.dev-pki}
   store=${store:-$conf/jetstream}
   listen=${listen:-127.0.0.1:4222}
   # '|' delimits sed: paths may hold '/', never '|' (refused below).
-  for value in "$pki" "$store" "$listen"; do
+  for value in "$pki" "$store" "$listen" "$http" "$cluster" "$routes"; do
     case "$value" in *'|'*|*'"'*|*'\'*) echo "unusable path or address: $value" >&2; exit 2 ;; esac
   done
   sed -e "s|@PKI_DIR@|$pki|g" -e "s|@STORE_DIR@|$store|g" -e "s|@LISTEN@|$listen|g" \
     "$here/fleet.conf.template" >"$conf/fleet.conf.tmp"
+  if [ -n "$server_name" ]; then
+    sed -i -e "s|^server_name: fleet\$|server_name: $server_name|" "$conf/fleet.conf.tmp"
+  fi
+  if [ -n "$http" ]; then
+    printf '\n# Monitoring (/healthz, /varz, /jsz): no secrets, but keep it on a private address.\nhttp: "%s"\n' \
+      "$http" >>"$conf/fleet.conf.tmp"
+  fi
+  if [ -n "$cluster" ]; then
+    {
+      printf '\n# One node of a JetStream cluster: routes to the other nodes, TLS verified both ways\n'
+      printf '# (a node presents route.pem as client and as server). Streams with --replicas 3.\n'
+      printf 'cluster {\n  name: fleet\n  listen: "%s"\n  routes: [\n' "$cluster"
+      IFS=, read -r -a route_list <<<"$routes"
+      for route in "${route_list[@]}"; do printf '    "%s"\n' "$route"; done
+      printf '  ]\n  tls {\n    cert_file: "%s/route.pem"\n    key_file: "%s/route-key.pem"\n' "$pki" "$pki"
+      printf '    ca_file: "%s/ca.pem"\n    verify: true\n    timeout: 2\n  }\n}\n' "$pki"
+    } >>"$conf/fleet.conf.tmp"
+  fi
   mv "$conf/fleet.conf.tmp" "$conf/fleet.conf"
 fi
 
