@@ -298,19 +298,65 @@ async fn rows_of_a_job_that_fails_go_to_the_errors_file_and_the_exit_status_says
         "{done:?}"
     );
     assert_eq!(lines_in(&bad_output), 0);
+
+    // So is a Parquet input without the text column, or with a null text; no output is begun.
+    let bad_parquet = fleet.path("bad.parquet");
+    let texts = ["one", "two", "", "four"].map(|text| Some(text.to_owned()));
+    write_parquet(
+        &bad_parquet,
+        (0..4).map(|i| Some(i.to_string())).collect(),
+        texts.to_vec(),
+    );
+    let parquet_output = fleet.path("bad.out.parquet");
+    let done = fleet
+        .submit_with(&bad_parquet, &parquet_output, &["--text-field", "body"])
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    assert!(
+        String::from_utf8_lossy(&done.stderr).contains("no column \"body\""),
+        "{done:?}"
+    );
+    let mut texts = texts.to_vec();
+    texts[2] = None;
+    write_parquet(
+        &bad_parquet,
+        (0..4).map(|i| Some(i.to_string())).collect(),
+        texts,
+    );
+    let done = fleet
+        .submit(&bad_parquet, &parquet_output)
+        .wait_with_output()
+        .unwrap();
+    assert_eq!(done.status.code(), Some(1), "{done:?}");
+    let stderr = String::from_utf8_lossy(&done.stderr);
+    assert!(
+        stderr.contains("input row 3") && stderr.contains("is null"),
+        "{stderr}"
+    );
+    assert!(!parquet_output.exists());
+    assert_eq!(committed_parts(&parquet_output), 0);
 }
 
 /// A Parquet input like [`write_input`]'s, Snappy-compressed (as pandas and Spark write it), in
 /// row groups of 50 rows so that reading and resuming cross row groups.
 fn write_parquet_input(path: &Path, prefix: &str, texts: &[String]) {
+    let ids = (0..texts.len()).map(|i| Some(format!("{prefix}-{i}")));
+    write_parquet(
+        path,
+        ids.collect(),
+        texts.iter().cloned().map(Some).collect(),
+    );
+}
+
+/// A Parquet file of `id` and `text` columns (nulls where None).
+fn write_parquet(path: &Path, ids: Vec<Option<String>>, texts: Vec<Option<String>>) {
     let schema = Arc::new(Schema::new(vec![
-        Field::new("id", DataType::Utf8, false),
-        Field::new("text", DataType::Utf8, false),
+        Field::new("id", DataType::Utf8, true),
+        Field::new("text", DataType::Utf8, true),
     ]));
-    let ids: StringArray = (0..texts.len())
-        .map(|i| Some(format!("{prefix}-{i}")))
-        .collect();
-    let texts: StringArray = texts.iter().map(Some).collect();
+    let ids: StringArray = ids.into_iter().collect();
+    let texts: StringArray = texts.into_iter().collect();
     let batch = RecordBatch::try_new(schema.clone(), vec![Arc::new(ids), Arc::new(texts)]).unwrap();
     let properties = parquet::file::properties::WriterProperties::builder()
         .set_compression(parquet::basic::Compression::SNAPPY)
