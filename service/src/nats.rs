@@ -43,9 +43,16 @@ pub struct NatsArgs {
     pub auth: NatsAuthArgs,
 }
 
-/// Authentication and TLS, without the URL (for binaries whose URL flag is declared elsewhere).
+/// Authentication, TLS and liveness checks, without the URL (for binaries whose URL flag is
+/// declared elsewhere).
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct NatsAuthArgs {
+    /// How often to ping the NATS server. One that misses three pings in a row (frozen, or cut
+    /// off by a network partition while the connection looks open) is left for another server
+    /// of the list; the client library's own default, a minute, would keep a worker on a dead
+    /// node for three. 0 turns pings off.
+    #[arg(long, env = "FLEET_NATS_PING_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub nats_ping_interval: std::time::Duration,
     /// NATS credentials file (user JWT and nkey seed, as `nsc` writes it).
     #[arg(long, env = "NATS_CREDS", conflicts_with_all = ["nats_nkey_file", "nats_user", "nats_token", "nats_token_file"])]
     pub nats_creds: Option<PathBuf>,
@@ -359,9 +366,11 @@ pub async fn connect(
         return Err(NatsError::NoUrl);
     }
     let shown = servers.iter().map(display).collect::<Vec<_>>().join(",");
-    let options = auth
-        .apply(options.connection_timeout(CONNECT_TIMEOUT), from_url)
-        .await?;
+    let mut options = options.connection_timeout(CONNECT_TIMEOUT);
+    if !auth.nats_ping_interval.is_zero() {
+        options = options.ping_interval(auth.nats_ping_interval);
+    }
+    let options = auth.apply(options, from_url).await?;
     // The reason is part of each message, not a `source`, so it is shown once, not again as
     // a cause.
     options.connect(servers).await.map_err(|reason| {

@@ -11,6 +11,9 @@ use async_nats::jetstream::{self, context::GetStreamErrorKind};
 
 use crate::{NatsServer, Process, Signal, eventually, free_port};
 
+/// How often the tests' own clients ping their node, as Fleet's processes do (2 s by default).
+const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(2);
+
 /// How long a cluster may take to elect its JetStream meta leader after its nodes listen.
 const META_LEADER_WAIT: Duration = Duration::from_secs(60);
 
@@ -108,8 +111,10 @@ impl NatsCluster {
             .split(',')
             .map(|url| url.parse().expect("a node URL"))
             .collect();
+        // A frozen node keeps its connections open: pings find it out (as Fleet's processes do).
         options
             .retry_on_initial_connect()
+            .ping_interval(CLIENT_PING_INTERVAL)
             .connect(urls)
             .await
             .expect("connect to the test cluster")

@@ -1018,37 +1018,67 @@ fn longest_silence(answers: &[Instant], from: Instant, to: Instant) -> Duration 
 /// leaders for the streams and the workers' consumer, and clients reconnect to another node.
 const CLUSTER_FAILOVER_LIMIT: Duration = Duration::from_secs(10);
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_job_queues_leader_killed_on_a_3_node_cluster_loses_nothing_and_the_fleet_goes_on() {
+/// What befalls the node leading `FLEET_JOBS` in a cluster scenario.
+#[derive(Clone, Copy)]
+enum NodeFault {
+    /// SIGKILLed, restarted `down` later on its store.
+    Killed,
+    /// SIGSTOPped (to the other nodes and the clients it is cut off, as in a partition), then
+    /// SIGCONTed `down` later: it must catch up.
+    Frozen,
+}
+
+impl NodeFault {
+    /// Longest the fleet may stand still after the fault. A killed node's connections close at
+    /// once; a frozen node's stay open until its clients have missed three pings (Fleet's
+    /// processes ping every 2 s), which adds 6 s to the failover.
+    fn silence_limit(self) -> Duration {
+        match self {
+            NodeFault::Killed => CLUSTER_FAILOVER_LIMIT,
+            NodeFault::Frozen => CLUSTER_FAILOVER_LIMIT + 3 * Duration::from_secs(2),
+        }
+    }
+}
+
+/// On a 3-node cluster with R3 streams under load, the node leading `FLEET_JOBS` meets `fault`
+/// for `down`, `rounds` times: nothing may be lost, stored twice or answered twice, and the
+/// fleet may not stand still for the fault's [`NodeFault::silence_limit`].
+async fn cluster_leader_fault(name: &'static str, fault: NodeFault, down: Duration, rounds: usize) {
     let _one = ONE_AT_A_TIME.lock().await;
     let limits = fleet_streams::StreamLimits {
         replicas: 3,
         ..Default::default()
     };
     let broker = Broker::Cluster(NatsCluster::start(3).await);
-    let mut chaos = Chaos::on("FLEET_JOBS leader SIGKILL, 3-node cluster", broker, &limits).await;
+    let mut chaos = Chaos::on(name, broker, &limits).await;
     for slot in 0..2 {
         chaos.start_worker(slot);
     }
     let feeder = chaos.feed(BACKLOG);
     chaos.wait_started().await;
     let mut silences = Vec::new();
-    for _ in 0..pick(2, 6) {
+    for _ in 0..rounds {
         tokio::time::sleep(Duration::from_secs(3)).await;
         let js = chaos.streams.js.clone();
         let cluster = chaos.broker.cluster();
         let leader = cluster.stream_leader(&js, subject::JOBS_STREAM).await;
-        let killed = Instant::now();
-        cluster.stop(leader, Signal::SIGKILL);
+        let struck = Instant::now();
+        match fault {
+            NodeFault::Killed => cluster.stop(leader, Signal::SIGKILL),
+            NodeFault::Frozen => cluster.signal(leader, Signal::SIGSTOP),
+        }
         // The two nodes left are a majority: the fleet goes on without the third.
-        tokio::time::sleep(CLUSTER_FAILOVER_LIMIT + Duration::from_secs(5)).await;
-        let back = Instant::now();
+        tokio::time::sleep(down).await;
         silences.push(longest_silence(
             &chaos.observer.answer_times(),
-            killed,
-            back,
+            struck,
+            Instant::now(),
         ));
-        chaos.broker.cluster().restart(leader);
+        let cluster = chaos.broker.cluster();
+        match fault {
+            NodeFault::Killed => cluster.restart(leader),
+            NodeFault::Frozen => cluster.signal(leader, Signal::SIGCONT),
+        }
     }
     let faults_over = Instant::now();
     feeder.stop().await;
@@ -1057,12 +1087,35 @@ async fn the_job_queues_leader_killed_on_a_3_node_cluster_loses_nothing_and_the_
         .iter()
         .map(|s| format!("{:.1} s", s.as_secs_f64()))
         .collect();
-    eprintln!("longest time without an answer after each leader kill: {shown:?}");
+    eprintln!("{name}: longest time without an answer after each fault: {shown:?}");
     row.assert_clean();
+    let limit = fault.silence_limit();
     for silence in silences {
         assert!(
-            silence < CLUSTER_FAILOVER_LIMIT,
-            "no answer for {silence:?} after a leader was killed (limit {CLUSTER_FAILOVER_LIMIT:?}): {row}"
+            silence < limit,
+            "no answer for {silence:?} after the leader's node failed (limit {limit:?}): {row}"
         );
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_queues_leader_killed_on_a_3_node_cluster_loses_nothing_and_the_fleet_goes_on() {
+    cluster_leader_fault(
+        "FLEET_JOBS leader SIGKILL, 3-node cluster",
+        NodeFault::Killed,
+        CLUSTER_FAILOVER_LIMIT + Duration::from_secs(5),
+        pick(2, 6),
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_job_queues_leader_frozen_for_30_s_loses_nothing_and_catches_up() {
+    cluster_leader_fault(
+        "FLEET_JOBS leader SIGSTOP 30 s, 3-node cluster",
+        NodeFault::Frozen,
+        Duration::from_secs(30),
+        pick(1, 3),
+    )
+    .await;
 }
