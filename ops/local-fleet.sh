@@ -11,8 +11,9 @@
 #   ops/local-fleet.sh [--observe [SECONDS]]
 #
 # --observe keeps the fleet up afterwards (for SECONDS, default until Ctrl-C) with Prometheus
-# scraping it under the shipped alert rules (ops/observability/), checks that it sees both
-# processes, and prints where to look.
+# scraping it under the shipped alert rules (ops/observability/) and every process shipping its
+# logs and audit events to an Elasticsearch-API server (osmem-server), checks that Prometheus
+# sees both processes and that the job's story reached the log server, and prints where to look.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -20,7 +21,7 @@ observe=""
 case "${1:-}" in
   "") ;;
   --observe) observe=${2:-forever} ;;
-  *) sed -n '2,16p' "$0" >&2; exit 2 ;;
+  *) sed -n '2,17p' "$0" >&2; exit 2 ;;
 esac
 [[ "$observe" =~ ^([0-9]+|forever|)$ ]] || { echo "--observe takes a number of seconds" >&2; exit 2; }
 "$root/ops/install-deps.sh"
@@ -43,10 +44,26 @@ secure_nats_user worker worker-1
 start_secure_nats || fail "nats-server did not start"
 echo "nats-server on $url (TLS with client certificates, nkey users, per-role permissions: ops/nats/)"
 
+# Observed: logs and audit events shipped from the start, so the first job's story is there.
+ship=()
+if [ -n "$observe" ]; then
+  osmem=$("$root/ops/install-osmem.sh" 2>/dev/null)
+  spawn osmem "$osmem" -addr 127.0.0.1:0 -no-stdin-watch -no-ja
+  es_url=
+  for _ in $(seq 100); do
+    es_url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$work/osmem.log" | head -n 1)
+    [ -n "$es_url" ] && break
+    sleep 0.1
+  done
+  [ -n "$es_url" ] || fail "osmem-server did not start"
+  ship=(--log-es-url "$es_url")
+fi
+
 spawn dispatcher "$bin/dispatcher" --nats-url "$url" --nats-nkey-file "$work/dispatcher-1.nk" \
-  --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
+  --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0 "${ship[@]}"
 spawn worker "$bin/worker" --nats-url "$url" --nats-nkey-file "$work/worker-1.nk" \
-  --tenants "$work/tenants.toml" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0
+  --tenants "$work/tenants.toml" --model-dir "$root/models/all-MiniLM-L6-v2" --metrics-addr 127.0.0.1:0 \
+  "${ship[@]}"
 
 texts=(
   "NATS JetStream redelivers a job that a worker took and never acknowledged."
@@ -80,6 +97,30 @@ for text, vector in zip(sys.argv[1:], vectors):
 PY
 
 [ -n "$observe" ] || exit 0
+job_id=$(ANSWER="$answer" python3 -c 'import json, os; print(json.loads(os.environ["ANSWER"])["job_id"])')
+# The job's admission (the dispatcher's audit event), found by its id, and the processes' lines
+# (a job's own lines are at debug level: RUST_LOG=debug ships them too).
+ES_URL="$es_url" JOB_ID="$job_id" python3 - <<'PY' || fail "the job's story did not reach Elasticsearch"
+import json, os, time, urllib.request
+es, job = os.environ["ES_URL"], os.environ["JOB_ID"]
+def count(indices, query):
+    request = urllib.request.Request(f"{es}/{indices}/_count", data=json.dumps({"query": query}).encode(),
+                                     headers={"Content-Type": "application/json"}, method="POST")
+    return json.load(urllib.request.urlopen(request, timeout=2))["count"]
+deadline = time.time() + 30
+audit = lines = None
+while True:
+    try:
+        audit = count("fleet-audit-*", {"bool": {"filter": [{"term": {"job_id": job}}, {"term": {"action": "admission"}}]}})
+        lines = count("fleet-logs-*", {"match_all": {}})
+        if audit >= 1 and lines >= 1:
+            break
+    except OSError:
+        pass
+    if time.time() > deadline:
+        raise SystemExit(f"within 30 s: {audit} admission events of the job, {lines} log lines")
+    time.sleep(0.5)
+PY
 # Where each process serves HTTP: the line it logs when it binds (port 0 picked a free one).
 http_of() { sed -n 's/.*"local_addr":"\([0-9.:]*\)".*/\1/p' "$work/$1.log" | head -n 1; }
 dispatcher_http=$(http_of dispatcher)
@@ -122,6 +163,8 @@ Observing (Ctrl-C stops everything):
   dispatcher HTTP  http://$dispatcher_http/metrics /health /ready /info
   worker HTTP      http://$worker_http/metrics /health /ready /info
   Grafana          import $root/ops/observability/grafana/fleet-dashboard.json, data source $prometheus_url
+  Elasticsearch    $es_url  (logs: fleet-logs-*, audit: fleet-audit-*)
+  one job's story  curl -s '$es_url/fleet-*/_search?q=job_id:$job_id&sort=@timestamp:asc'
   logs             $work/*.log
   call it again    $bin/fleet infer --nats-url $url --nats-nkey-file $work/demo.nk --key $work/demo-key.toml --text hello
                    (with NATS_TLS_CA, NATS_TLS_CERT, NATS_TLS_KEY under $work/pki as this script sets them)
