@@ -28,7 +28,7 @@ use async_nats::{
 };
 use bytes::Bytes;
 use fleet_schemas::{
-    ErrorBody, ErrorCode, Job, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
+    ErrorCode, Job, JobResult, ResultStatus, SubmitReply, SubmitStatus, Timings, encode,
     subject::{self, Ingress},
 };
 use fleet_service::{AUDIT_TARGET, TraceParent};
@@ -202,14 +202,10 @@ impl Dispatcher {
         let slot = match self.publish_slots.clone().try_acquire_owned() {
             Ok(slot) => GaugedPermit::new(slot, &self.metrics.admissions_in_flight),
             Err(_) => {
-                let rejection = Rejection {
-                    job_id: String::new(),
-                    tenant: String::new(),
-                    error: ErrorBody::new(
-                        ErrorCode::Overloaded,
-                        "too many jobs being checked or awaiting the queue's ack",
-                    ),
-                };
+                let rejection = Rejection::new(
+                    ErrorCode::Overloaded,
+                    "too many jobs being checked or awaiting the queue's ack",
+                );
                 self.answer(&message, &model, kind, Outcome::Rejected(rejection))
                     .await;
                 return;
@@ -370,14 +366,11 @@ impl Dispatcher {
         if within_rate {
             Ok(admitted)
         } else {
-            Err(Rejection {
-                job_id: admitted.job.job_id.clone(),
-                tenant: admitted.job.tenant.clone(),
-                error: ErrorBody::new(
-                    ErrorCode::RateLimited,
-                    format!("tenant {:?} is over its rate limit", admitted.job.tenant),
-                ),
-            })
+            Err(Rejection::for_admitted(
+                &admitted,
+                ErrorCode::RateLimited,
+                format!("tenant {:?} is over its rate limit", admitted.job.tenant),
+            ))
         }
     }
 
@@ -434,14 +427,11 @@ impl Dispatcher {
                     PublishErrorKind::Other if is_queue_full(&err) => {
                         overloaded(admitted, "the queue is full")
                     }
-                    _ => Rejection {
-                        job_id: job.job_id.clone(),
-                        tenant: job.tenant.clone(),
-                        error: ErrorBody::new(
-                            ErrorCode::Internal,
-                            format!("cannot queue the job: {err}"),
-                        ),
-                    },
+                    _ => Rejection::for_admitted(
+                        admitted,
+                        ErrorCode::Internal,
+                        format!("cannot queue the job: {err}"),
+                    ),
                 };
                 Outcome::Rejected(rejection)
             }
@@ -478,7 +468,8 @@ impl Dispatcher {
                 // it could be read (a refusal before the signature is checked has none).
                 tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = "rejected",
                     code = rejection.code().as_str(), kind = kind_name(kind),
-                    job_id = %rejection.job_id, tenant = %rejection.tenant, model,
+                    job_id = %rejection.job_id, tenant = %rejection.tenant,
+                    key_id = %rejection.key_id, model,
                     subject = %message.subject, reason = %rejection.error.message, "job rejected");
                 let mut headers = HeaderMap::new();
                 headers.insert(subject::SERVICE_ERROR_CODE, rejection.code().as_str());
@@ -563,19 +554,16 @@ fn check_reply(
     let job = &admitted.job;
     match reply {
         Some(reply) if reply_to_job && !subject::is_tenant_inbox(&job.tenant, reply) => {
-            Err(Rejection {
-                job_id: job.job_id.clone(),
-                tenant: job.tenant.clone(),
-                error: ErrorBody::new(
-                    ErrorCode::Forbidden,
-                    format!(
-                        "the reply subject must be an inbox of tenant {:?} ({}.…): connect with \
-                         that inbox prefix",
-                        job.tenant,
-                        subject::inbox_prefix(&job.tenant)
-                    ),
+            Err(Rejection::for_admitted(
+                admitted,
+                ErrorCode::Forbidden,
+                format!(
+                    "the reply subject must be an inbox of tenant {:?} ({}.…): connect with \
+                     that inbox prefix",
+                    job.tenant,
+                    subject::inbox_prefix(&job.tenant)
                 ),
-            })
+            ))
         }
         _ => Ok(()),
     }
@@ -635,11 +623,7 @@ async fn publish_with_retries(
 }
 
 fn overloaded(admitted: &Admitted, why: &str) -> Rejection {
-    Rejection {
-        job_id: admitted.job.job_id.clone(),
-        tenant: admitted.job.tenant.clone(),
-        error: ErrorBody::new(ErrorCode::Overloaded, why),
-    }
+    Rejection::for_admitted(admitted, ErrorCode::Overloaded, why)
 }
 
 /// JetStream refuses a publish to a stream at its limits with `discard: new` by these codes.

@@ -45,14 +45,20 @@ impl Default for AdmissionLimits {
 pub struct Rejection {
     pub job_id: String,
     pub tenant: String,
+    /// The key the envelope names, for the audit trail: verified when the refusal came after
+    /// the signature, only claimed for `unknown_key` and `bad_signature`; empty when the
+    /// envelope could not be read or names no well-formed key id.
+    pub key_id: String,
     pub error: ErrorBody,
 }
 
 impl Rejection {
-    fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+    /// A refusal before the job could be read.
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
         Rejection {
             job_id: String::new(),
             tenant: String::new(),
+            key_id: String::new(),
             error: ErrorBody::new(code, message),
         }
     }
@@ -61,7 +67,16 @@ impl Rejection {
         Rejection {
             job_id: job.job_id.clone(),
             tenant: job.tenant.clone(),
+            key_id: String::new(),
             error: ErrorBody::new(code, message),
+        }
+    }
+
+    /// A refusal of a job that passed admission (rate limit, queue, reply subject).
+    pub fn for_admitted(admitted: &Admitted, code: ErrorCode, message: impl Into<String>) -> Self {
+        Rejection {
+            key_id: admitted.key_id.clone(),
+            ..Rejection::for_job(&admitted.job, code, message)
         }
     }
 
@@ -138,6 +153,25 @@ impl Validator {
                 ),
             ));
         }
+        // The key id is kept for the audit trail only when it is a well-formed name: a claimed
+        // one is the sender's text, and must not write anything odd into the logs.
+        let key_id = validate_name("key_id", &envelope.key_id)
+            .map(|()| envelope.key_id.clone())
+            .unwrap_or_default();
+        self.admit_signed(subject_model, envelope, now_ms)
+            .map_err(|rejection| Rejection {
+                key_id,
+                ..rejection
+            })
+    }
+
+    /// [`Validator::admit`] once the envelope is read: its signature, then the job.
+    fn admit_signed(
+        &self,
+        subject_model: &str,
+        envelope: SignedJob,
+        now_ms: u64,
+    ) -> Result<Admitted, Rejection> {
         // The body is read only once its signature verified.
         let started = Instant::now();
         let verified = self.keys.verify(&envelope);

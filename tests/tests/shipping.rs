@@ -180,6 +180,7 @@ async fn a_runs_lines_and_audit_events_are_found_by_job_id_with_the_clients_trac
     assert_eq!(expired["outcome"], "rejected", "{expired}");
     assert_eq!(expired["code"], ErrorCode::Expired.as_str(), "{expired}");
     assert_eq!(expired["tenant"], "demo", "{expired}");
+    assert_eq!(expired["key_id"], tenant.key.key_id.as_str(), "{expired}");
     let stranger = TestTenant::new("stranger");
     let stranger = Tenant {
         name: stranger.name,
@@ -197,6 +198,8 @@ async fn a_runs_lines_and_audit_events_are_found_by_job_id_with_the_clients_trac
     )
     .await;
     assert_eq!(unknown["outcome"], "rejected", "{unknown}");
+    // The key it claimed, as the audit trail of a probe should say.
+    assert_eq!(unknown["key_id"], stranger.key.key_id.as_str(), "{unknown}");
 
     // A dead letter: an input longer than the model takes, truncation refused.
     let mut long = tenant.embed_job(MODEL, vec![]);
