@@ -15,7 +15,6 @@ texts=${2:-2048}
 in_flight=512
 corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
-osmem=$("$root/ops/install-osmem.sh")
 cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
 bin="${CARGO_TARGET_DIR:-$root/target}/release"
 model="$root/models/all-MiniLM-L6-v2"
@@ -24,14 +23,7 @@ model="$root/models/all-MiniLM-L6-v2"
 source "$root/ops/lib.sh"
 start_nats
 bench_tenant
-spawn osmem "$osmem" -addr 127.0.0.1:0 -no-stdin-watch -no-ja
-es_url=
-for _ in $(seq 100); do
-  es_url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$work/osmem.log" | head -n 1)
-  [ -n "$es_url" ] && break
-  sleep 0.1
-done
-[ -n "$es_url" ] || { echo "osmem-server did not start" >&2; tail "$work/osmem.log" >&2; exit 1; }
+start_osmem
 
 # Starts a dispatcher and a worker in MODE (off, logs or on), waits for a first answer.
 start_fleet() {

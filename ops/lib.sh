@@ -78,3 +78,20 @@ bench_tenant() {
   "$bin/fleet" keygen --tenant bench --key-id bench-1 --out "$work/key.toml" 2>/dev/null |
     sed 's/rate_per_second = 100/rate_per_second = 1000000/; s/burst = 200/burst = 1000000/' >"$work/tenants.toml"
 }
+
+# Starts osmem-server, an Elasticsearch-API server (ops/install-osmem.sh installs it), as process
+# `osmem` on a free loopback port; sets $es_url.
+start_osmem() {
+  local osmem
+  osmem=$("$root/ops/install-osmem.sh" 2>/dev/null)
+  spawn osmem "$osmem" -addr 127.0.0.1:0 -no-stdin-watch -no-ja
+  es_url=
+  for _ in $(seq 100); do
+    es_url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$work/osmem.log" | head -n 1)
+    [ -n "$es_url" ] && return 0
+    sleep 0.1
+  done
+  echo "osmem-server did not start:" >&2
+  tail -n 20 "$work/osmem.log" >&2
+  return 1
+}

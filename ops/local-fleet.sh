@@ -47,15 +47,7 @@ echo "nats-server on $url (TLS with client certificates, nkey users, per-role pe
 # Observed: logs and audit events shipped from the start, so the first job's story is there.
 ship=()
 if [ -n "$observe" ]; then
-  osmem=$("$root/ops/install-osmem.sh" 2>/dev/null)
-  spawn osmem "$osmem" -addr 127.0.0.1:0 -no-stdin-watch -no-ja
-  es_url=
-  for _ in $(seq 100); do
-    es_url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$work/osmem.log" | head -n 1)
-    [ -n "$es_url" ] && break
-    sleep 0.1
-  done
-  [ -n "$es_url" ] || fail "osmem-server did not start"
+  start_osmem || fail "osmem-server did not start"
   ship=(--log-es-url "$es_url")
 fi
 
