@@ -171,7 +171,7 @@ async fn without_a_quorum_a_submit_is_answered_overloaded_and_the_fleet_resumes_
     assert_eq!(fleet.streams.results_stored_again().await, 0);
 }
 
-// An open finding, not a passing test: in two runs of five (one of them a clean-clone CI run)
+// An open finding, not a passing test: in two runs of eight (one of them a clean-clone CI run)
 // the queue and the results survived the restart, but a worker started afterwards had not run
 // the queued jobs 90 s later. Undiagnosed (the consumer's Raft group after every node restarted
 // is the first suspect); RELIABILITY.md does not promise this until it passes.
