@@ -36,17 +36,23 @@ start_nats() {
   wait_nats "$name"
 }
 
-# Waits for the nats-server started as process $1 to listen; sets $url.
-wait_nats() {
-  url=
+# Waits until the log of process NAME ($1) has a line the sed expression $2 prints (the address
+# the process announces once it listens) and prints it; after 10 s, shows the log and fails.
+wait_announced() {
+  local found
   for _ in $(seq 100); do
-    url=$(sed -n 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p' "$work/$1.log" | head -n 1)
-    [ -n "$url" ] && return 0
+    found=$(sed -n "$2" "$work/$1.log" | head -n 1)
+    [ -n "$found" ] && { echo "$found"; return 0; }
     sleep 0.1
   done
-  echo "nats-server did not start:" >&2
+  echo "$1 did not start:" >&2
   tail -n 20 "$work/$1.log" >&2
   return 1
+}
+
+# Waits for the nats-server started as process $1 to listen; sets $url.
+wait_nats() {
+  url=$(wait_announced "$1" 's/.*Listening for client connections on \(.*\)$/nats:\/\/\1/p')
 }
 
 # Adds a NATS user (ROLE NAME) to the secure broker's users.list; its nkey seed goes to
@@ -85,13 +91,5 @@ start_osmem() {
   local osmem
   osmem=$("$root/ops/install-osmem.sh" 2>/dev/null)
   spawn osmem "$osmem" -addr 127.0.0.1:0 -no-stdin-watch -no-ja
-  es_url=
-  for _ in $(seq 100); do
-    es_url=$(sed -n 's/.*"url": *"\([^"]*\)".*/\1/p' "$work/osmem.log" | head -n 1)
-    [ -n "$es_url" ] && return 0
-    sleep 0.1
-  done
-  echo "osmem-server did not start:" >&2
-  tail -n 20 "$work/osmem.log" >&2
-  return 1
+  es_url=$(wait_announced osmem 's/.*"url": *"\([^"]*\)".*/\1/p')
 }
