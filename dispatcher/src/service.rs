@@ -37,7 +37,7 @@ use tokio::sync::Semaphore;
 use tracing::{Instrument, field::Empty};
 
 use crate::{
-    metrics::{DispatcherMetrics, GaugedPermit, RequestKind},
+    metrics::{DispatcherMetrics, GaugedPermit, RequestKind, RequestOutcome},
     rate::TenantRateLimits,
     validate::{Admitted, Rejection, Validator},
 };
@@ -194,8 +194,8 @@ impl Dispatcher {
         if reply_to_job && message.reply.is_none() {
             // A synchronous call with no inbox has nobody to answer; queuing it would waste work.
             self.metrics.count_rejection(kind, ErrorCode::Malformed);
-            tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = "rejected",
-                code = ErrorCode::Malformed.as_str(), kind = kind_name(kind), model = %model,
+            tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = RequestOutcome::Rejected.as_str(),
+                code = ErrorCode::Malformed.as_str(), kind = kind.as_str(), model = %model,
                 subject = %message.subject, "infer request without a reply subject dropped");
             return;
         }
@@ -466,8 +466,8 @@ impl Dispatcher {
                 self.metrics.count_rejection(kind, rejection.code());
                 // The audit event of a refusal; its ids are the span's, and the job's own where
                 // it could be read (a refusal before the signature is checked has none).
-                tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = "rejected",
-                    code = rejection.code().as_str(), kind = kind_name(kind),
+                tracing::warn!(target: AUDIT_TARGET, action = "admission", outcome = RequestOutcome::Rejected.as_str(),
+                    code = rejection.code().as_str(), kind = kind.as_str(),
                     job_id = %rejection.job_id, tenant = %rejection.tenant,
                     key_id = %rejection.key_id, model,
                     subject = %message.subject, reason = %rejection.error.message, "job rejected");
@@ -528,16 +528,13 @@ impl Dispatcher {
 /// `model`, `key_id`, `trace_id`) are its span's, recorded at admission, so the hot path formats
 /// nothing for it.
 fn audit_queued(kind: RequestKind, duplicate: bool) {
-    let outcome = if duplicate { "duplicate" } else { "accepted" };
-    tracing::info!(target: AUDIT_TARGET, action = "admission", outcome, kind = kind_name(kind),
-        "job admitted");
-}
-
-fn kind_name(kind: RequestKind) -> &'static str {
-    match kind {
-        RequestKind::Infer => "infer",
-        RequestKind::Submit => "submit",
-    }
+    let outcome = if duplicate {
+        RequestOutcome::Duplicate
+    } else {
+        RequestOutcome::Accepted
+    };
+    tracing::info!(target: AUDIT_TARGET, action = "admission", outcome = outcome.as_str(),
+        kind = kind.as_str(), "job admitted");
 }
 
 /// The start of every inbox subject.

@@ -22,6 +22,13 @@ macro_rules! label_values {
         impl $enum {
             /// Every value, so each labelled series can be made at 0 before its first event.
             pub const ALL: &'static [$enum] = &[$($enum::$variant),+];
+
+            /// The value as labels and logs spell it.
+            pub const fn as_str(self) -> &'static str {
+                match self {
+                    $($enum::$variant => $text,)+
+                }
+            }
         }
 
         impl ::prometheus_client::encoding::EncodeLabelValue for $enum {
@@ -29,10 +36,7 @@ macro_rules! label_values {
                 &self,
                 encoder: &mut ::prometheus_client::encoding::LabelValueEncoder,
             ) -> ::std::result::Result<(), ::std::fmt::Error> {
-                let text = match self {
-                    $($enum::$variant => $text,)+
-                };
-                ::prometheus_client::encoding::EncodeLabelValue::encode(&text, encoder)
+                ::prometheus_client::encoding::EncodeLabelValue::encode(&self.as_str(), encoder)
             }
         }
     };
