@@ -93,7 +93,13 @@ impl Fleet {
 
     /// [`Fleet::submit`] with more arguments.
     fn submit_with(&self, input: &Path, output: &Path, more: &[&str]) -> std::process::Child {
-        Command::new(env!("CARGO_BIN_EXE_fleet"))
+        self.command(input, output, more).spawn().unwrap()
+    }
+
+    /// `fleet submit` from `input` to `output` (either may be `-`), its output piped.
+    fn command(&self, input: &Path, output: &Path, more: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_fleet"));
+        command
             .args(["submit", "--nats-url", self.nats.url(), "--key"])
             .arg(&self.key)
             .arg("--input")
@@ -104,9 +110,8 @@ impl Fleet {
             .args(["--in-flight", "4", "--job-timeout", "20s"])
             .args(more)
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap()
+            .stderr(Stdio::piped());
+        command
     }
 
     fn submit_to_end(&self, input: &Path, output: &Path) -> (Output, Value) {
@@ -256,6 +261,21 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         std::fs::read(&output_c).unwrap(),
         "a resumed run's output differs from an uninterrupted one's"
     );
+
+    // A pipeline's pipe: the same rows from standard input to standard output, the same bytes
+    // as the file output, every job read back from the store.
+    let piped = fleet
+        .command(Path::new("-"), Path::new("-"), &[])
+        .stdin(std::fs::File::open(&input_b).unwrap())
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(0), "{piped:?}");
+    assert_eq!(
+        piped.stdout,
+        std::fs::read(&output_c).unwrap(),
+        "standard output differs from the output file"
+    );
+    assert!(!Path::new("-").exists(), "`-` was taken for a file name");
     for (b, a) in rows(&output_b).iter().zip(&a) {
         let diff = vector(b)
             .iter()
@@ -285,6 +305,25 @@ async fn rows_of_a_job_that_fails_go_to_the_errors_file_and_the_exit_status_says
         assert_eq!(row["id"], format!("r-{}", TEXTS_PER_JOB + i));
         assert_eq!(row["code"], "too_large", "{row}");
     }
+    // To standard output: the same rows, failed ones included; the errors file only when asked
+    // for, with the same rows as a file output's.
+    let piped_errors = fleet.path("piped.errors");
+    let piped = fleet
+        .command(&input, Path::new("-"), &["--errors"])
+        .arg(&piped_errors)
+        .output()
+        .unwrap();
+    assert_eq!(piped.status.code(), Some(4), "{piped:?}");
+    assert_eq!(piped.stdout, std::fs::read(&output).unwrap());
+    assert_eq!(rows(&piped_errors), errors);
+    // A Parquet output cannot go to standard output (it is committed in parts).
+    let refused = fleet
+        .command(&input, Path::new("-"), &["--output-format", "parquet"])
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(refused.stdout.is_empty());
+
     // Bad input is refused with its line, and nothing is written for it.
     std::fs::write(&input, "{\"id\": 1, \"text\": \"fine\"}\nnot json\n").unwrap();
     let bad_output = fleet.path("bad.jsonl");

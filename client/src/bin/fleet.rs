@@ -136,14 +136,15 @@ struct SubmitArgs {
     /// The input's format (default: Parquet for a `.parquet` or `.pq` file, else JSON lines).
     #[arg(long, env = "FLEET_INPUT_FORMAT")]
     input_format: Option<Format>,
-    /// Where the embeddings go (appended to when resuming).
+    /// Where the embeddings go (appended to when resuming; `-`: standard output, JSON lines,
+    /// written whole again by a re-run, which reads the answered jobs back from the fleet).
     #[arg(long, env = "FLEET_OUTPUT")]
     output: PathBuf,
     /// The output's format (default: from its name, as for the input).
     #[arg(long, env = "FLEET_OUTPUT_FORMAT")]
     output_format: Option<Format>,
     /// Where the rows that failed for good go, as JSON lines (default: the output's name +
-    /// `.errors`).
+    /// `.errors`; with `--output -`, only in the output unless given).
     #[arg(long, env = "FLEET_ERRORS")]
     errors: Option<PathBuf>,
     /// The input field (or Parquet column) holding a row's id (copied to its output row).
@@ -393,9 +394,11 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let output_format = args
         .output_format
         .unwrap_or_else(|| Format::of_path(&args.output));
-    let errors = args
-        .errors
-        .unwrap_or_else(|| PathBuf::from(format!("{}.errors", args.output.display())));
+    let errors = match args.errors {
+        Some(errors) => Some(errors),
+        None if args.output.as_os_str() == "-" => None,
+        None => Some(PathBuf::from(format!("{}.errors", args.output.display()))),
+    };
     let files = Files {
         input_format: args
             .input_format
@@ -427,7 +430,9 @@ async fn submit(args: SubmitArgs) -> anyhow::Result<()> {
     let summary = bar.finish(summary)?;
     eprintln!("{}", serde_json::to_string(&summary)?);
     if summary.rows_failed_in_output > 0 {
-        eprintln!("rows that failed: {}", errors.display());
+        if let Some(errors) = errors {
+            eprintln!("rows that failed: {}", errors.display());
+        }
         std::process::exit(EXIT_FAILED);
     }
     Ok(())

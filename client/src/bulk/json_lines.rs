@@ -6,7 +6,7 @@
 
 use std::{
     fs::{File, OpenOptions},
-    io::{BufRead, BufReader, BufWriter, Write},
+    io::{BufRead, BufReader, BufWriter, Seek, Write},
     path::{Path, PathBuf},
 };
 
@@ -130,17 +130,7 @@ impl Sink for Output {
 
     fn write_job(&mut self, rows: Vec<RowResult>) -> Result<(), BulkError> {
         // One job's rows in one write: a kill leaves whole jobs and at most one torn line.
-        let mut lines = String::new();
-        for row in rows {
-            let line = match row.outcome {
-                Ok(vector) => json!({"id": row.id, "status": "ok", "vector": vector}),
-                Err(error) => json!({
-                    "id": row.id, "status": "failed", "code": error.code, "message": error.message
-                }),
-            };
-            lines.push_str(&line.to_string());
-            lines.push('\n');
-        }
+        let lines: String = rows.into_iter().map(output_line).collect();
         let written = self
             .out
             .write_all(lines.as_bytes())
@@ -155,7 +145,7 @@ impl Sink for Output {
         Ok(())
     }
 
-    fn finish(self: Box<Self>, errors: &Path) -> Result<u64, BulkError> {
+    fn finish(self: Box<Self>, errors: Option<&Path>) -> Result<u64, BulkError> {
         let synced = self.out.get_ref().sync_all();
         synced.map_err(|source| self.written(source))?;
         let read = |source| BulkError::Read {
@@ -172,6 +162,84 @@ impl Sink for Output {
             }
             Err(source) => Some(Err(read(source))),
         });
+        write_errors(errors, failed)
+    }
+}
+
+/// A row's output line, newline included.
+fn output_line(row: RowResult) -> String {
+    let line = match row.outcome {
+        Ok(vector) => json!({"id": row.id, "status": "ok", "vector": vector}),
+        Err(error) => json!({
+            "id": row.id, "status": "failed", "code": error.code, "message": error.message
+        }),
+    };
+    format!("{line}\n")
+}
+
+/// JSON lines on standard output, for a pipeline that reads them from a pipe. There is nothing
+/// to resume from: a re-run writes every row again, and reads the jobs an earlier run got
+/// answered back from the fleet's stored results instead of sending them.
+pub(super) struct Stdout {
+    /// The failed rows' lines, for the errors file: spooled to an unnamed temporary file, so
+    /// memory stays bounded however many rows fail.
+    failed: BufWriter<File>,
+}
+
+impl Stdout {
+    pub(super) fn open() -> Result<Self, BulkError> {
+        let spool = tempfile::tempfile().map_err(|source| BulkError::Write {
+            path: "a temporary file".into(),
+            source,
+        })?;
+        Ok(Stdout {
+            failed: BufWriter::new(spool),
+        })
+    }
+}
+
+impl Sink for Stdout {
+    fn rows_done(&self) -> u64 {
+        0
+    }
+
+    fn write_job(&mut self, rows: Vec<RowResult>) -> Result<(), BulkError> {
+        let mut lines = String::new();
+        for row in rows {
+            let failed = row.outcome.is_err();
+            let line = output_line(row);
+            if failed {
+                let spooled = self.failed.write_all(line.as_bytes());
+                spooled.map_err(|source| BulkError::Write {
+                    path: "a temporary file".into(),
+                    source,
+                })?;
+            }
+            lines.push_str(&line);
+        }
+        let mut stdout = std::io::stdout().lock();
+        stdout
+            .write_all(lines.as_bytes())
+            .and_then(|()| stdout.flush())
+            .map_err(|source| BulkError::Write {
+                path: "standard output".into(),
+                source,
+            })
+    }
+
+    fn finish(self: Box<Self>, errors: Option<&Path>) -> Result<u64, BulkError> {
+        let spool_error = |source| BulkError::Read {
+            path: "a temporary file".into(),
+            source,
+        };
+        let mut spool = self
+            .failed
+            .into_inner()
+            .map_err(|error| spool_error(error.into_error()))?;
+        spool.rewind().map_err(spool_error)?;
+        let failed = BufReader::new(spool)
+            .lines()
+            .map(|line| line.map_err(spool_error));
         write_errors(errors, failed)
     }
 }

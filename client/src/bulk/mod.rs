@@ -200,10 +200,12 @@ pub struct Files {
     /// The input fields (JSON) or columns (Parquet) holding a row's id and its text.
     pub id_field: String,
     pub text_field: String,
+    /// Output rows (`-`: standard output, JSON lines only).
     pub output: PathBuf,
     pub output_format: Format,
-    /// Where the failed rows go (JSON lines, whatever the output's format).
-    pub errors: PathBuf,
+    /// Where the failed rows go too (JSON lines, whatever the output's format); `None` keeps
+    /// them in the output only.
+    pub errors: Option<PathBuf>,
     /// Parquet output: rows per committed part (rounded up to whole jobs).
     pub rows_per_part: usize,
 }
@@ -249,8 +251,8 @@ trait Sink {
     fn rows_done(&self) -> u64;
     fn write_job(&mut self, rows: Vec<RowResult>) -> Result<(), BulkError>;
     /// Makes the output whole and durable, then writes its failed rows (JSON lines) to
-    /// `errors`; returns how many there are.
-    fn finish(self: Box<Self>, errors: &Path) -> Result<u64, BulkError>;
+    /// `errors`, if given; returns how many there are.
+    fn finish(self: Box<Self>, errors: Option<&Path>) -> Result<u64, BulkError>;
 }
 
 /// Rows read from an input, from a given row on.
@@ -270,7 +272,16 @@ impl Files {
     }
 
     fn open_output(&self, texts_per_job: usize) -> Result<Box<dyn Sink>, BulkError> {
+        let stdout = self.output.as_os_str() == "-";
         Ok(match self.output_format {
+            Format::Jsonl if stdout => Box::new(json_lines::Stdout::open()?),
+            Format::Parquet if stdout => {
+                return Err(BulkError::Usage(
+                    "Parquet output must be a file (it is committed in parts and resumed), not \
+                     standard output"
+                        .into(),
+                ));
+            }
             Format::Jsonl => Box::new(json_lines::Output::open(&self.output)?),
             Format::Parquet => {
                 // Parts hold whole jobs, so a part's end is a place a resume can start from.
@@ -336,7 +347,7 @@ pub async fn submit_file(
         output.write_job(done.rows)?;
         progress(&summary);
     }
-    summary.rows_failed_in_output = output.finish(&files.errors)?;
+    summary.rows_failed_in_output = output.finish(files.errors.as_deref())?;
     Ok(summary)
 }
 
@@ -483,12 +494,16 @@ fn job_id(model: &str, index: u64, rows: &[Row]) -> String {
 }
 
 /// Writes `lines` to `errors` whole, then moves it into place, so the errors file always
-/// agrees with the output, resumed or not; returns how many lines there are.
+/// agrees with the output, resumed or not; returns how many lines there are (counted only,
+/// without an errors file).
 fn write_errors(
-    errors: &Path,
+    errors: Option<&Path>,
     lines: impl Iterator<Item = Result<String, BulkError>>,
 ) -> Result<u64, BulkError> {
     use std::io::Write;
+    let Some(errors) = errors else {
+        return lines.map(|line| line.map(|_| 1)).sum();
+    };
     let written = |source| BulkError::Write {
         path: errors.display().to_string(),
         source,

@@ -456,7 +456,7 @@ impl Sink for Output {
         Ok(())
     }
 
-    fn finish(mut self: Box<Self>, errors: &Path) -> Result<u64, BulkError> {
+    fn finish(mut self: Box<Self>, errors: Option<&Path>) -> Result<u64, BulkError> {
         if self.finished.is_none() {
             if !self.pending.is_empty() {
                 self.commit_part()?;
