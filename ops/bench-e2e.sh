@@ -29,7 +29,7 @@ RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tena
   --max-delay 5ms
 # Warm-up: the first answer proves the dispatcher and the worker (with its model) are ready.
 for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout-secs 5 >/dev/null 2>&1 && break
+  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
   sleep 1
 done
 echo "end to end:"

@@ -40,7 +40,7 @@ start_fleet() {
     --max-ack-pending $((in_flight * 2)) --max-delay 5ms "${ship[@]}"
   for _ in $(seq 120); do
     "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" \
-      --limit 1 --timeout-secs 5 >/dev/null 2>&1 && return 0
+      --limit 1 --timeout 5s >/dev/null 2>&1 && return 0
     sleep 1
   done
   echo "the fleet ($mode) did not answer" >&2

@@ -61,7 +61,7 @@ texts_per_worker() {
 add_worker 1
 # Warm-up: the first answer proves the dispatcher and the worker are ready end to end.
 for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout-secs 5 >/dev/null 2>&1 && break
+  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
   sleep 1
 done
 

@@ -24,7 +24,7 @@ bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
 RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$model" --metrics-addr 127.0.0.1:0
 for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout-secs 5 >/dev/null 2>&1 && break
+  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
   sleep 1
 done
 # The corpus, repeated to `rows` rows when asked.

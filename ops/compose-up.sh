@@ -143,7 +143,7 @@ infer_log=$(mktemp)
 trap 'rm -f "$infer_log"' EXIT
 while :; do
   if answer=$(fleet infer --nats-url "$urls" --nats-nkey-file "$dir/secrets/demo.nk" \
-    --key "$dir/secrets/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$infer_log"); then
+    --key "$dir/secrets/demo-key.toml" --timeout 10s "${args[@]}" 2>"$infer_log"); then
     break
   fi
   if [ $SECONDS -ge $deadline ]; then

@@ -69,7 +69,7 @@ for t in "${texts[@]}"; do args+=(--text "$t"); done
 deadline=$((SECONDS + 120))
 while :; do
   start=$(date +%s%N)
-  if answer=$("$bin/fleet" infer --nats-url "$url" --nats-nkey-file "$work/demo.nk" --key "$work/demo-key.toml" --timeout-secs 10 "${args[@]}" 2>"$work/infer.log"); then
+  if answer=$("$bin/fleet" infer --nats-url "$url" --nats-nkey-file "$work/demo.nk" --key "$work/demo-key.toml" --timeout 10s "${args[@]}" 2>"$work/infer.log"); then
     end=$(date +%s%N)
     break
   fi

@@ -31,7 +31,7 @@ fn infer_without_a_key_file_fails_with_the_path() {
 fn a_model_name_no_subject_can_carry_or_a_zero_timeout_is_refused_up_front() {
     for (flag, value, expected) in [
         ("--model", "all.minilm", "model \"all.minilm\""),
-        ("--timeout-secs", "0", "--timeout-secs"),
+        ("--timeout", "0s", "--timeout"),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_fleet"))
             .args(["infer", "--nats-url", "nats://127.0.0.1:1", "--text", "x"])
@@ -200,7 +200,7 @@ async fn a_script_gets_its_texts_its_job_id_and_an_exit_status_per_outcome() {
     let fleet_infer = |stdin: &str, extra: &[&str]| {
         let mut child = Command::new(env!("CARGO_BIN_EXE_fleet"))
             .args(["infer", "--nats-url", nats.url(), "--model", "m"])
-            .args(["--timeout-secs", "1", "--texts-file", "-", "--key"])
+            .args(["--timeout", "1s", "--texts-file", "-", "--key"])
             .arg(&key)
             .args(extra)
             .stdin(std::process::Stdio::piped())

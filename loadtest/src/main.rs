@@ -21,6 +21,7 @@ use async_nats::{HeaderMap, jetstream};
 use clap::{Parser, Subcommand, ValueEnum};
 use fleet_client::{CallerArgs, Tenant};
 use fleet_schemas::{ResultStatus, SubmitReply, SubmitStatus, decode, subject};
+use fleet_service::positive_duration;
 use futures::{StreamExt, stream};
 
 mod cpu;
@@ -94,9 +95,9 @@ struct EmbedArgs {
     /// Most texts taken from the corpus (0: all).
     #[arg(long, env = "LOADTEST_LIMIT", default_value_t = 0)]
     limit: usize,
-    /// Seconds to wait for one answer.
-    #[arg(long, env = "LOADTEST_TIMEOUT_SECS", default_value_t = 120)]
-    timeout_secs: u64,
+    /// How long to wait for one answer.
+    #[arg(long, env = "LOADTEST_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
+    timeout: Duration,
 }
 
 #[tokio::main]
@@ -284,7 +285,7 @@ async fn through_dispatcher(
 }
 
 async fn embed(run: &Run, args: &EmbedArgs) -> anyhow::Result<()> {
-    let timeout = Duration::from_secs(args.timeout_secs);
+    let timeout = args.timeout;
     let texts_per_job = usize::from(args.texts_per_job);
     let mut texts = workload::read_corpus(&args.corpus)?;
     if args.limit > 0 {

@@ -45,7 +45,7 @@ pub struct SweepArgs {
     #[arg(long, env = "LOADTEST_SWEEP_STEP")]
     step: Option<f64>,
     /// How long each step sends (e.g. `10s`).
-    #[arg(long, env = "LOADTEST_STEP_DURATION", default_value = "10s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LOADTEST_STEP_DURATION", default_value = "10s", value_parser = fleet_service::positive_duration)]
     step_duration: Duration,
     /// The most steps, whatever the bounds say.
     #[arg(long, env = "LOADTEST_MAX_STEPS", default_value_t = 20)]

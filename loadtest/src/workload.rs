@@ -37,7 +37,7 @@ pub struct WorkloadArgs {
     #[arg(long, env = "LOADTEST_TEXT_WORDS", default_value = "12")]
     text_words: Dist,
     /// How long to wait for one request's result (e.g. `30s`).
-    #[arg(long, env = "LOADTEST_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LOADTEST_TIMEOUT", default_value = "30s", value_parser = fleet_service::positive_duration)]
     timeout: Duration,
 }
 

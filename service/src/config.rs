@@ -1,4 +1,4 @@
-use std::{ffi::OsString, path::PathBuf};
+use std::{ffi::OsString, path::PathBuf, time::Duration};
 
 use clap::Parser;
 
@@ -74,6 +74,16 @@ pub fn load_config_or_exit<C: Parser>() -> C {
             eprintln!("error: {error}");
             std::process::exit(2);
         }
+    }
+}
+
+/// A clap value parser for a duration that must not be zero (a timeout, say): humantime's
+/// form, as every duration of every binary ("500ms", "30s", "2m").
+pub fn positive_duration(text: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(text) {
+        Ok(duration) if duration.is_zero() => Err("must be more than zero".into()),
+        Ok(duration) => Ok(duration),
+        Err(error) => Err(error.to_string()),
     }
 }
 

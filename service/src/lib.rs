@@ -9,7 +9,7 @@ pub mod metrics;
 pub mod nats;
 pub mod trace;
 
-pub use config::{ConfigError, load_config, load_config_or_exit};
+pub use config::{ConfigError, load_config, load_config_or_exit, positive_duration};
 pub use discovery::{DISPATCHER_SERVICE, Discovery, DiscoveryError, WORKER_SERVICE};
 pub use events::ConnectionEvents;
 /// The target of audit events, shipped to their own index: `tracing::info!(target: AUDIT_TARGET, ...)`.

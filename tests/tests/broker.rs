@@ -1130,8 +1130,8 @@ async fn no_secret_reaches_any_log_line_of_a_fleet_run_at_debug_level() {
             &key_file.to_string_lossy(),
             "--model",
             REAL_MODEL,
-            "--timeout-secs",
-            "10",
+            "--timeout",
+            "10s",
             "--text",
             "secrets stay out of logs",
         ]

@@ -22,7 +22,7 @@ use fleet_keys::{
 use fleet_schemas::{
     InvalidName, ResultStatus, SecretKeyFile, SigningKey, SubmitStatus, now_ms, validate_name,
 };
-use fleet_service::NatsArgs;
+use fleet_service::{NatsArgs, positive_duration};
 
 #[path = "fleet/progress.rs"]
 mod progress;
@@ -120,9 +120,9 @@ enum Command {
         /// The job's id (default: a random one). Give one to retry a call safely.
         #[arg(long, env = "FLEET_JOB_ID", value_parser = job_id)]
         job_id: Option<String>,
-        /// How long to wait for the answer, in seconds.
-        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-        timeout_secs: u64,
+        /// How long to wait for the answer.
+        #[arg(long, env = "FLEET_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+        timeout: Duration,
     },
 }
 
@@ -160,7 +160,7 @@ struct SubmitArgs {
     #[arg(long, env = "FLEET_IN_FLIGHT", default_value_t = 64, value_parser = clap::value_parser!(u64).range(1..))]
     in_flight: u64,
     /// How long to wait for one job's result before submitting it again (same id).
-    #[arg(long, env = "FLEET_JOB_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "FLEET_JOB_TIMEOUT", default_value = "2m", value_parser = positive_duration)]
     job_timeout: Duration,
     /// Attempts per job before its rows are given up.
     #[arg(long, env = "FLEET_MAX_ATTEMPTS", default_value_t = 8)]
@@ -247,9 +247,9 @@ enum DlqAction {
         caller: Box<CallerArgs>,
         /// Its sequence on the dead-letter stream.
         seq: u64,
-        /// How long to wait for the dispatcher's answer, in seconds.
-        #[arg(long, env = "FLEET_TIMEOUT_SECS", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
-        timeout_secs: u64,
+        /// How long to wait for the dispatcher's answer.
+        #[arg(long, env = "FLEET_TIMEOUT", default_value = "30s", value_parser = positive_duration)]
+        timeout: Duration,
     },
 }
 
@@ -355,7 +355,7 @@ async fn run(command: Command) -> anyhow::Result<()> {
             mut texts,
             texts_file,
             job_id,
-            timeout_secs,
+            timeout,
         } => {
             if let Some(path) = texts_file {
                 texts.extend(read_texts(&path)?);
@@ -370,7 +370,6 @@ async fn run(command: Command) -> anyhow::Result<()> {
             if let Some(job_id) = job_id {
                 job.job_id = job_id;
             }
-            let timeout = Duration::from_secs(timeout_secs);
             let result = match infer(&client, &tenant, &job, timeout).await {
                 Ok(result) => result,
                 Err(error @ ClientError::TimedOut { .. }) => {
@@ -454,11 +453,10 @@ async fn dead_letters(action: DlqAction) -> anyhow::Result<()> {
         DlqAction::Replay {
             caller,
             seq,
-            timeout_secs,
+            timeout,
         } => {
             let (tenant, client) = caller.connect().await?;
             let letters = DeadLetters::open(&client).await?;
-            let timeout = Duration::from_secs(timeout_secs);
             let (job, reply) = letters.replay(&client, &tenant, seq, timeout).await?;
             eprintln!(
                 "dead letter {seq} submitted again as job {} of tenant {} ({:?})",
