@@ -193,6 +193,9 @@ impl RetryPolicy {
 }
 
 /// Refusals that say "later, the same job": the queue was full or the tenant over its rate.
+/// Not `no_worker`: no worker serves the model, which a few quick retries rarely change, and
+/// retrying until one starts would bring back the long wait that refusal spares the caller; to
+/// have a job run whenever a worker starts, `submit` it (the reply says `no_worker`).
 pub fn is_retryable(code: ErrorCode) -> bool {
     matches!(code, ErrorCode::Overloaded | ErrorCode::RateLimited)
 }

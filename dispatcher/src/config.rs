@@ -4,7 +4,7 @@ use clap::Parser;
 use fleet_streams::StreamLimits;
 use serde_json::json;
 
-use crate::validate::AdmissionLimits;
+use crate::{validate::AdmissionLimits, workers::WorkerWatchSettings};
 
 /// Fleet dispatcher: verifies signed jobs and queues them on JetStream.
 ///
@@ -85,6 +85,15 @@ pub struct DispatcherConfig {
     /// loss of one node). Checked like every other stream setting: every dispatcher must agree.
     #[arg(long, env = "FLEET_STREAM_REPLICAS", default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=5))]
     pub replicas: u8,
+    /// How often the dispatcher asks which workers are live (NATS service discovery,
+    /// `$SRV.PING.fleet-worker`), to refuse an `infer` for a model nobody serves.
+    #[arg(long, env = "FLEET_WORKER_CHECK_EVERY", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub worker_check_every: Duration,
+    /// How long no worker of a model answers, while the dispatcher hears answers throughout,
+    /// before an `infer` for it is refused `no_worker` (and a `submit` told so). Also the grace
+    /// after the dispatcher starts or its asks go unanswered, during which nothing is refused.
+    #[arg(long, env = "FLEET_NO_WORKER_AFTER", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub no_worker_after: Duration,
     /// Address of the HTTP endpoints: /metrics (Prometheus), /health, /ready, /info (port 0:
     /// any free port, logged at start).
     #[arg(
@@ -118,6 +127,13 @@ pub enum ConfigError {
     PublishRetryWindow(Duration, Duration),
     #[error("at least one model must be served")]
     NoModels,
+    #[error(
+        "no_worker_after ({}) must exceed worker_check_every ({}): a model would be refused \
+         between two answers of its live worker",
+        humantime::format_duration(*.0),
+        humantime::format_duration(*.1)
+    )]
+    NoWorkerWindow(Duration, Duration),
     #[error(transparent)]
     BadModelName(#[from] fleet_schemas::InvalidName),
 }
@@ -138,6 +154,12 @@ impl DispatcherConfig {
         if self.models.is_empty() {
             return Err(ConfigError::NoModels);
         }
+        if self.worker_check_every.is_zero() || self.no_worker_after <= self.worker_check_every {
+            return Err(ConfigError::NoWorkerWindow(
+                self.no_worker_after,
+                self.worker_check_every,
+            ));
+        }
         for model in &self.models {
             fleet_schemas::validate_name("model", model)?;
         }
@@ -151,6 +173,13 @@ impl DispatcherConfig {
             max_input_bytes: self.max_input_bytes,
             max_job_age: self.max_job_age,
             max_clock_skew: self.max_clock_skew,
+        }
+    }
+
+    pub fn worker_watch(&self) -> WorkerWatchSettings {
+        WorkerWatchSettings {
+            check_every: self.worker_check_every,
+            no_worker_after: self.no_worker_after,
         }
     }
 
@@ -181,6 +210,8 @@ impl DispatcherConfig {
                 "max_buffered_requests": self.max_buffered_requests,
                 "relay_wait": shown(self.relay_wait),
                 "max_relays": self.max_relays,
+                "worker_check_every": shown(self.worker_check_every),
+                "no_worker_after": shown(self.no_worker_after),
             },
             "streams": {
                 "jobs_max_msgs": self.jobs_max_msgs,
@@ -233,6 +264,15 @@ mod tests {
         assert!(matches!(
             parse(&["--models", "a.b"]).validate(),
             Err(ConfigError::BadModelName(_))
+        ));
+        // A live worker answers once per check: a window of one check would lose it between two.
+        assert!(matches!(
+            parse(&["--worker-check-every", "2s", "--no-worker-after", "2s"]).validate(),
+            Err(ConfigError::NoWorkerWindow(..))
+        ));
+        assert!(matches!(
+            parse(&["--worker-check-every", "0s"]).validate(),
+            Err(ConfigError::NoWorkerWindow(..))
         ));
     }
 

@@ -8,6 +8,7 @@ pub mod metrics;
 pub mod rate;
 pub mod service;
 pub mod validate;
+pub mod workers;
 
 use std::sync::Arc;
 
@@ -77,6 +78,7 @@ impl Dispatcher {
             results: streams.results,
             relay_wait: config.relay_wait,
             relay_slots: Arc::new(Semaphore::new(config.max_relays)),
+            workers: workers::Workers::default(),
         }))
     }
 }

@@ -68,6 +68,11 @@ async fn serve(config: DispatcherConfig, logging: &Logging) -> anyhow::Result<()
         metadata,
     )
     .await?;
+    // Refuses an `infer` for a model nobody serves once it knows (see `fleet_dispatcher::workers`).
+    let watching = dispatcher
+        .workers
+        .watch(dispatcher.client.clone(), config.worker_watch())
+        .await?;
     let listening = dispatcher.listen().await?;
     readiness.pass(Check::Subscriptions);
     listening
@@ -78,5 +83,6 @@ async fn serve(config: DispatcherConfig, logging: &Logging) -> anyhow::Result<()
             discovery.stop().await;
         })
         .await;
+    watching.abort();
     Ok(())
 }

@@ -40,6 +40,7 @@ use crate::{
     metrics::{DispatcherMetrics, GaugedPermit, RequestKind, RequestOutcome},
     rate::TenantRateLimits,
     validate::{Admitted, Rejection, Validator},
+    workers::{Availability, Workers},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -71,6 +72,8 @@ pub struct Dispatcher {
     pub relay_wait: Duration,
     /// Bounds the repeated `infer` calls waiting for a result at once.
     pub relay_slots: Arc<Semaphore>,
+    /// Which models have live workers: an `infer` for one that has none is refused.
+    pub workers: Workers,
 }
 
 /// First pause before a repeated `infer` looks its result up again while it also listens for
@@ -144,6 +147,8 @@ enum Outcome {
         job_id: String,
         seq: u64,
         duplicate: bool,
+        /// No live worker serves the model now (said to a `submit`).
+        no_worker: bool,
     },
     Rejected(Rejection),
 }
@@ -227,7 +232,9 @@ impl Dispatcher {
         );
         let task = async move {
             let started = Instant::now();
-            let admission = self.admit(&model, &message.payload).and_then(|admitted| {
+            let unserved = self.workers.availability(&model) == Availability::Unserved;
+            let admission = self.admit(&model, &message.payload, reply_to_job && unserved);
+            let admission = admission.and_then(|admitted| {
                 check_reply(&admitted, message.reply.as_deref(), reply_to_job).map(|()| admitted)
             });
             self.metrics
@@ -252,7 +259,7 @@ impl Dispatcher {
                 }
             };
             let outcome = self
-                .publish(&message, &admitted, reply_to_job, &trace)
+                .publish(&message, &admitted, reply_to_job, unserved, &trace)
                 .await;
             if reply_to_job
                 && let Outcome::Queued {
@@ -355,12 +362,29 @@ impl Dispatcher {
         self.send(reply, headers, payload).await;
     }
 
-    /// Every stateless check, then the tenant's rate limit (last, so refused jobs spend no
-    /// tokens).
-    fn admit(&self, model: &str, payload: &[u8]) -> Result<Admitted, Rejection> {
+    /// Every stateless check, then (`refuse_unserved`: an `infer` for a model no live worker
+    /// serves) `no_worker`, then the tenant's rate limit (last, so refused jobs spend no tokens).
+    fn admit(
+        &self,
+        model: &str,
+        payload: &[u8],
+        refuse_unserved: bool,
+    ) -> Result<Admitted, Rejection> {
         let admitted = self
             .validator
             .admit(model, payload, fleet_schemas::now_ms())?;
+        if refuse_unserved {
+            // Queued, the job would wait for a worker that may never come while its caller
+            // times out, and every retry would queue one more.
+            return Err(Rejection::for_admitted(
+                &admitted,
+                ErrorCode::NoWorker,
+                format!(
+                    "no worker serves model {model:?} now; nothing was queued: call again once \
+                     one runs, or `submit` the job to have it run then"
+                ),
+            ));
+        }
         let tenant = self.validator.keys().tenant(&admitted.job.tenant);
         let within_rate = tenant.is_some_and(|t| self.rate_limits.try_take(&t.name, &t.policy));
         if within_rate {
@@ -375,11 +399,13 @@ impl Dispatcher {
     }
 
     /// Queues the job, carrying the caller's trace on to the worker (as a child of this hop).
+    /// `no_worker`: no live worker serves the model now, as the answer will say.
     async fn publish(
         &self,
         message: &Message,
         admitted: &Admitted,
         reply_to_job: bool,
+        no_worker: bool,
         trace: &TraceParent,
     ) -> Outcome {
         let job = &admitted.job;
@@ -412,6 +438,7 @@ impl Dispatcher {
                     job_id: job.job_id.clone(),
                     seq: ack.sequence,
                     duplicate: ack.duplicate,
+                    no_worker,
                 }
             }
             Err(err) => {
@@ -446,6 +473,7 @@ impl Dispatcher {
                 job_id,
                 seq,
                 duplicate,
+                no_worker,
             } => {
                 self.metrics.count_queued(kind, duplicate);
                 audit_queued(kind, duplicate);
@@ -460,7 +488,7 @@ impl Dispatcher {
                     duplicate,
                     error: None,
                 };
-                (HeaderMap::new(), encode(&reply))
+                (HeaderMap::new(), encode(&SubmitAnswer { reply, no_worker }))
             }
             Outcome::Rejected(rejection) => {
                 self.metrics.count_rejection(kind, rejection.code());
@@ -535,6 +563,17 @@ fn audit_queued(kind: RequestKind, duplicate: bool) {
     };
     tracing::info!(target: AUDIT_TARGET, action = "admission", outcome = outcome.as_str(),
         kind = kind.as_str(), "job admitted");
+}
+
+/// A [`SubmitReply`] and `no_worker`: true when no live worker serves the model now, so the
+/// queued job waits until one starts (`schemas/WIRE.md`). Left out when false, so the answer is
+/// byte for byte what it was before the key existed.
+#[derive(serde::Serialize)]
+struct SubmitAnswer {
+    #[serde(flatten)]
+    reply: SubmitReply,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    no_worker: bool,
 }
 
 /// The start of every inbox subject.
@@ -635,4 +674,44 @@ fn is_queue_full(err: &jetstream::context::PublishError) -> bool {
                 || code == jetstream::ErrorCode::MEMORY_RESOURCES_EXCEEDED
                 || code == jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use fleet_schemas::decode;
+
+    use super::*;
+
+    fn accepted() -> SubmitReply {
+        SubmitReply {
+            status: SubmitStatus::Accepted,
+            job_id: "j-1".into(),
+            stream_seq: Some(7),
+            duplicate: false,
+            error: None,
+        }
+    }
+
+    #[test]
+    fn no_worker_is_a_key_added_to_the_submit_reply_that_older_readers_skip() {
+        let served = SubmitAnswer {
+            reply: accepted(),
+            no_worker: false,
+        };
+        assert_eq!(encode(&served).unwrap(), encode(&accepted()).unwrap());
+        let unserved = encode(&SubmitAnswer {
+            reply: accepted(),
+            no_worker: true,
+        })
+        .unwrap();
+        assert_eq!(
+            decode::<SubmitReply>(&unserved, usize::MAX).unwrap(),
+            accepted()
+        );
+        #[derive(serde::Deserialize)]
+        struct WithFlag {
+            no_worker: bool,
+        }
+        assert!(decode::<WithFlag>(&unserved, usize::MAX).unwrap().no_worker);
+    }
 }

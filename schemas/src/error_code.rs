@@ -27,6 +27,9 @@ pub enum ErrorCode {
     RateLimited,
     /// The queue is full or the fleet cannot take the job now; retry later.
     Overloaded,
+    /// No live worker serves the model now, so an `infer` would only wait out its timeout: it
+    /// is refused instead and nothing is queued (a `submit` is still queued).
+    NoWorker,
     /// An input is longer than the model's maximum and the job did not ask for truncation.
     InputTooLong,
     /// Something failed inside the fleet; the job may be retried.
@@ -34,7 +37,7 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
-    pub const ALL: [ErrorCode; 12] = [
+    pub const ALL: [ErrorCode; 13] = [
         ErrorCode::Malformed,
         ErrorCode::UnsupportedVersion,
         ErrorCode::UnknownKey,
@@ -45,6 +48,7 @@ impl ErrorCode {
         ErrorCode::UnknownModel,
         ErrorCode::RateLimited,
         ErrorCode::Overloaded,
+        ErrorCode::NoWorker,
         ErrorCode::InputTooLong,
         ErrorCode::Internal,
     ];
@@ -61,6 +65,7 @@ impl ErrorCode {
             ErrorCode::UnknownModel => "unknown_model",
             ErrorCode::RateLimited => "rate_limited",
             ErrorCode::Overloaded => "overloaded",
+            ErrorCode::NoWorker => "no_worker",
             ErrorCode::InputTooLong => "input_too_long",
             ErrorCode::Internal => "internal",
         }

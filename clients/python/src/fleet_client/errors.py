@@ -22,7 +22,9 @@ class FleetJobError(FleetError):
 
 class FleetRefused(FleetJobError):
     """The dispatcher refused the job (`status` = `rejected`): e.g. `too_large`, `forbidden`,
-    `unknown_model`, `rate_limited`, `overloaded`, `expired`."""
+    `unknown_model`, `rate_limited`, `overloaded`, `expired`, or `no_worker` (an `infer` for a
+    model no live worker serves now: nothing was queued; `submit` queues it all the same, and its
+    reply's `raw["no_worker"]` is True)."""
 
 
 class FleetFailed(FleetJobError):
