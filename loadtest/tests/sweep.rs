@@ -94,3 +94,56 @@ async fn a_sweep_finds_the_knee_and_writes_its_report() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_closed_loop_sweep_stops_where_more_requests_in_flight_no_longer_add_throughput() {
+    let nats = NatsServer::start();
+    stand_in(
+        nats.client().await,
+        StandIn {
+            answer_after: Duration::from_millis(40),
+            capacity: 2,
+            refuse_every: None,
+        },
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    // 1 and 2 in flight each get a server of their own (25, then 50 answers/s); 4 in flight
+    // queue behind the stand-in's two: still 50/s where Little's law at the previous latency
+    // says 100, well under the 0.8 of it the bound asks. No step comes near the p99 bound.
+    let report = loadtest(
+        &nats,
+        dir.path(),
+        &[
+            "sweep",
+            "--loop",
+            "closed",
+            "--start",
+            "1",
+            "--factor",
+            "2",
+            "--step-duration",
+            "1s",
+            "--max-p99",
+            "1s",
+            "--min-follow",
+            "0.8",
+        ],
+    );
+    assert_eq!(report["loop"], "closed", "{report}");
+    assert_eq!(report["offered_unit"], "requests in flight");
+    let offered: Vec<f64> = report["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|step| step["offered"].as_f64().unwrap())
+        .collect();
+    assert_eq!(offered, [1.0, 2.0, 4.0], "{report}");
+    assert_eq!(report["knee"]["offered"], 2.0, "{report}");
+    let stop = report["stop_reason"].as_str().unwrap();
+    assert!(
+        stop.starts_with("step 2 (4)") && stop.contains("in flight would carry"),
+        "{stop}"
+    );
+    assert!(!stop.contains("p99"), "{stop}");
+}
