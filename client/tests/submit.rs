@@ -1,6 +1,6 @@
 //! `fleet submit` as an ETL pipeline uses it, against a real fleet (nats-server, dispatcher,
 //! worker on the real model): one output row per input row in input order, vectors equal to
-//! `infer`'s; killed twice and re-run, the same output as an uninterrupted run, nothing sent
+//! `infer`'s; killed twice at random points and re-run, the same output as an uninterrupted run, nothing sent
 //! again that was answered and no job queued twice, in JSON lines and in Parquet (whose
 //! vectors equal the JSON-lines path's); rows whose job fails land in the errors file. The
 //! library under it: `submit_many` in order and resumed from a whole job, and `infer_retrying`
@@ -25,10 +25,13 @@ use fleet_schemas::{ErrorCode, ResultStatus, SecretKeyFile, SubmitStatus};
 use fleet_tests::{NatsServer, Process, Signal, Streams, TestTenant, model_dir};
 use futures::{StreamExt, stream};
 use parquet::arrow::{ArrowWriter, arrow_reader::ParquetRecordBatchReaderBuilder};
+use rand::Rng;
 use serde_json::Value;
 
 const MODEL: &str = "all-minilm-l6-v2";
 const ROWS: usize = 120;
+/// Rows of the test that kills and resumes a run: a few thousand, as an ETL batch.
+const BULK_ROWS: usize = 2000;
 const TEXTS_PER_JOB: usize = 8;
 
 struct Fleet {
@@ -133,7 +136,11 @@ impl Fleet {
 }
 
 fn texts() -> Vec<String> {
-    (0..ROWS)
+    texts_of(ROWS)
+}
+
+fn texts_of(rows: usize) -> Vec<String> {
+    (0..rows)
         .map(|i| format!("Row {i} of an ETL batch: sentence number {i} about embeddings."))
         .collect()
 }
@@ -177,7 +184,7 @@ fn vector(row: &Value) -> Vec<f64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_output() {
     let fleet = Fleet::start();
-    let texts = texts();
+    let texts = texts_of(BULK_ROWS);
 
     // Uninterrupted: one row per input row, in order, each a 384-dimension vector equal to
     // what `infer` gives for its text.
@@ -185,9 +192,9 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
     write_input(&input_a, "a", &texts);
     let (done, summary) = fleet.submit_to_end(&input_a, &output_a);
     assert_eq!(done.status.code(), Some(0), "{done:?}");
-    assert_eq!(summary["rows_ok"], ROWS, "{summary}");
+    assert_eq!(summary["rows_ok"], BULK_ROWS, "{summary}");
     let a = rows(&output_a);
-    assert_eq!(a.len(), ROWS);
+    assert_eq!(a.len(), BULK_ROWS);
     for (i, row) in a.iter().enumerate() {
         assert_eq!(row["id"], format!("a-{i}"));
         assert_eq!(row["status"], "ok");
@@ -209,7 +216,7 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         .fold(0.0, f64::max);
     assert!(diff < 1e-5, "submit and infer differ by {diff}");
 
-    // Killed twice part way, then run to the end.
+    // Killed twice at random points (one in each third of the rows), then run to the end.
     let streams = Streams::connect(&fleet.nats).await;
     let queued_before = streams
         .stream("FLEET_JOBS")
@@ -221,7 +228,13 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         .last_sequence;
     let (input_b, output_b) = (fleet.path("b.jsonl"), fleet.path("b.out.jsonl"));
     write_input(&input_b, "b", &texts);
-    for at_least in [TEXTS_PER_JOB, ROWS / 2] {
+    let mut random = rand::thread_rng();
+    let kill_points = [
+        random.gen_range(1..BULK_ROWS / 3),
+        random.gen_range(BULK_ROWS / 3..2 * BULK_ROWS / 3),
+    ];
+    eprintln!("killing fleet submit once it has written {kill_points:?} rows");
+    for at_least in kill_points {
         let mut run = Process::adopt("fleet submit", fleet.submit(&input_b, &output_b));
         fleet_tests::eventually(Duration::from_secs(60), "rows written", || async {
             (lines_in(&output_b) >= at_least).then_some(())
@@ -231,11 +244,18 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         run.wait_exit(Duration::from_secs(10));
     }
     assert!(
-        lines_in(&output_b) < ROWS,
+        lines_in(&output_b) < BULK_ROWS,
         "the kills came too late to test a resume"
     );
-    let (done, _) = fleet.submit_to_end(&input_b, &output_b);
+    let (done, resumed) = fleet.submit_to_end(&input_b, &output_b);
     assert_eq!(done.status.code(), Some(0), "{done:?}");
+    let done_before = resumed["rows_already_done"].as_u64().unwrap();
+    assert!(done_before >= kill_points[1] as u64, "{resumed}");
+    assert_eq!(
+        done_before + resumed["rows_ok"].as_u64().unwrap(),
+        BULK_ROWS as u64,
+        "{resumed}"
+    );
     let queued = streams
         .stream("FLEET_JOBS")
         .await
@@ -245,10 +265,16 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         .state
         .last_sequence
         - queued_before;
+    // Every job queued once: the jobs the killed runs had sent and not yet seen answered were
+    // either read back from the store or sent again and absorbed by the queue's deduplication.
     assert_eq!(
         queued,
-        (ROWS / TEXTS_PER_JOB) as u64,
-        "jobs queued for {ROWS} rows"
+        BULK_ROWS.div_ceil(TEXTS_PER_JOB) as u64,
+        "jobs queued for {BULK_ROWS} rows"
+    );
+    eprintln!(
+        "the resumed run sent {} jobs, {} of them already queued (stored once), and read {} back",
+        resumed["jobs_sent"], resumed["jobs_duplicate"], resumed["jobs_from_store"]
     );
 
     // An uninterrupted run of the same input: the same output, all of it from the store.

@@ -123,6 +123,9 @@ pub struct JobDone {
     pub sent: bool,
     /// Attempts after the first.
     pub retries: u64,
+    /// Sends the queue answered `duplicate`: it already held the job (sent by a run that was
+    /// killed before the answer, or by an attempt that timed out), and stored it once.
+    pub duplicates: u64,
 }
 
 /// Embeds a stream of rows, `texts_per_job` rows a job, `in_flight` jobs at a time, and yields
@@ -241,6 +244,8 @@ pub struct BulkSummary {
     pub jobs_from_store: u64,
     /// Attempts after the first (timeouts, `overloaded`, `rate_limited`, no dispatcher).
     pub retries: u64,
+    /// Sends the queue already held and stored once (see [`JobDone::duplicates`]).
+    pub jobs_duplicate: u64,
     /// Failed rows in the whole output, earlier runs' included: the rows of the errors file.
     pub rows_failed_in_output: u64,
 }
@@ -341,6 +346,7 @@ pub async fn submit_file(
         summary.jobs_sent += u64::from(done.sent);
         summary.jobs_from_store += u64::from(!done.sent);
         summary.retries += done.retries;
+        summary.jobs_duplicate += done.duplicates;
         let failed = done.rows.iter().filter(|row| row.outcome.is_err()).count() as u64;
         summary.rows_failed += failed;
         summary.rows_ok += done.rows.len() as u64 - failed;
@@ -363,6 +369,7 @@ async fn run_job(
     let job_id = job_id(&options.model, index, &rows);
     let mut sent = false;
     let mut retries = 0;
+    let mut duplicates = 0;
     let outcome = 'outcome: {
         if let Ok(Some(result)) = stored_result(client, &tenant.name, &job_id).await {
             break 'outcome outcome(result);
@@ -384,6 +391,7 @@ async fn run_job(
                     continue;
                 }
             };
+            duplicates += u64::from(reply.duplicate);
             if reply.status == SubmitStatus::Rejected {
                 let Some(error) = reply.error else {
                     break 'outcome Err(RowError {
@@ -433,6 +441,7 @@ async fn run_job(
         rows,
         sent,
         retries,
+        duplicates,
     }
 }
 

@@ -130,13 +130,14 @@ impl Bar {
         let rows = summary.rows_ok + summary.rows_failed;
         eprintln!(
             "fleet submit: {rows} rows in {seconds:.1} s ({:.0} rows/s): {} ok, {} failed; {} \
-             done by an earlier run; {} jobs sent, {} read back from the fleet's results, {} \
-             retries; {} failed rows in the output",
+             done by an earlier run; {} jobs sent ({} already queued, stored once), {} read back \
+             from the fleet's results, {} retries; {} failed rows in the output",
             rows as f64 / seconds.max(1e-9),
             summary.rows_ok,
             summary.rows_failed,
             summary.rows_already_done,
             summary.jobs_sent,
+            summary.jobs_duplicate,
             summary.jobs_from_store,
             summary.retries,
             summary.rows_failed_in_output,
