@@ -11,8 +11,8 @@ use fleet_tests::NatsServer;
 use serde_json::Value;
 use support::{StandIn, loadtest, stand_in};
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sweep_finds_the_knee_and_writes_its_report() {
+/// A broker with a stand-in fleet that answers two requests at a time, 40 ms each.
+async fn fifty_answers_a_second() -> NatsServer {
     let nats = NatsServer::start();
     stand_in(
         nats.client().await,
@@ -23,6 +23,12 @@ async fn a_sweep_finds_the_knee_and_writes_its_report() {
         },
     )
     .await;
+    nats
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sweep_finds_the_knee_and_writes_its_report() {
+    let nats = fifty_answers_a_second().await;
     let dir = tempfile::tempdir().unwrap();
     let report_dir = dir.path().join("report");
     // 10, 20, 40 requests/s are within the stand-in's 50; 80 is not: its backlog grows by
@@ -97,16 +103,7 @@ async fn a_sweep_finds_the_knee_and_writes_its_report() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_closed_loop_sweep_stops_where_more_requests_in_flight_no_longer_add_throughput() {
-    let nats = NatsServer::start();
-    stand_in(
-        nats.client().await,
-        StandIn {
-            answer_after: Duration::from_millis(40),
-            capacity: 2,
-            refuse_every: None,
-        },
-    )
-    .await;
+    let nats = fifty_answers_a_second().await;
     let dir = tempfile::tempdir().unwrap();
     // 1 and 2 in flight each get a server of their own (25, then 50 answers/s); 4 in flight
     // queue behind the stand-in's two: still 50/s where Little's law at the previous latency
