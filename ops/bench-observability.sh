@@ -15,12 +15,11 @@ texts=${2:-2048}
 in_flight=512
 corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
-cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
 model="$root/models/all-MiniLM-L6-v2"
 
 # shellcheck source=ops/lib.sh
 source "$root/ops/lib.sh"
+build_fleet
 start_nats
 bench_tenant
 start_osmem
@@ -38,13 +37,7 @@ start_fleet() {
   RUST_LOG=$log spawn "worker-$mode" "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" \
     --model-dir "$model" --metrics-addr 127.0.0.1:0 --max-batch-size 32 --max-in-flight "$in_flight" \
     --max-ack-pending $((in_flight * 2)) --max-delay 5ms "${ship[@]}"
-  for _ in $(seq 120); do
-    "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" \
-      --limit 1 --timeout 5s >/dev/null 2>&1 && return 0
-    sleep 1
-  done
-  echo "the fleet ($mode) did not answer" >&2
-  return 1
+  wait_first_answer || { echo "(the fleet in mode $mode)" >&2; return 1; }
 }
 
 stop_fleet() {

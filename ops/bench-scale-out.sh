@@ -18,11 +18,10 @@ in_flight=${4:-512}
 sweep_args=${SWEEP_ARGS:---start 25 --step 25 --step-duration 8s --max-p99 500ms --max-steps 12}
 corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
-cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
 model="$root/models/all-MiniLM-L6-v2"
 # shellcheck source=ops/lib.sh
 source "$root/ops/lib.sh"
+build_fleet
 start_nats
 bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
@@ -60,10 +59,7 @@ texts_per_worker() {
 
 add_worker 1
 # Warm-up: the first answer proves the dispatcher and the worker are ready end to end.
-for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
-  sleep 1
-done
+wait_first_answer
 
 if [ "${NO_SWEEP:-0}" != 1 ]; then
   echo "sweep, 1 worker: $(uptime)"

@@ -14,19 +14,15 @@ rounds=${3:-2}
 rows=${4:-0}
 corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
-cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
 model="$root/models/all-MiniLM-L6-v2"
 # shellcheck source=ops/lib.sh
 source "$root/ops/lib.sh"
+build_fleet
 start_nats
 bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
 RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tenants.toml" --model-dir "$model" --metrics-addr 127.0.0.1:0
-for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
-  sleep 1
-done
+wait_first_answer
 # The corpus, repeated to `rows` rows when asked.
 python3 - "$corpus" "$work/rows.jsonl" "$rows" <<'PY'
 import json, sys

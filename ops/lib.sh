@@ -18,6 +18,24 @@ cleanup() {
 }
 trap cleanup EXIT
 
+# Builds the release binaries of the fleet and its tools; sets $bin to where they are.
+build_fleet() {
+  cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
+  bin="${CARGO_TARGET_DIR:-$root/target}/release"
+}
+
+# Waits (2 minutes at most) until the fleet at $url answers one text of $corpus for the tenant
+# of $work/key.toml: the dispatcher and a worker, its model loaded, work end to end.
+wait_first_answer() {
+  for _ in $(seq 120); do
+    "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" \
+      --limit 1 --timeout 5s >/dev/null 2>&1 && return 0
+    sleep 1
+  done
+  echo "the fleet did not answer within 2 minutes" >&2
+  return 1
+}
+
 # Starts `name` (its output in $work/name.log) in the background, stopped on exit; its pid is
 # in $pid_<name> (dashes become underscores).
 spawn() {
