@@ -25,7 +25,7 @@ pub mod cuda;
 pub mod ops;
 
 pub use ops::{
-    AddLayerNorm, BiasGelu, Linear, MeanPoolNormalize, ScaledMaskedSoftmax, VarlenAttention,
-    add_layer_norm, bias_gelu, linear, mean_pool_normalize, scaled_masked_softmax,
-    varlen_attention,
+    AddLayerNorm, BiasGelu, Linear, MeanPoolNormalize, PackedLinearOp, ScaledMaskedSoftmax,
+    VarlenAttention, add_layer_norm, bias_gelu, linear, mean_pool_normalize, packed_linear,
+    scaled_masked_softmax, varlen_attention,
 };

@@ -5,23 +5,69 @@ use std::sync::Mutex;
 use candle_core::safetensors::MmapedSafetensors;
 use candle_core::{CpuStorage, DType, Device, Layout, Storage, Tensor};
 use fleet_kernels as k;
-use fleet_kernels::cpu;
+use fleet_kernels::cpu::{self, PackedLinear};
 
 use crate::config::BertConfig;
-use crate::{ModelError, Sequence};
+use crate::{ModelError, Precision, Sequence};
+
+/// The weight of a linear layer (`[out, in]`, PyTorch's layout) as the model's precision
+/// wants it: f32 as loaded, or rounded to bf16 and packed once (the f32 copy is dropped).
+enum Dense {
+    F32(Tensor),
+    Packed(PackedLinear),
+}
+
+impl Dense {
+    fn new(weight: Tensor, precision: Precision) -> Result<Self, ModelError> {
+        Ok(match precision.bf16_mode() {
+            None => Self::F32(weight),
+            Some(mode) => {
+                let in_dim = weight.dim(1)?;
+                let values = weight.flatten_all()?.to_vec1::<f32>()?;
+                Self::Packed(PackedLinear::new(&values, in_dim, mode)?)
+            }
+        })
+    }
+
+    /// `x · weightᵀ (+ bias)` through the candle ops.
+    fn apply(&self, x: &Tensor, bias: Option<&Tensor>) -> Result<Tensor, ModelError> {
+        Ok(match self {
+            Self::F32(w) => k::linear(x, w, bias)?,
+            Self::Packed(p) => k::packed_linear(x, p, bias)?,
+        })
+    }
+
+    /// `x · weightᵀ (+ bias)` on slices, into `out`.
+    fn run(
+        &self,
+        x: &[f32],
+        in_dim: usize,
+        bias: Option<&[f32]>,
+        out: &mut Vec<f32>,
+    ) -> Result<(), ModelError> {
+        match self {
+            Self::F32(w) => {
+                let (storage, layout) = w.storage_and_layout();
+                cpu::linear(x, in_dim, cpu_f32(&storage, layout)?, bias, out)?;
+            }
+            Self::Packed(p) => p.forward(x, bias, out)?,
+        }
+        Ok(())
+    }
+}
 
 /// One encoder layer, with weights rearranged once at load time for the fused ops.
 struct Layer {
     /// Query, key and value weights stacked: `[3 * hidden, hidden]`, and their biases.
-    qkv_weight: Tensor,
+    qkv_weight: Dense,
     qkv_bias: Tensor,
-    attn_out_weight: Tensor,
+    attn_out_weight: Dense,
     attn_out_bias: Tensor,
     /// LayerNorm weight and bias stacked `[2, hidden]`, as `AddLayerNorm` takes them.
     attn_norm: Tensor,
-    inter_weight: Tensor,
+    inter_weight: Dense,
     inter_bias: Tensor,
-    out_weight: Tensor,
+    out_weight: Dense,
     out_bias: Tensor,
     out_norm: Tensor,
 }
@@ -74,10 +120,13 @@ impl Weights<'_> {
 }
 
 impl Bert {
+    /// Loads the weights; `precision` is a resolved one (not `Auto`), checked against the
+    /// device by the caller.
     pub(crate) fn load(
         st: &MmapedSafetensors,
         cfg: &BertConfig,
         device: &Device,
+        precision: Precision,
     ) -> Result<Self, ModelError> {
         // Checkpoints saved from `BertForPreTraining` and the like prefix every name with `bert.`.
         let prefix = if st.get("embeddings.word_embeddings.weight").is_err()
@@ -116,15 +165,16 @@ impl Bert {
             let (attn_out_weight, attn_out_bias) = lin("attention.output.dense", h, h)?;
             let (inter_weight, inter_bias) = lin("intermediate.dense", i, h)?;
             let (out_weight, out_bias) = lin("output.dense", h, i)?;
+            let dense = |w: Tensor| Dense::new(w, precision);
             layers.push(Layer {
-                qkv_weight: Tensor::cat(&[qw, kw, vw], 0)?,
+                qkv_weight: dense(Tensor::cat(&[qw, kw, vw], 0)?)?,
                 qkv_bias: Tensor::cat(&[qb, kb, vb], 0)?,
-                attn_out_weight,
+                attn_out_weight: dense(attn_out_weight)?,
                 attn_out_bias,
                 attn_norm: w.layer_norm(&format!("{p}.attention.output.LayerNorm"), h)?,
-                inter_weight,
+                inter_weight: dense(inter_weight)?,
                 inter_bias,
-                out_weight,
+                out_weight: dense(out_weight)?,
                 out_bias,
                 out_norm: w.layer_norm(&format!("{p}.output.LayerNorm"), h)?,
             });
@@ -204,13 +254,13 @@ impl Bert {
         let mut h = k::add_layer_norm(&words, &pos, &self.embeddings_norm, self.eps)?;
         let scale = self.attention_scale();
         for l in &self.layers {
-            let qkv = k::linear(&h, &l.qkv_weight, Some(&l.qkv_bias))?;
+            let qkv = l.qkv_weight.apply(&h, Some(&l.qkv_bias))?;
             let ctx = k::varlen_attention(&qkv, &cu, self.heads, scale)?;
-            let attn = k::linear(&ctx, &l.attn_out_weight, Some(&l.attn_out_bias))?;
+            let attn = l.attn_out_weight.apply(&ctx, Some(&l.attn_out_bias))?;
             let h1 = k::add_layer_norm(&attn, &h, &l.attn_norm, self.eps)?;
-            let inter = k::linear(&h1, &l.inter_weight, None)?;
+            let inter = l.inter_weight.apply(&h1, None)?;
             let act = k::bias_gelu(&inter, &l.inter_bias)?;
-            let out = k::linear(&act, &l.out_weight, Some(&l.out_bias))?;
+            let out = l.out_weight.apply(&act, Some(&l.out_bias))?;
             h = k::add_layer_norm(&out, &h1, &l.out_norm, self.eps)?;
         }
         let pooled = k::mean_pool_normalize(&h, &cu, &flags)?;
@@ -230,7 +280,7 @@ impl Bert {
             .iter()
             .map(|(storage, layout)| cpu_f32(storage, layout))
             .collect::<Result<Vec<&[f32]>, ModelError>>()?;
-        // `w` follows the order of `cpu_weights`: 5 tensors, then 10 per layer.
+        // `w` follows the order of `cpu_weights`: 3 tensors, then 6 per layer.
         let (words, positions, emb_norm) = (w[0], w[1], w[2]);
         let mut guard = self.workspace.lock().unwrap_or_else(|poisoned| {
             // A batch panicked mid-pass (the runtime turned that into its error). The buffers
@@ -248,20 +298,22 @@ impl Bert {
         let (norm_w, norm_b) = emb_norm.split_at(h);
         cpu::add_layer_norm(&ws.a, &ws.b, norm_w, norm_b, self.eps, &mut ws.h)?;
         let scale = self.attention_scale();
-        for l in w[3..].chunks_exact(10) {
+        for (layer, l) in self.layers.iter().zip(w[3..].chunks_exact(6)) {
             #[cfg(test)]
             tests::panic_if_armed();
-            let &[qkv_w, qkv_b, ao_w, ao_b, n1, i_w, i_b, o_w, o_b, n2] = l else {
+            let &[qkv_b, ao_b, n1, i_b, o_b, n2] = l else {
                 return Err(ModelError::Unsupported("layer weights out of order".into()));
             };
-            cpu::linear(&ws.h, h, qkv_w, Some(qkv_b), &mut ws.qkv)?;
+            layer.qkv_weight.run(&ws.h, h, Some(qkv_b), &mut ws.qkv)?;
             cpu::varlen_attention(&ws.qkv, &input.cu, self.heads, d, scale, &mut ws.b)?;
-            cpu::linear(&ws.b, h, ao_w, Some(ao_b), &mut ws.a)?;
+            layer.attn_out_weight.run(&ws.b, h, Some(ao_b), &mut ws.a)?;
             let (n1w, n1b) = n1.split_at(h);
             cpu::add_layer_norm(&ws.a, &ws.h, n1w, n1b, self.eps, &mut ws.h1)?;
-            cpu::linear(&ws.h1, h, i_w, None, &mut ws.inter)?;
+            layer.inter_weight.run(&ws.h1, h, None, &mut ws.inter)?;
             cpu::bias_gelu(&ws.inter, i_b, &mut ws.act)?;
-            cpu::linear(&ws.act, i_b.len(), o_w, Some(o_b), &mut ws.a)?;
+            layer
+                .out_weight
+                .run(&ws.act, i_b.len(), Some(o_b), &mut ws.a)?;
             let (n2w, n2b) = n2.split_at(h);
             cpu::add_layer_norm(&ws.a, &ws.h1, n2w, n2b, self.eps, &mut ws.h)?;
         }
@@ -269,7 +321,7 @@ impl Bert {
         Ok(ws.a.chunks_exact(h).map(<[f32]>::to_vec).collect())
     }
 
-    /// The weights in the order `forward_cpu` reads them.
+    /// The f32 tensors other than the linear weights, in the order `forward_cpu` reads them.
     fn cpu_weights(&self) -> Vec<&Tensor> {
         let mut v = vec![
             &self.word_embeddings,
@@ -278,14 +330,10 @@ impl Bert {
         ];
         for l in &self.layers {
             v.extend([
-                &l.qkv_weight,
                 &l.qkv_bias,
-                &l.attn_out_weight,
                 &l.attn_out_bias,
                 &l.attn_norm,
-                &l.inter_weight,
                 &l.inter_bias,
-                &l.out_weight,
                 &l.out_bias,
                 &l.out_norm,
             ]);
@@ -368,14 +416,14 @@ mod tests {
 
     fn tiny_bert() -> Bert {
         let layer = || Layer {
-            qkv_weight: random(&[3 * HIDDEN, HIDDEN]),
+            qkv_weight: Dense::F32(random(&[3 * HIDDEN, HIDDEN])),
             qkv_bias: random(&[3 * HIDDEN]),
-            attn_out_weight: random(&[HIDDEN, HIDDEN]),
+            attn_out_weight: Dense::F32(random(&[HIDDEN, HIDDEN])),
             attn_out_bias: random(&[HIDDEN]),
             attn_norm: random(&[2, HIDDEN]),
-            inter_weight: random(&[INTER, HIDDEN]),
+            inter_weight: Dense::F32(random(&[INTER, HIDDEN])),
             inter_bias: random(&[INTER]),
-            out_weight: random(&[HIDDEN, INTER]),
+            out_weight: Dense::F32(random(&[HIDDEN, INTER])),
             out_bias: random(&[HIDDEN]),
             out_norm: random(&[2, HIDDEN]),
         };

@@ -30,6 +30,8 @@ pub enum ModelError {
         expected: Vec<usize>,
         actual: Vec<usize>,
     },
+    #[error(transparent)]
+    Precision(#[from] crate::PrecisionUnavailable),
     #[error("input is {tokens} tokens, the model takes at most {max}")]
     TooLong { tokens: usize, max: usize },
     #[error("token id {id} is outside the vocabulary of {vocab_size}")]
@@ -62,6 +64,7 @@ impl ModelError {
     ///   `Tokenize`, `Kernel` (a shape refused), `Panicked` (a kernel or candle panicked on this
     ///   batch's shapes; the runtime serves the next batch normally), the load errors about the
     ///   files' content (`Config`, `Unsupported`, `UnsupportedPooling`, `TokenizerLoad`,
+    ///   `Precision` (a mode this machine cannot run),
     ///   `MissingTensor`, `TensorShape`), and `Tensor` errors other than the ones below (shape,
     ///   dtype, index errors).
     /// * [`Transient`](FailureKind::Transient): `RuntimeStopped` (the thread is gone or its
@@ -74,6 +77,7 @@ impl ModelError {
             Self::Tensor(e) => candle_kind(e),
             Self::Config { .. }
             | Self::Unsupported(_)
+            | Self::Precision(_)
             | Self::UnsupportedPooling { .. }
             | Self::TokenizerLoad { .. }
             | Self::Tokenize(_)

@@ -15,6 +15,7 @@
 mod bert;
 mod config;
 mod error;
+mod precision;
 mod runtime;
 mod tokenizer;
 
@@ -26,6 +27,7 @@ use candle_core::safetensors::MmapedSafetensors;
 
 pub use config::{BertConfig, PoolingConfig, SentenceBertConfig};
 pub use error::{FailureKind, ModelError};
+pub use precision::{ParsePrecisionError, Precision, PrecisionUnavailable, Tolerance};
 pub use runtime::{ModelRuntime, OwnedSequence, RuntimeHandle};
 pub use tokenizer::TextTokenizer;
 
@@ -59,6 +61,7 @@ impl<'a> Sequence<'a> {
 /// A loaded sentence-embedding model.
 pub struct EmbeddingModel {
     config: BertConfig,
+    precision: Precision,
     bert: bert::Bert,
     tokenizer: Arc<TextTokenizer>,
 }
@@ -67,8 +70,20 @@ impl EmbeddingModel {
     /// Loads a sentence-transformers directory: `config.json`, `model.safetensors`
     /// (memory-mapped while the weights are read), `tokenizer.json`,
     /// `sentence_bert_config.json` (`max_seq_length`) and `1_Pooling/config.json` (which
-    /// must ask for mean pooling alone).
+    /// must ask for mean pooling alone). The linear layers run in [`Precision::Auto`].
     pub fn load(dir: &Path, device: &Device) -> Result<Self, ModelError> {
+        Self::load_with_precision(dir, device, Precision::Auto)
+    }
+
+    /// [`load`](Self::load) with the linear layers in `precision`: `Auto` resolves to the
+    /// fastest mode that meets the default accuracy contract here; an explicit mode this
+    /// machine cannot run is [`ModelError::Precision`].
+    pub fn load_with_precision(
+        dir: &Path,
+        device: &Device,
+        precision: Precision,
+    ) -> Result<Self, ModelError> {
+        let precision = precision.resolve(device)?;
         let config: BertConfig = config::read_json(&dir.join("config.json"))?;
         config.validate()?;
         let st_config: SentenceBertConfig =
@@ -112,9 +127,10 @@ impl EmbeddingModel {
                 path: weights_path.clone(),
                 message: e.to_string(),
             })?;
-        let bert = bert::Bert::load(&st, &config, device)?;
+        let bert = bert::Bert::load(&st, &config, device, precision)?;
         Ok(Self {
             config,
+            precision,
             bert,
             tokenizer: Arc::new(tokenizer),
         })
@@ -123,6 +139,11 @@ impl EmbeddingModel {
     /// The encoder's configuration (sizes, for cost models and reports).
     pub fn config(&self) -> &BertConfig {
         &self.config
+    }
+
+    /// The precision the linear layers run in (resolved: never `Auto`).
+    pub fn precision(&self) -> Precision {
+        self.precision
     }
 
     /// Longest input in tokens, special tokens included (256 for all-MiniLM-L6-v2).

@@ -8,6 +8,7 @@
 use std::mem::MaybeUninit;
 
 mod attention;
+mod bf16;
 mod gelu;
 mod layer_norm;
 mod linear;
@@ -17,6 +18,7 @@ mod simd;
 mod softmax;
 
 pub use attention::varlen_attention;
+pub use bf16::{Bf16Mode, PackedLinear, bf16_supported};
 pub use gelu::bias_gelu;
 pub use layer_norm::add_layer_norm;
 pub use linear::linear;

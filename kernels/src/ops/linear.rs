@@ -1,4 +1,6 @@
-use candle_core::{CpuStorage, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail};
+use candle_core::{
+    CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor, bail,
+};
 
 use super::{dims1, dims2, f32_slice};
 use crate::cpu;
@@ -140,5 +142,79 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     match bias {
         Some(b) => x.apply_op3_no_bwd(&weight, &b.contiguous()?, &Linear),
         None => x.apply_op2_no_bwd(&weight, &Linear),
+    }
+}
+
+/// [`Linear`] with weights rounded to bf16 and packed once ([`cpu::PackedLinear`], held by the
+/// op): `x · weightᵀ (+ bias)` in the op's [`cpu::Bf16Mode`], on the CPU only (there is no CUDA
+/// implementation; candle refuses the op on other devices).
+///
+/// Inputs: f32 contiguous `x` `[rows, in]` and, as a [`CustomOp2`], `bias` `[out]`. Output:
+/// f32 `[rows, out]`.
+#[derive(Debug, Clone)]
+pub struct PackedLinearOp<'a>(pub &'a cpu::PackedLinear);
+
+impl PackedLinearOp<'_> {
+    fn run(
+        &self,
+        x: (&CpuStorage, &Layout),
+        bias: Option<(&CpuStorage, &Layout)>,
+    ) -> Result<(CpuStorage, Shape)> {
+        let name = "packed_linear";
+        let (rows, in_dim) = dims2(name, "x", x.1)?;
+        if in_dim != self.0.in_dim() {
+            bail!(
+                "{name}: x is [{rows}, {in_dim}] but the weights take {} inputs",
+                self.0.in_dim()
+            );
+        }
+        let bias = bias
+            .map(|(s, l)| {
+                dims1(name, "bias", l)?;
+                f32_slice(name, s, l)
+            })
+            .transpose()?;
+        let mut out = Vec::new();
+        self.0.forward(f32_slice(name, x.0, x.1)?, bias, &mut out)?;
+        Ok((CpuStorage::F32(out), Shape::from((rows, self.0.out_dim()))))
+    }
+}
+
+impl CustomOp1 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "packed_linear"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.run((s, l), None)
+    }
+}
+
+impl CustomOp2 for PackedLinearOp<'_> {
+    fn name(&self) -> &'static str {
+        "packed_linear"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        self.run((s1, l1), Some((s2, l2)))
+    }
+}
+
+/// Applies [`PackedLinearOp`], with or without a bias.
+pub fn packed_linear(
+    x: &Tensor,
+    weight: &cpu::PackedLinear,
+    bias: Option<&Tensor>,
+) -> Result<Tensor> {
+    let x = x.contiguous()?;
+    match bias {
+        Some(b) => x.apply_op2_no_bwd(&b.contiguous()?, &PackedLinearOp(weight)),
+        None => x.apply_op1_no_bwd(&PackedLinearOp(weight)),
     }
 }

@@ -17,7 +17,7 @@ use candle_core::{CpuStorage, Layout, Result, bail};
 pub use attention::{VarlenAttention, varlen_attention};
 pub use gelu::{BiasGelu, bias_gelu};
 pub use layer_norm::{AddLayerNorm, add_layer_norm};
-pub use linear::{Linear, linear};
+pub use linear::{Linear, PackedLinearOp, linear, packed_linear};
 pub use pooling::{MeanPoolNormalize, mean_pool_normalize};
 pub use softmax::{ScaledMaskedSoftmax, scaled_masked_softmax};
 

@@ -1,0 +1,146 @@
+//! Matrix-product rates of the linear layer at the model's shapes (all-MiniLM-L6-v2: QKV
+//! 384->1152, attention output 384->384, intermediate 384->1536, output 1536->384) in each
+//! precision, against the peak rates of this CPU's f32 FMA and bf16 dot-product instructions
+//! (register-only loops on every rayon thread): the roofline of BENCHMARKS.md.
+//!
+//! cargo run --release -p fleet-kernels --example gemm_rate -- [rows...]   (default 2048 4096)
+
+use std::hint::black_box;
+use std::time::Instant;
+
+use fleet_kernels::cpu::{self, Bf16Mode, PackedLinear};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rayon::prelude::*;
+
+/// (name, in_dim, out_dim) of one encoder layer's products.
+const SHAPES: [(&str, usize, usize); 4] = [
+    ("qkv", 384, 1152),
+    ("attn_out", 384, 384),
+    ("inter", 384, 1536),
+    ("out", 1536, 384),
+];
+
+fn random(rng: &mut StdRng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n).map(|_| rng.gen_range(-scale..scale)).collect()
+}
+
+/// Seconds per call of `f`, the best of several timed rounds of at least 0.2 s each.
+fn time(mut f: impl FnMut()) -> f64 {
+    f();
+    let mut best = f64::INFINITY;
+    for _ in 0..5 {
+        let start = Instant::now();
+        let mut n = 0u32;
+        while start.elapsed().as_secs_f64() < 0.2 {
+            f();
+            n += 1;
+        }
+        best = best.min(start.elapsed().as_secs_f64() / f64::from(n));
+    }
+    best
+}
+
+#[cfg(target_arch = "x86_64")]
+mod peak {
+    use std::arch::x86_64::*;
+
+    /// Multiply-adds per call of each loop: 24 independent accumulators (more than latency
+    /// times throughput) x 16 lanes x `ITERS`, and twice that per lane for bf16 (pairs).
+    pub const ITERS: usize = 1 << 16;
+    pub const ACC: usize = 24;
+
+    #[target_feature(enable = "avx512f")]
+    pub fn fma(seed: f32) -> f32 {
+        let mut acc = [_mm512_set1_ps(seed); ACC];
+        let (a, b) = (_mm512_set1_ps(0.999), _mm512_set1_ps(1e-7));
+        for _ in 0..ITERS {
+            for x in &mut acc {
+                *x = _mm512_fmadd_ps(*x, a, b);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub fn dpbf16(seed: f32) -> f32 {
+        let mut acc = [_mm512_set1_ps(seed); ACC];
+        let a = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
+        let b = _mm512_cvtne2ps_pbh(_mm512_set1_ps(1e-3), _mm512_set1_ps(1e-3));
+        for _ in 0..ITERS {
+            for x in &mut acc {
+                *x = _mm512_dpbf16_ps(*x, a, b);
+            }
+        }
+        acc.iter().map(|&x| _mm512_reduce_add_ps(x)).sum()
+    }
+}
+
+fn main() {
+    let mut rows: Vec<usize> = std::env::args()
+        .skip(1)
+        .map(|a| a.parse().expect("rows: a number"))
+        .collect();
+    if rows.is_empty() {
+        rows = vec![2048, 4096];
+    }
+    let threads = rayon::current_num_threads();
+    let bf16 = cpu::bf16_supported();
+    println!("{threads} threads; AVX512-BF16: {bf16}");
+
+    #[cfg(target_arch = "x86_64")]
+    if cpu::bf16_supported() {
+        let all = |f: fn(f32) -> f32| {
+            time(|| {
+                black_box(
+                    (0..threads)
+                        .into_par_iter()
+                        .map(|i| f(black_box(i as f32)))
+                        .sum::<f32>(),
+                );
+            })
+        };
+        let per_call = (peak::ITERS * peak::ACC * 16 * threads) as f64;
+        // SAFETY: AVX-512 F and BF16 are present (bf16_supported).
+        let f32_peak = 2.0 * per_call / all(|s| unsafe { peak::fma(s) });
+        let bf16_peak = 4.0 * per_call / all(|s| unsafe { peak::dpbf16(s) });
+        println!(
+            "peak (all threads): f32 FMA {:.1} GFLOP/s, bf16 dot product {:.1} GFLOP/s",
+            f32_peak / 1e9,
+            bf16_peak / 1e9
+        );
+    }
+
+    let mut rng = StdRng::seed_from_u64(7);
+    for &m in &rows {
+        for (name, k, n) in SHAPES {
+            let x = random(&mut rng, m * k, 1.0);
+            let w = random(&mut rng, n * k, 0.05);
+            let b = random(&mut rng, n, 0.1);
+            let flops = 2.0 * (m * n * k) as f64;
+            let mut want = Vec::new();
+            let f32_s = time(|| cpu::linear(&x, k, &w, Some(&b), &mut want).expect("f32"));
+            print!(
+                "rows {m:5} {name:8} [{k:4} -> {n:4}]: f32 {:6.1} GFLOP/s",
+                flops / f32_s / 1e9
+            );
+            if bf16 {
+                for mode in [Bf16Mode::Bf16, Bf16Mode::Bf16x3] {
+                    let p = PackedLinear::new(&w, k, mode).expect("pack");
+                    let mut got = Vec::new();
+                    let s = time(|| p.forward(&x, Some(&b), &mut got).expect("bf16"));
+                    let err = got
+                        .iter()
+                        .zip(&want)
+                        .map(|(g, w)| (g - w).abs())
+                        .fold(0.0f32, f32::max);
+                    print!(
+                        ", {mode:?} {:6.1} GFLOP/s (max abs diff {err:.1e})",
+                        flops / s / 1e9
+                    );
+                }
+            }
+            println!();
+        }
+    }
+}
