@@ -154,16 +154,7 @@ while :; do
   sleep 1
 done
 
-ANSWER="$answer" python3 - "${texts[@]}" <<'PY'
-import json, os, sys
-result = json.loads(os.environ["ANSWER"])
-vectors = result["output"]["vectors"]
-print(f"job {result['job_id']} embedded by {result['worker']} "
-      f"(queue {result['timings']['queue_ms']} ms, inference {result['timings']['inference_ms']} ms)")
-for text, vector in zip(sys.argv[1:], vectors):
-    head = ", ".join(f"{x:+.4f}" for x in vector[:6])
-    print(f"  [{head}, ...] ({len(vector)} dims)  {text}")
-PY
+ANSWER="$answer" python3 "$root/ops/print-answer.py" "${texts[@]}"
 cat <<EOF
 
 Fleet is up in Docker (project "fleet", host network, loopback only):

@@ -77,16 +77,7 @@ while :; do
   sleep 1
 done
 
-ANSWER="$answer" ELAPSED_MS=$(((end - start) / 1000000)) python3 - "${texts[@]}" <<'PY'
-import json, os, sys
-result = json.loads(os.environ["ANSWER"])
-vectors = result["output"]["vectors"]
-print(f"job {result['job_id']} embedded by {result['worker']} in {int(os.environ['ELAPSED_MS'])} ms "
-      f"(queue {result['timings']['queue_ms']} ms, inference {result['timings']['inference_ms']} ms)")
-for text, vector in zip(sys.argv[1:], vectors):
-    head = ", ".join(f"{x:+.4f}" for x in vector[:6])
-    print(f"  [{head}, ...] ({len(vector)} dims)  {text}")
-PY
+ANSWER="$answer" ELAPSED_MS=$(((end - start) / 1000000)) python3 "$root/ops/print-answer.py" "${texts[@]}"
 
 [ -n "$observe" ] || exit 0
 job_id=$(ANSWER="$answer" python3 -c 'import json, os; print(json.loads(os.environ["ANSWER"])["job_id"])')
