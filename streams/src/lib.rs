@@ -14,6 +14,8 @@ use async_nats::jetstream::{
 };
 use fleet_schemas::subject;
 
+pub mod cache;
+
 /// Sizes and windows of the streams. Every process of one fleet must agree on them.
 #[derive(Debug, Clone, PartialEq)]
 pub struct StreamLimits {

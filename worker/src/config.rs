@@ -10,7 +10,13 @@ use serde_json::json;
 
 use fleet_keys::KeyStoreArgs;
 
-use crate::{batcher::BatchLimits, consumer::ConsumerSettings};
+use fleet_streams::cache::CacheLimits;
+
+use crate::{
+    batcher::BatchLimits,
+    cache::{CacheMode, CacheSettings},
+    consumer::ConsumerSettings,
+};
 
 /// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
 /// sends the results.
@@ -129,6 +135,22 @@ pub struct WorkerArgs {
     /// On SIGTERM/SIGINT, how long to finish the jobs in flight before giving up on them.
     #[arg(long, env = "FLEET_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     pub shutdown_timeout: Duration,
+
+    /// Result cache (JetStream bucket FLEET_CACHE): `off`; `tenant`: a text already embedded
+    /// for the same tenant, model and options skips the model; `shared`: hits across tenants
+    /// (one tenant's job then reveals, by its speed, what another embedded).
+    #[arg(long, env = "FLEET_RESULT_CACHE", value_enum, default_value = "off")]
+    pub result_cache: CacheMode,
+
+    /// How long a cached vector is kept after it was computed. Every caching worker must use
+    /// the same.
+    #[arg(long, env = "FLEET_RESULT_CACHE_TTL", default_value = "24h", value_parser = humantime::parse_duration)]
+    pub result_cache_ttl: Duration,
+
+    /// Most bytes the result cache holds (1.5 KiB per vector of 384 dimensions); past it the
+    /// oldest entries go. Every caching worker must use the same.
+    #[arg(long, env = "FLEET_RESULT_CACHE_MAX_BYTES", default_value_t = 1 << 30)]
+    pub result_cache_max_bytes: i64,
 }
 
 /// Where the model runs.
@@ -215,6 +237,7 @@ pub struct WorkerConfig {
     pub worker_name: String,
     pub metrics_addr: SocketAddr,
     pub shutdown_timeout: Duration,
+    pub result_cache: CacheSettings,
 }
 
 impl WorkerConfig {
@@ -226,6 +249,10 @@ impl WorkerConfig {
             ("--max-in-flight", args.max_in_flight),
             ("--fetch-batch", args.fetch_batch),
             ("--max-model-failures", args.max_model_failures as usize),
+            (
+                "--result-cache-max-bytes",
+                usize::try_from(args.result_cache_max_bytes).unwrap_or(0),
+            ),
             (
                 "--max-deliver",
                 usize::try_from(args.max_deliver).unwrap_or(0),
@@ -244,6 +271,7 @@ impl WorkerConfig {
             ("--queue-metrics-every", args.queue_metrics_every),
             ("--batch-timeout", args.batch_timeout),
             ("--ack-wait", args.ack_wait),
+            ("--result-cache-ttl", args.result_cache_ttl),
         ] {
             if value.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -306,6 +334,15 @@ impl WorkerConfig {
             worker_name,
             metrics_addr: args.metrics_addr,
             shutdown_timeout: args.shutdown_timeout,
+            result_cache: CacheSettings {
+                mode: args.result_cache,
+                limits: CacheLimits {
+                    ttl: args.result_cache_ttl,
+                    max_bytes: args.result_cache_max_bytes,
+                },
+                // The binary sets it from the model's files once it has found them.
+                model_version: String::new(),
+            },
         })
     }
 }
@@ -346,6 +383,11 @@ impl WorkerConfig {
             "reconcile_every": humantime::format_duration(self.reconcile_every).to_string(),
             "queue_metrics_every": humantime::format_duration(self.queue_metrics_every).to_string(),
             "shutdown_timeout": humantime::format_duration(self.shutdown_timeout).to_string(),
+            "result_cache": {
+                "mode": format!("{:?}", self.result_cache.mode).to_lowercase(),
+                "ttl": humantime::format_duration(self.result_cache.limits.ttl).to_string(),
+                "max_bytes": self.result_cache.limits.max_bytes,
+            },
             "nats": nats_summary(&self.nats_url, nats),
             "tenants": tenants,
         });
@@ -394,6 +436,12 @@ mod tests {
             "fleet.jobs.all-minilm-l6-v2"
         );
         assert_eq!(config.shutdown_timeout, Duration::from_secs(30));
+        // Caching is the operator's choice: it keeps what tenants embedded for a day.
+        assert_eq!(config.result_cache.mode, CacheMode::Off);
+        assert_eq!(
+            config.result_cache.limits.ttl,
+            Duration::from_secs(24 * 3600)
+        );
         assert!(
             config
                 .worker_name
@@ -424,6 +472,10 @@ mod tests {
             ]
         );
         assert!(WorkerArgs::try_parse_from(["worker", "--device", "tpu"]).is_err());
+        let cached = parse(&["--result-cache", "shared", "--result-cache-ttl", "90m"]);
+        assert_eq!(cached.result_cache, CacheMode::Shared);
+        assert_eq!(cached.result_cache_ttl, Duration::from_secs(5400));
+        assert!(WorkerArgs::try_parse_from(["worker", "--result-cache", "everyone"]).is_err());
         assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", "3 fortnights"]).is_err());
         let minutes = format!("{}m", u64::MAX);
         assert!(WorkerArgs::try_parse_from(["worker", "--ack-wait", &minutes]).is_err());

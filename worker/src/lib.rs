@@ -4,6 +4,7 @@
 
 mod abandoned;
 pub mod batcher;
+pub mod cache;
 pub mod config;
 pub mod consumer;
 pub mod embedder;

@@ -5,7 +5,13 @@ use clap::Parser;
 use fleet_service::{
     Check, ConnectionEvents, Discovery, Endpoints, Logging, NatsAuthArgs, Readiness, WORKER_SERVICE,
 };
-use fleet_worker::{WorkerArgs, WorkerConfig, embedder::warm_up, metrics::Metrics, model};
+use fleet_worker::{
+    WorkerArgs, WorkerConfig,
+    cache::{CacheMode, model_version},
+    embedder::warm_up,
+    metrics::Metrics,
+    model,
+};
 use prometheus_client::{metrics::counter::Counter, registry::Registry};
 
 /// Fleet worker: pulls jobs of one model from JetStream, runs them in dynamic batches, stores and
@@ -33,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn work(cli: Cli, logging: &Logging) -> anyhow::Result<()> {
-    let config = WorkerConfig::from_args(cli.worker)?;
+    let mut config = WorkerConfig::from_args(cli.worker)?;
     let nats_url = fleet_service::redact_url(&config.nats_url);
     tracing::info!(
         worker = %config.worker_name,
@@ -49,6 +55,11 @@ async fn work(cli: Cli, logging: &Logging) -> anyhow::Result<()> {
              Fleet's repository, or point --model-dir (FLEET_MODEL_DIR) at a copy",
             shown.display()
         );
+    }
+    if config.result_cache.mode != CacheMode::Off {
+        // Cached vectors are found again only by the model (and device kind) that made them.
+        config.result_cache.model_version = model_version(&config.model_dir, config.device)
+            .with_context(|| format!("cannot read the model at {}", config.model_dir.display()))?;
     }
     // Connect before the slow model load, so an unreachable server is reported at once; a
     // connection made once is kept up by reconnecting.

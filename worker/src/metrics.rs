@@ -85,6 +85,35 @@ pub enum Reconciled {
     Orphan,
 }
 
+/// What one result cache lookup (one input text) found.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum CacheLookup {
+    /// The text's vector was cached: the model skipped it.
+    Hit,
+    /// Not cached: the model ran it.
+    Miss,
+    /// The lookup failed (timeout, bucket away, unreadable value): the model ran it.
+    Error,
+}
+
+/// What became of one vector the worker tried to cache.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum CacheStore {
+    Stored,
+    Failed,
+}
+
+label_values!(CacheLookup {
+    Hit => "hit",
+    Miss => "miss",
+    Error => "error",
+});
+
+label_values!(CacheStore {
+    Stored => "stored",
+    Failed => "failed",
+});
+
 label_values!(Finished {
     Ok => "ok",
     Expired => "expired",
@@ -138,6 +167,16 @@ struct ReconciledLabels {
     kind: Reconciled,
 }
 
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheLookupLabels {
+    outcome: CacheLookup,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct CacheStoreLabels {
+    outcome: CacheStore,
+}
+
 /// The queue's state as JetStream reports it, labelled with the reporting worker: every worker
 /// of a model reports the same consumer (aggregate with `max by (model)`).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -182,6 +221,8 @@ pub struct Metrics {
     unfinished: Family<UnfinishedLabels, Counter>,
     dead_letters: Family<DeadLetterLabels, Counter>,
     reconciled: Family<ReconciledLabels, Counter>,
+    cache_lookups: Family<CacheLookupLabels, Counter>,
+    cache_stores: Family<CacheStoreLabels, Counter>,
     /// Deliveries seen whose delivery count is above 1.
     pub redeliveries: Counter,
     /// 1 while the worker pulls jobs; 0 once its model stalled or kept failing.
@@ -212,6 +253,8 @@ impl Metrics {
             unfinished: Family::default(),
             dead_letters: Family::default(),
             reconciled: Family::default(),
+            cache_lookups: Family::default(),
+            cache_stores: Family::default(),
             redeliveries: Counter::default(),
             ready: Gauge::default(),
             model_ready: Gauge::default(),
@@ -272,6 +315,17 @@ impl Metrics {
             "reconciled",
             "Job messages the server would not deliver again, settled by a worker, by kind",
             metrics.reconciled.clone(),
+        );
+        worker.register(
+            "result_cache_lookups",
+            "Input texts looked up in the result cache, by outcome (hit: the model skipped it; \
+             miss; error: the lookup failed and the model ran it). Hit ratio: hit over all",
+            metrics.cache_lookups.clone(),
+        );
+        worker.register(
+            "result_cache_stores",
+            "Vectors computed by the model and stored in the result cache, by outcome",
+            metrics.cache_stores.clone(),
         );
         worker.register(
             "ready",
@@ -405,6 +459,30 @@ impl Metrics {
         for &kind in Reconciled::ALL {
             let _ = self.reconciled.get_or_create(&ReconciledLabels { kind });
         }
+        for &outcome in CacheLookup::ALL {
+            let _ = self
+                .cache_lookups
+                .get_or_create(&CacheLookupLabels { outcome });
+        }
+        for &outcome in CacheStore::ALL {
+            let _ = self
+                .cache_stores
+                .get_or_create(&CacheStoreLabels { outcome });
+        }
+    }
+
+    /// One input text looked up in the result cache.
+    pub fn cache_lookup(&self, outcome: CacheLookup) {
+        self.cache_lookups
+            .get_or_create(&CacheLookupLabels { outcome })
+            .inc();
+    }
+
+    /// One computed vector offered to the result cache.
+    pub fn cache_store(&self, outcome: CacheStore) {
+        self.cache_stores
+            .get_or_create(&CacheStoreLabels { outcome })
+            .inc();
     }
 
     /// A job's final outcome, with the error code its caller got (none for `ok`), `after` its

@@ -20,9 +20,12 @@ use prometheus_client::metrics::histogram::Histogram;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::{Instrument, Span, field::Empty};
 
+use fleet_streams::cache::CacheSetupError;
+
 use crate::{
     abandoned,
     batcher::{Batch, BatchLimits, Batcher},
+    cache::{Hits, ResultCache},
     config::{ModelGuard, WorkerConfig},
     consumer::{self, ConsumerSetupError},
     embedder::{EmbedError, Embedder, FailureKind, TokenizeError, TokenizedInput},
@@ -60,6 +63,8 @@ pub enum PipelineError {
     },
     #[error("stopped pulling: {0}; the jobs it held go to other workers")]
     Model(#[from] ModelFault),
+    #[error("result cache: {0}")]
+    Cache(#[from] CacheSetupError),
     #[error("shutdown: {left} jobs still in flight after {waited:?}; they will be redelivered")]
     DrainTimeout { left: usize, waited: Duration },
 }
@@ -85,7 +90,10 @@ struct Work {
     queued: Duration,
     /// When this worker took the job (or took it back from a failed batch).
     taken_at: Instant,
+    /// The job's inputs that need the model, tokenized: those not in `hits`.
     inputs: Vec<TokenizedInput>,
+    /// Vectors the result cache had.
+    hits: Hits,
 }
 
 /// A job held by the batcher until all its inputs have vectors.
@@ -94,6 +102,7 @@ struct Waiting {
     job: Job,
     /// From the job's arrival in the queue to its arrival in the batcher.
     queued: Duration,
+    hits: Hits,
 }
 
 /// [`run_with_readiness`] for a worker whose readiness nobody asks about.
@@ -144,6 +153,13 @@ pub async fn run_with_readiness<E: Embedder>(
         () = &mut shutdown => return Ok(()),
     }
     readiness.pass(Check::Streams);
+    let cache = ResultCache::open(
+        &client,
+        &config.result_cache,
+        &config.model,
+        metrics.clone(),
+    )
+    .await?;
     let pull = consumer::bind(&js, &config.consumer).await?;
     tracing::info!(
         consumer = %config.consumer.durable_name,
@@ -207,6 +223,7 @@ pub async fn run_with_readiness<E: Embedder>(
             guard: config.model_guard,
             responder: responder.clone(),
             metrics: metrics.clone(),
+            cache: cache.clone(),
         },
         from_puller,
         fault_tx,
@@ -217,6 +234,7 @@ pub async fn run_with_readiness<E: Embedder>(
         js,
         embedder,
         responder,
+        cache,
         to_batcher,
         // In-progress acks go out three times per ack wait, so one lost ack does not cost
         // the job; the hold counts as lost a little before the server's timer runs out.
@@ -349,10 +367,12 @@ async fn pull_loop<E: Embedder>(
     }
 }
 
-/// Every input of `task` tokenized, or the first that cannot be, with its index.
+/// Every input of `task` that is not in `hits` tokenized, or the first that cannot be, with its
+/// index.
 fn tokenize_task<E: Embedder>(
     embedder: &E,
     task: &Task,
+    hits: &Hits,
 ) -> Result<Vec<TokenizedInput>, (usize, TokenizeError)> {
     let Task::Embed {
         inputs,
@@ -362,6 +382,7 @@ fn tokenize_task<E: Embedder>(
     inputs
         .iter()
         .enumerate()
+        .filter(|(index, _)| hits.is_miss(*index))
         .map(|(index, text)| {
             embedder
                 .tokenize(text, *truncate)
@@ -376,18 +397,20 @@ fn tokenize_task<E: Embedder>(
 
 type Tokenized = Result<Vec<TokenizedInput>, (usize, TokenizeError)>;
 
-/// Tokenizes off the async threads: a job may carry megabytes of text. The job travels to the
-/// blocking pool and back rather than being copied. The time taken goes to `seconds`.
+/// Tokenizes the inputs not in `hits` off the async threads: a job may carry megabytes of text.
+/// The job travels to the blocking pool and back rather than being copied. The time taken goes
+/// to `seconds`.
 async fn tokenize_off_thread<E: Embedder>(
     embedder: E,
     job: Job,
+    hits: Hits,
     seconds: Histogram,
-) -> Result<(Job, Tokenized), tokio::task::JoinError> {
+) -> Result<(Job, Hits, Tokenized), tokio::task::JoinError> {
     tokio::task::spawn_blocking(move || {
         let started = Instant::now();
-        let tokenized = tokenize_task(&embedder, &job.task);
+        let tokenized = tokenize_task(&embedder, &job.task, &hits);
         seconds.observe(started.elapsed().as_secs_f64());
-        (job, tokenized)
+        (job, hits, tokenized)
     })
     .await
 }
@@ -397,6 +420,7 @@ struct Intake<'a, E> {
     js: jetstream::Context,
     embedder: E,
     responder: Arc<Responder>,
+    cache: Option<ResultCache>,
     to_batcher: mpsc::Sender<Work>,
     progress_every: Duration,
     lease_limit: Duration,
@@ -492,9 +516,15 @@ impl<E: Embedder> Intake<'_, E> {
             });
             return;
         }
+        // Only the texts the cache does not have go to the tokenizer and the model.
+        let hits = match &self.cache {
+            Some(cache) => cache.lookup(&job).await,
+            None => Hits::default(),
+        };
         let tokenize_seconds = self.responder.metrics.tokenize_seconds.clone();
-        let tokenized = tokenize_off_thread(self.embedder.clone(), job, tokenize_seconds).await;
-        let (job, tokenized) = match tokenized {
+        let tokenized =
+            tokenize_off_thread(self.embedder.clone(), job, hits, tokenize_seconds).await;
+        let (job, hits, tokenized) = match tokenized {
             Ok(done) => done,
             Err(panicked) => {
                 // The job went down with the task; it is read again from the held message
@@ -542,6 +572,7 @@ impl<E: Embedder> Intake<'_, E> {
             queued,
             taken_at,
             inputs: tokenized,
+            hits,
         };
         // Waits while the batcher is busy (backpressure); fails only once the batcher is gone.
         if let Err(mpsc::error::SendError(work)) = self.to_batcher.send(work).await {
@@ -686,6 +717,8 @@ struct BatchLoop<E> {
     guard: ModelGuard,
     responder: Arc<Responder>,
     metrics: Metrics,
+    /// Where computed vectors are kept for later jobs, when the cache is on.
+    cache: Option<ResultCache>,
 }
 
 /// Gathers jobs into batches and runs one batch at a time on the model; jobs keep arriving
@@ -724,7 +757,7 @@ async fn batch_loop<E: Embedder>(
         if isolated.is_idle()
             && let Some(suspect) = suspects.pop_front()
         {
-            push(&mut isolated, suspect, &ctx.responder);
+            push(&mut isolated, suspect, &ctx);
         }
         if running.is_none() {
             let draining = !open && shared.pending_inputs() > 0;
@@ -774,7 +807,7 @@ async fn batch_loop<E: Embedder>(
         let due = shared.due_at().map(tokio::time::Instant::from_std);
         tokio::select! {
             received = from_puller.recv(), if open => match received {
-                Some(work) => push(&mut shared, work, &ctx.responder),
+                Some(work) => push(&mut shared, work, &ctx),
                 None => open = false,
             },
             Some(suspect) = suspect_rx.recv() => suspects.push_back(suspect),
@@ -825,10 +858,11 @@ async fn batch_loop<E: Embedder>(
                         Ok(finished) => {
                             failures_in_a_row = 0;
                             for done in finished {
-                                let responder = ctx.responder.clone();
+                                let (responder, cache) = (ctx.responder.clone(), ctx.cache.clone());
                                 let span = done.handle.held.span.clone();
                                 tokio::spawn(
-                                    async move { succeed(&responder, done).await }.instrument(span),
+                                    async move { succeed(&responder, cache.as_ref(), done).await }
+                                        .instrument(span),
                                 );
                             }
                             None
@@ -864,25 +898,30 @@ async fn batch_loop<E: Embedder>(
     }
 }
 
-/// Adds a job to a batcher; a job without inputs is answered at once.
-fn push(batcher: &mut Batcher<Waiting>, work: Work, responder: &Arc<Responder>) {
+/// Adds a job to a batcher; a job without inputs for the model (every one cached) is answered
+/// at once.
+fn push<E>(batcher: &mut Batcher<Waiting>, work: Work, ctx: &BatchLoop<E>) {
     let Work {
         held,
         job,
         queued,
         taken_at,
         inputs,
+        hits,
     } = work;
     let deadline = job.deadline_ms;
     let waiting = Waiting {
         held,
         job,
         queued: queued + taken_at.elapsed(),
+        hits,
     };
     if let Some(done) = batcher.push(waiting, inputs, deadline, Instant::now()) {
-        let responder = responder.clone();
+        let (responder, cache) = (ctx.responder.clone(), ctx.cache.clone());
         let span = done.handle.held.span.clone();
-        tokio::spawn(async move { succeed(&responder, done).await }.instrument(span));
+        tokio::spawn(
+            async move { succeed(&responder, cache.as_ref(), done).await }.instrument(span),
+        );
     }
 }
 
@@ -929,9 +968,14 @@ fn settle_failed<E: Embedder>(
                 let suspects = suspects.clone();
                 let tokenize_seconds = ctx.metrics.tokenize_seconds.clone();
                 spawn_in(span.clone(), async move {
-                    let Waiting { held, job, queued } = waiting;
-                    match tokenize_off_thread(embedder, job, tokenize_seconds).await {
-                        Ok((job, Ok(inputs))) => {
+                    let Waiting {
+                        held,
+                        job,
+                        queued,
+                        hits,
+                    } = waiting;
+                    match tokenize_off_thread(embedder, job, hits, tokenize_seconds).await {
+                        Ok((job, hits, Ok(inputs))) => {
                             // Its queue wait leaves out the failed batch's run.
                             let suspect = Work {
                                 held,
@@ -939,6 +983,7 @@ fn settle_failed<E: Embedder>(
                                 queued,
                                 taken_at: Instant::now(),
                                 inputs,
+                                hits,
                             };
                             if let Err(mpsc::error::SendError(suspect)) = suspects.send(suspect) {
                                 responder
@@ -947,7 +992,7 @@ fn settle_failed<E: Embedder>(
                             }
                         }
                         // Tokenized once before, so this is not expected; retry it whole.
-                        Ok((job, Err(_))) => responder.retry(held, Some(&job), reason).await,
+                        Ok((job, _, Err(_))) => responder.retry(held, Some(&job), reason).await,
                         Err(_) => responder.retry(held, None, reason).await,
                     }
                 });
@@ -974,8 +1019,19 @@ async fn hand_back_all(
     }
 }
 
-async fn succeed(responder: &Responder, done: crate::batcher::Finished<Waiting>) {
-    let Waiting { held, job, queued } = done.handle;
+/// Answers a job whose every input has a vector, cached or computed; the computed ones go to
+/// the cache at the same time (the answer does not wait for them).
+async fn succeed(
+    responder: &Responder,
+    cache: Option<&ResultCache>,
+    done: crate::batcher::Finished<Waiting>,
+) {
+    let Waiting {
+        held,
+        job,
+        queued,
+        hits,
+    } = done.handle;
     let queue_wait = queued + done.waited;
     responder
         .metrics
@@ -985,5 +1041,15 @@ async fn succeed(responder: &Responder, done: crate::batcher::Finished<Waiting>)
         queue_ms: queue_wait.as_millis() as u64,
         inference_ms: done.inference.as_millis() as u64,
     };
-    responder.succeed(held, &job, done.vectors, timings).await;
+    let (vectors, fresh) = hits.merge(done.vectors);
+    match cache {
+        Some(cache) if fresh.contains(&true) => {
+            let computed = vectors.clone();
+            tokio::join!(
+                cache.store(&job, &computed, &fresh),
+                responder.succeed(held, &job, vectors, timings)
+            );
+        }
+        _ => responder.succeed(held, &job, vectors, timings).await,
+    }
 }
