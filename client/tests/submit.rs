@@ -117,6 +117,30 @@ impl Fleet {
         command
     }
 
+    /// Runs `fleet submit` and kills it (SIGKILL) once `written()` says it has written enough.
+    async fn kill_once(
+        &self,
+        input: &Path,
+        output: &Path,
+        more: &[&str],
+        written: impl Fn() -> bool,
+    ) {
+        let mut run = Process::adopt("fleet submit", self.submit_with(input, output, more));
+        fleet_tests::eventually(Duration::from_secs(60), "output written", || async {
+            written().then_some(())
+        })
+        .await;
+        run.signal(Signal::SIGKILL);
+        run.wait_exit(Duration::from_secs(10));
+    }
+
+    /// Jobs ever queued on FLEET_JOBS: its last sequence.
+    async fn jobs_queued(&self) -> u64 {
+        let streams = Streams::connect(&self.nats).await;
+        let mut jobs = streams.stream("FLEET_JOBS").await;
+        jobs.info().await.unwrap().state.last_sequence
+    }
+
     fn submit_to_end(&self, input: &Path, output: &Path) -> (Output, Value) {
         self.submit_to_end_with(input, output, &[])
     }
@@ -217,15 +241,7 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
     assert!(diff < 1e-5, "submit and infer differ by {diff}");
 
     // Killed twice at random points (one in each third of the rows), then run to the end.
-    let streams = Streams::connect(&fleet.nats).await;
-    let queued_before = streams
-        .stream("FLEET_JOBS")
-        .await
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let queued_before = fleet.jobs_queued().await;
     let (input_b, output_b) = (fleet.path("b.jsonl"), fleet.path("b.out.jsonl"));
     write_input(&input_b, "b", &texts);
     let mut random = rand::thread_rng();
@@ -235,13 +251,9 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
     ];
     eprintln!("killing fleet submit once it has written {kill_points:?} rows");
     for at_least in kill_points {
-        let mut run = Process::adopt("fleet submit", fleet.submit(&input_b, &output_b));
-        fleet_tests::eventually(Duration::from_secs(60), "rows written", || async {
-            (lines_in(&output_b) >= at_least).then_some(())
-        })
-        .await;
-        run.signal(Signal::SIGKILL);
-        run.wait_exit(Duration::from_secs(10));
+        fleet
+            .kill_once(&input_b, &output_b, &[], || lines_in(&output_b) >= at_least)
+            .await;
     }
     assert!(
         lines_in(&output_b) < BULK_ROWS,
@@ -256,15 +268,7 @@ async fn bulk_rows_come_back_in_order_and_a_killed_run_resumes_to_the_same_outpu
         BULK_ROWS as u64,
         "{resumed}"
     );
-    let queued = streams
-        .stream("FLEET_JOBS")
-        .await
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence
-        - queued_before;
+    let queued = fleet.jobs_queued().await - queued_before;
     // Every job queued once: the jobs the killed runs had sent and not yet seen answered were
     // either read back from the store or sent again and absorbed by the queue's deduplication.
     assert_eq!(
@@ -487,13 +491,11 @@ async fn parquet_rows_round_trip_and_a_killed_run_resumes_to_the_same_file() {
 
     // Killed twice part way (after one part, then three), then run to the end.
     for at_least in [1, 3] {
-        let mut run = Process::adopt("fleet submit", fleet.submit_with(&input, &output, &parts));
-        fleet_tests::eventually(Duration::from_secs(60), "parts committed", || async {
-            (committed_parts(&output) >= at_least).then_some(())
-        })
-        .await;
-        run.signal(Signal::SIGKILL);
-        run.wait_exit(Duration::from_secs(10));
+        fleet
+            .kill_once(&input, &output, &parts, || {
+                committed_parts(&output) >= at_least
+            })
+            .await;
     }
     assert!(!output.exists(), "the kills came too late to test a resume");
     let (done, summary) = fleet.submit_to_end_with(&input, &output, &parts);
@@ -503,15 +505,7 @@ async fn parquet_rows_round_trip_and_a_killed_run_resumes_to_the_same_file() {
         "{summary}"
     );
     // A fresh fleet: every job this test queued is on FLEET_JOBS.
-    let streams = Streams::connect(&fleet.nats).await;
-    let queued = streams
-        .stream("FLEET_JOBS")
-        .await
-        .info()
-        .await
-        .unwrap()
-        .state
-        .last_sequence;
+    let queued = fleet.jobs_queued().await;
     assert_eq!(
         queued,
         (ROWS / TEXTS_PER_JOB) as u64,
