@@ -5,9 +5,10 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{
-    Context,
+    self, Context, ErrorCode,
     consumer::{self as consumer, AckPolicy, DeliverPolicy, PullConsumer, pull::Config},
-    stream::ConsumerError,
+    context::{GetStreamErrorKind, RequestError, RequestErrorKind},
+    stream::{ConsumerError, ConsumerErrorKind},
 };
 use fleet_schemas::subject;
 use fleet_streams::{Comparison, Difference, TopologyError, describe, existing_stream};
@@ -78,13 +79,15 @@ pub enum ConsumerSetupError {
     },
 }
 
-/// Waits, logging now and then, until the dispatcher has made Fleet's three streams.
+/// Waits, logging now and then, until the dispatcher has made Fleet's three streams and the
+/// server can tell what they are (a cluster answers only once it has elected their leaders).
 pub async fn wait_for_streams(js: &Context, retry: Duration) -> Result<(), TopologyError> {
     for name in [
         subject::JOBS_STREAM,
         subject::RESULTS_STREAM,
         subject::DLQ_STREAM,
     ] {
+        let mut unavailable = Unavailable::default();
         loop {
             match existing_stream(js, name).await {
                 Ok(_) => break,
@@ -93,13 +96,101 @@ pub async fn wait_for_streams(js: &Context, retry: Duration) -> Result<(), Topol
                         stream = name,
                         "stream missing; waiting for the dispatcher to create it"
                     );
-                    tokio::time::sleep(retry).await;
                 }
+                Err(error) if is_transient_topology(&error) => unavailable.note(&error),
                 Err(other) => return Err(other),
             }
+            tokio::time::sleep(retry).await;
         }
     }
     Ok(())
+}
+
+/// [`bind`], asked again every `retry` for as long as the server answers that it cannot tell
+/// yet: after the nodes of a cluster restart, the consumer's own Raft group elects its leader
+/// seconds after the streams', and until then the consumer cannot be read ("JetStream system
+/// temporarily unavailable"). A worker that gave up then would leave the queue unserved.
+pub async fn bind_when_available(
+    js: &Context,
+    settings: &ConsumerSettings,
+    retry: Duration,
+) -> Result<PullConsumer, ConsumerSetupError> {
+    let mut unavailable = Unavailable::default();
+    loop {
+        match bind(js, settings).await {
+            Err(error) if error.is_transient() => unavailable.note(&error),
+            bound => return bound,
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
+impl ConsumerSetupError {
+    /// True when the same request may well succeed later, without anyone changing anything.
+    fn is_transient(&self) -> bool {
+        match self {
+            ConsumerSetupError::Topology(error) => is_transient_topology(error),
+            ConsumerSetupError::Bind { source, .. } => match source.kind() {
+                ConsumerErrorKind::TimedOut => true,
+                ConsumerErrorKind::Request => std::error::Error::source(source)
+                    .and_then(|inner| inner.downcast_ref::<RequestError>())
+                    .is_none_or(is_transient_request),
+                ConsumerErrorKind::JetStream(error) => is_transient_jetstream(&error),
+                _ => false,
+            },
+            ConsumerSetupError::Mismatch { .. } => false,
+        }
+    }
+}
+
+fn is_transient_topology(error: &TopologyError) -> bool {
+    let TopologyError::Get { source, .. } = error else {
+        return false;
+    };
+    match source.kind() {
+        // A request nobody answered is TopologyError::JetStreamDisabled, not this.
+        GetStreamErrorKind::Request => true,
+        GetStreamErrorKind::JetStream(error) => is_transient_jetstream(&error),
+        _ => false,
+    }
+}
+
+/// A request that timed out or was cut off by a lost connection; not one nobody answers (a
+/// server without JetStream), nor a malformed one.
+fn is_transient_request(error: &RequestError) -> bool {
+    matches!(
+        error.kind(),
+        RequestErrorKind::TimedOut | RequestErrorKind::Other
+    )
+}
+
+/// What JetStream answers while a cluster is electing the leader a request needs (its nodes
+/// restarting, its quorum lost and not yet back).
+fn is_transient_jetstream(error: &jetstream::Error) -> bool {
+    [
+        ErrorCode::CLUSTER_NOT_AVAILABLE,
+        ErrorCode::CLUSTER_NOT_LEADER,
+        ErrorCode::CLUSTER_INCOMPLETE,
+        ErrorCode::CLUSTER_NO_PEERS,
+    ]
+    .contains(&error.error_code())
+}
+
+/// Logs a broker that cannot answer yet once per wait, not at every retry.
+#[derive(Default)]
+struct Unavailable {
+    logged: bool,
+}
+
+impl Unavailable {
+    fn note(&mut self, error: &dyn std::fmt::Display) {
+        if self.logged {
+            tracing::debug!(%error, "JetStream still cannot answer; asking again");
+        } else {
+            self.logged = true;
+            tracing::warn!(%error, "JetStream cannot answer yet (a cluster electing its leaders?); asking again until it can");
+        }
+    }
 }
 
 /// Binds the model's shared durable consumer, creating it when absent, and checks that the

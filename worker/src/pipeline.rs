@@ -40,7 +40,8 @@ use crate::{
 const PULL_EXPIRY: Duration = Duration::from_millis(500);
 /// Pause after a failed pull, so a broken connection is not hammered.
 const PULL_RETRY: Duration = Duration::from_millis(500);
-/// How often a worker waiting for the dispatcher's streams looks again.
+/// How often a worker waiting for the dispatcher's streams, or for the server to read its
+/// consumer, asks again.
 const STREAMS_RETRY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
@@ -160,7 +161,10 @@ pub async fn run_with_readiness<E: Embedder>(
         metrics.clone(),
     )
     .await?;
-    let pull = consumer::bind(&js, &config.consumer).await?;
+    let pull = tokio::select! {
+        bound = consumer::bind_when_available(&js, &config.consumer, STREAMS_RETRY) => bound?,
+        () = &mut shutdown => return Ok(()),
+    };
     tracing::info!(
         consumer = %config.consumer.durable_name,
         worker = %config.worker_name,
