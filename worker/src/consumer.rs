@@ -216,3 +216,56 @@ pub async fn bind(
     }
     Ok(consumer)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answered(status: u16, code: u64) -> ConsumerSetupError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": status,
+            "err_code": code,
+            "description": "as the server words it",
+        }))
+        .expect("a JetStream API error");
+        ConsumerSetupError::Bind {
+            name: "fleet-worker-m".to_owned(),
+            source: ConsumerError::new(ConsumerErrorKind::JetStream(error)),
+        }
+    }
+
+    fn requested(kind: RequestErrorKind) -> ConsumerSetupError {
+        ConsumerSetupError::Bind {
+            name: "fleet-worker-m".to_owned(),
+            source: ConsumerError::with_source(ConsumerErrorKind::Request, RequestError::new(kind)),
+        }
+    }
+
+    #[test]
+    fn a_cluster_without_the_leader_it_needs_is_asked_again() {
+        for code in [10008, 10009, 10004, 10005] {
+            assert!(answered(503, code).is_transient(), "{code}");
+        }
+        let timed_out = ConsumerSetupError::Bind {
+            name: "fleet-worker-m".to_owned(),
+            source: ConsumerError::new(ConsumerErrorKind::TimedOut),
+        };
+        assert!(timed_out.is_transient());
+        assert!(requested(RequestErrorKind::TimedOut).is_transient());
+        assert!(requested(RequestErrorKind::Other).is_transient());
+    }
+
+    #[test]
+    fn a_refusal_or_a_server_without_jetstream_stops_the_worker() {
+        // Consumer create failed, stream not found, JetStream not enabled for the account.
+        for code in [10012, 10059, 10039] {
+            assert!(!answered(400, code).is_transient(), "{code}");
+        }
+        assert!(!requested(RequestErrorKind::NoResponders).is_transient());
+        let mismatch = ConsumerSetupError::Mismatch {
+            name: "fleet-worker-m".to_owned(),
+            differences: Vec::new(),
+        };
+        assert!(!mismatch.is_transient());
+    }
+}
