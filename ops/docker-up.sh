@@ -11,13 +11,22 @@
 # run with `--network host` (compose: `network_mode: host`). Its log is in
 # ${DOCKERD_LOG:-/var/log/fleet-dockerd.log}.
 #
+# FLEET_DOCKER_INSTALL=0: fail instead of installing packages (the tests start the daemon but
+# leave installing to ops/install-deps.sh).
+#
 # The client is Debian's /usr/bin/docker when present (it matches the daemon Debian installs);
 # another client found first on PATH (a newer one, whose `docker build` wants buildx) is not
 # used.
 _docker_up() {
   local sudo=""
   [ "$(id -u)" -eq 0 ] || sudo=sudo
-  if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/bin/docker ] || ! command -v docker-compose >/dev/null; then
+  if [ "${FLEET_DOCKER_INSTALL:-1}" = 0 ]; then
+    # The tests need the daemon and the client, not compose.
+    if [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/bin/docker ]; then
+      echo "docker.io is not installed (ops/install-deps.sh installs it)" >&2
+      return 1
+    fi
+  elif [ ! -x /usr/sbin/dockerd ] || [ ! -x /usr/bin/docker ] || ! command -v docker-compose >/dev/null; then
     echo "installing docker.io and docker-compose (Debian packages)" >&2
     $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q docker.io docker-compose >&2 ||
       { $sudo apt-get update -q >&2 &&
@@ -30,6 +39,11 @@ _docker_up() {
   export DOCKER_BUILDKIT=0
   if $sudo "$DOCKER" version >/dev/null 2>&1; then
     return 0
+  fi
+  # Without a terminal (a test) nobody can type sudo's password: say so rather than wait.
+  if [ -n "$sudo" ] && [ ! -t 0 ] && ! sudo -n true 2>/dev/null; then
+    echo "no Docker daemon answers, and starting one needs root (sudo asks for a password)" >&2
+    return 1
   fi
   local log=${DOCKERD_LOG:-/var/log/fleet-dockerd.log}
   echo "starting dockerd (vfs storage, no bridge, no iptables; log: $log)" >&2

@@ -7,6 +7,7 @@
 #   fleet-nats         nats-server 2.9.10 (Debian's), for ops/compose/
 #
 #   ops/images.sh [--tag TAG] [--no-build] [IMAGE ...]     # default: all four, tag `local`
+#   ops/images.sh --context DIR IMAGE                       # stage one build context, no Docker
 #
 # Each image is FROM scratch: the release binary (stripped), exactly the shared libraries `ldd`
 # lists (the same paths as on this Debian machine, the loader included), /etc/ssl/certs's CA
@@ -18,6 +19,10 @@
 # Builds the binaries first (cargo build --release) unless --no-build (or FLEET_NO_BUILD=1):
 # then the ones already in target/release are used. Staging goes to target/images/. Prints each
 # image's size at the end; old dangling layers are pruned.
+#
+# --context DIR writes IMAGE's build context (rootfs/ and its Dockerfile, as DIR/Dockerfile) into
+# DIR and builds nothing, for a builder of its own: the container cluster tests build fleet-nats
+# through testcontainers from it (tests/src/containers.rs).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
@@ -25,19 +30,27 @@ tag=local
 build=1
 [ "${FLEET_NO_BUILD:-0}" != 1 ] || build=0
 images=()
+context=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --tag) tag=$2; shift 2 ;;
     --no-build) build=0; shift ;;
-    -h|--help) sed -n "2,21p" "$0"; exit 0 ;;
+    --context) context=$2; shift 2 ;;
+    -h|--help) sed -n "2,25p" "$0"; exit 0 ;;
     dispatcher|worker|fleet|nats) images+=("$1"); shift ;;
     *) echo "unknown image or option $1 (dispatcher, worker, fleet, nats)" >&2; exit 2 ;;
   esac
 done
 [ ${#images[@]} -gt 0 ] || images=(dispatcher worker fleet nats)
+if [ -n "$context" ] && [ ${#images[@]} -ne 1 ]; then
+  echo "--context stages exactly one image" >&2
+  exit 2
+fi
 
-# shellcheck source=ops/docker-up.sh
-source "$root/ops/docker-up.sh"
+if [ -z "$context" ]; then
+  # shellcheck source=ops/docker-up.sh
+  source "$root/ops/docker-up.sh"
+fi
 sudo=""
 [ "$(id -u)" -eq 0 ] || sudo=sudo
 missing=()
@@ -69,8 +82,8 @@ stage_binary() { # context source dest
   done
 }
 
-stage() { # image
-  local image=$1 ctx="$target/images/$1"
+stage() { # image context
+  local image=$1 ctx=$2
   rm -rf "$ctx"
   mkdir -p "$ctx/rootfs/etc/ssl/certs" "$ctx/rootfs/tmp"
   chmod 1777 "$ctx/rootfs/tmp"
@@ -91,8 +104,14 @@ stage() { # image
   [ "$image" != fleet ] || { mkdir -p "$ctx/rootfs/work"; chmod 1777 "$ctx/rootfs/work"; }
 }
 
+if [ -n "$context" ]; then
+  stage "${images[0]}" "$context"
+  cp "$root/ops/docker/${images[0]}.Dockerfile" "$context/Dockerfile"
+  exit 0
+fi
+
 for image in "${images[@]}"; do
-  stage "$image"
+  stage "$image" "$target/images/$image"
   name=fleet-$image
   [ "$image" != fleet ] || name=fleet
   echo "building $name:$tag" >&2

@@ -2,7 +2,8 @@
 # Installs what Fleet needs at run and test time on a Debian machine: nats-server, openssl (test
 # certificates), Python's pip and venv (the model download and the wire check use them),
 # Prometheus and promtool (2.42, Debian's `prometheus`: the observability tests), the model,
-# OpenBao, and osmem-server (the log-shipping tests' Elasticsearch).
+# OpenBao, and osmem-server (the log-shipping tests' Elasticsearch), and Docker (Debian's
+# docker.io, with a static busybox for the images: the container cluster tests).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 missing=()
@@ -14,6 +15,12 @@ python3 -c "import ensurepip" >/dev/null 2>&1 || missing+=(python3-venv)
 # The observability tests start their own Prometheus on a free loopback port and run promtool.
 prometheus=""
 { command -v prometheus && command -v promtool; } >/dev/null 2>&1 || prometheus=prometheus
+# The container cluster tests (tests/tests/cluster_containers.rs) build a nats-server image
+# (ops/images.sh: FROM scratch, busybox for its health check) and start the daemon themselves
+# (ops/docker-up.sh); docker.io is about 250 MB installed, with containerd and runc.
+{ [ -x /usr/sbin/dockerd ] && [ -x /usr/bin/docker ]; } || missing+=(docker.io)
+file -L /bin/busybox 2>/dev/null | grep -q 'statically linked' || missing+=(busybox-static)
+command -v file >/dev/null 2>&1 || missing+=(file)
 sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
 if [ ${#missing[@]} -gt 0 ] || [ -n "$prometheus" ]; then
   $sudo apt-get update -qq

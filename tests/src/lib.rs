@@ -18,6 +18,7 @@ use fleet_schemas::{Job, JobResult, SigningKey, VerifyingKey, decode, encode, su
 use nix::{sys::signal, unistd::Pid};
 
 pub mod cluster;
+pub mod containers;
 pub mod elasticsearch;
 pub mod http;
 pub mod openbao;
