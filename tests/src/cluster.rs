@@ -7,15 +7,18 @@ use std::{
     time::Duration,
 };
 
-use async_nats::jetstream::{self, context::GetStreamErrorKind};
+use async_nats::jetstream::{self, context::DeleteStreamErrorKind, stream::StorageType};
 
 use crate::{NatsServer, Process, Signal, eventually, free_port};
 
 /// How often the tests' own clients ping their node, as Fleet's processes do (2 s by default).
 const CLIENT_PING_INTERVAL: Duration = Duration::from_secs(2);
 
-/// How long a cluster may take to elect its JetStream meta leader after its nodes listen.
-const META_LEADER_WAIT: Duration = Duration::from_secs(60);
+/// How long a cluster may take, after its nodes listen, to place a stream on every node.
+const WHOLE_WAIT: Duration = Duration::from_secs(60);
+
+/// The stream [`NatsCluster::start`] makes, and deletes, to see that the cluster is whole.
+const PROBE_STREAM: &str = "FLEET_TEST_PROBE";
 
 /// One node: its name (`n1`…), client port, configuration file and process (None while
 /// stopped).
@@ -36,7 +39,7 @@ pub struct NatsCluster {
 }
 
 impl NatsCluster {
-    /// Starts `size` nodes and returns once JetStream has a meta leader (streams can be made).
+    /// Starts `size` nodes and returns once JetStream can place a stream on every one of them.
     pub async fn start(size: usize) -> NatsCluster {
         let dir = tempfile::tempdir().expect("temporary folder for the cluster");
         let client_ports: Vec<u16> = (0..size).map(|_| free_port()).collect();
@@ -83,7 +86,7 @@ impl NatsCluster {
         for node in 0..size {
             cluster.start_node(node);
         }
-        cluster.wait_meta_leader().await;
+        cluster.wait_whole().await;
         cluster
     }
 
@@ -174,22 +177,33 @@ impl NatsCluster {
         node.process = Some(process);
     }
 
-    /// JetStream answers API requests only once the cluster has elected its meta leader: until
-    /// then a stream lookup times out or is answered "temporarily unavailable", after it "not
-    /// found". (Account info would be the natural probe, but async-nats cannot read a clustered
-    /// nats-server 2.9's answer to it.)
-    async fn wait_meta_leader(&self) {
-        let client = self.client().await;
-        let js = jetstream::new(client);
-        eventually(META_LEADER_WAIT, "a JetStream meta leader", || async {
-            match js.get_stream("FLEET_TEST_PROBE").await {
+    /// A meta leader is elected by the first two nodes to meet, and learns of the third a
+    /// moment later: a stream of three replicas created in between is refused "no suitable
+    /// peers for placement" (which a dispatcher starting then takes for an answer, and exits).
+    /// So the cluster is whole once a probe stream with a replica on every node can be made.
+    async fn wait_whole(&self) {
+        let js = jetstream::new(self.client().await);
+        let probe = jetstream::stream::Config {
+            name: PROBE_STREAM.to_owned(),
+            subjects: vec!["fleet-test-probe".to_owned()],
+            num_replicas: self.nodes.len(),
+            storage: StorageType::Memory,
+            ..Default::default()
+        };
+        eventually(WHOLE_WAIT, "a stream placed on every node", || async {
+            js.create_stream(probe.clone()).await.ok().map(|_| ())
+        })
+        .await;
+        // A delete whose answer was lost shows as the stream not found.
+        eventually(WHOLE_WAIT, "the probe stream deleted", || async {
+            match js.delete_stream(PROBE_STREAM).await {
+                Ok(_) => Some(()),
                 Err(error) => matches!(
                     error.kind(),
-                    GetStreamErrorKind::JetStream(e)
+                    DeleteStreamErrorKind::JetStream(e)
                         if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
                 )
                 .then_some(()),
-                Ok(_) => Some(()),
             }
         })
         .await;
