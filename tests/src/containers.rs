@@ -14,7 +14,14 @@
 //! ops/install-deps.sh does). Where Docker cannot run, [`ContainerCluster::start_or_skip`]
 //! skips the test, loudly, unless `FLEET_REQUIRE_DOCKER=1`.
 
-use std::{io::Write, path::Path, process::Command, time::Duration};
+use std::{
+    hash::{DefaultHasher, Hash, Hasher},
+    io::Write,
+    os::unix::fs::PermissionsExt,
+    path::Path,
+    process::Command,
+    time::Duration,
+};
 
 use async_nats::jetstream::{self, context::GetStreamErrorKind};
 use serde_json::Value;
@@ -27,9 +34,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::{eventually, free_port};
 
-/// The image the nodes run: Fleet's nats-server image, under a tag of the tests' own (the
-/// compose file's `fleet-nats:local` is left alone).
-const IMAGE: (&str, &str) = ("fleet-nats", "cluster-test");
+/// The image the nodes run: Fleet's nats-server image, under tags of the tests' own (the
+/// compose file's `fleet-nats:local` is left alone), `cluster-test-<hash of the context>`.
+const IMAGE: &str = "fleet-nats";
 
 /// How often the tests' own clients ping their node, as Fleet's processes do (2 s by default),
 /// so a paused node is left within three pings.
@@ -336,8 +343,9 @@ fn docker_up() -> Result<(), String> {
 }
 
 /// Builds the nodes' image through the Docker API from the context ops/images.sh stages (the
-/// installed nats-server, the libraries it links, busybox for the health check). The same
-/// context builds to the same image: a rerun adds nothing to the disk.
+/// installed nats-server, the libraries it links, busybox for the health check), once per
+/// context: its tag names the context's hash, and an image already built is used as it is (each
+/// build would leave a copy of the context in BuildKit's cache, a full one with vfs).
 async fn build_image() -> GenericImage {
     let context = tempfile::tempdir().expect("temporary build context");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../ops/images.sh");
@@ -352,13 +360,40 @@ async fn build_image() -> GenericImage {
         staged.success(),
         "ops/images.sh --context could not stage the nats image: run ops/install-deps.sh"
     );
-    GenericBuildableImage::new(IMAGE.0, IMAGE.1)
+    let mut hasher = DefaultHasher::new();
+    hash_tree(context.path(), context.path(), &mut hasher);
+    let tag = format!("cluster-test-{:016x}", hasher.finish());
+    GenericBuildableImage::new(IMAGE, &tag)
         .with_dockerfile(context.path().join("Dockerfile"))
         .with_file(context.path().join("rootfs"), "rootfs")
-        .build_image_with(BuildImageOptions::new())
+        .build_image_with(BuildImageOptions::new().with_skip_if_exists(true))
         .await
-        .unwrap_or_else(|e| panic!("cannot build {}:{}: {e}", IMAGE.0, IMAGE.1))
+        .unwrap_or_else(|e| panic!("cannot build {IMAGE}:{tag}: {e}"))
         .with_wait_for(WaitFor::message_on_stderr("Server is ready"))
+}
+
+/// Feeds every file under `dir` (its path below `root`, its mode and its bytes) to `hasher`, in
+/// name order.
+fn hash_tree(root: &Path, dir: &Path, hasher: &mut DefaultHasher) {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .expect("read the build context")
+        .map(|entry| entry.expect("a build context entry").path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        path.strip_prefix(root)
+            .expect("below the root")
+            .hash(hasher);
+        let metadata = std::fs::symlink_metadata(&path).expect("a build context entry");
+        metadata.permissions().mode().hash(hasher);
+        if metadata.is_dir() {
+            hash_tree(root, &path, hasher);
+        } else {
+            std::fs::read(&path)
+                .expect("read the build context")
+                .hash(hasher);
+        }
+    }
 }
 
 /// One GET on a node's monitoring port, as HTTP/1.0 so that nats-server answers in one piece
