@@ -4,15 +4,20 @@
 //! measures the device's matrix-multiply rate and memory bandwidth and reports the fraction of
 //! each the model reaches, from a count of its FLOPs and bytes moved.
 //!
+//! With several `--precision`s the modes run interleaved (each round runs every mode in turn,
+//! so a slow minute of a shared machine hits all of them), and `--accuracy` first embeds the
+//! whole corpus in each mode and compares it with f32 (cosine and largest difference).
+//!
 //! cargo run --release -p fleet-model --example throughput -- \
-//!     --batch 32 --batch 128 --runs 3 [--device cuda:0] [--roofline]
+//!     --batch 32 --batch 128 --runs 3 [--device cuda:0] [--roofline] \
+//!     [--precision f32 --precision bf16 --precision bf16x3 --accuracy]
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use candle_core::{DType, Device, Tensor};
 use clap::Parser;
-use fleet_model::{BertConfig, EmbeddingModel, Sequence};
+use fleet_model::{BertConfig, EmbeddingModel, Precision, Sequence};
 
 /// In-process embedding throughput on a JSONL corpus.
 #[derive(Parser)]
@@ -36,6 +41,13 @@ struct Args {
     /// of each the model reaches.
     #[arg(long)]
     roofline: bool,
+    /// Precision of the linear layers; repeat the flag for several, run interleaved
+    /// (default: auto).
+    #[arg(long = "precision")]
+    precisions: Vec<Precision>,
+    /// Before timing, embed the whole corpus in each precision and compare with f32.
+    #[arg(long)]
+    accuracy: bool,
 }
 
 fn open_device(spec: &str) -> Result<Device, String> {
@@ -154,14 +166,74 @@ fn device_rates(device: &Device) -> Result<(f64, f64), candle_core::Error> {
     Ok((matmul, bandwidth))
 }
 
+/// Every text of the corpus embedded (normalised) at batch 32, in corpus order.
+fn embed_all(model: &EmbeddingModel, texts: &[String]) -> Result<Vec<Vec<f32>>, String> {
+    let mut out = Vec::with_capacity(texts.len());
+    for chunk in texts.chunks(32) {
+        let ids = chunk
+            .iter()
+            .map(|t| model.tokenize(t, true))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| e.to_string())?;
+        let seqs: Vec<Sequence<'_>> = ids.iter().map(|t| Sequence::normalized(t)).collect();
+        out.extend(model.embed(&seqs).map_err(|e| e.to_string())?);
+    }
+    Ok(out)
+}
+
+/// (least cosine, largest absolute difference) between corresponding vectors.
+fn agreement(a: &[Vec<f32>], b: &[Vec<f32>]) -> (f64, f32) {
+    let (mut cos, mut diff) = (1.0f64, 0.0f32);
+    for (x, y) in a.iter().zip(b) {
+        let dot: f64 = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| f64::from(*p) * f64::from(*q))
+            .sum();
+        let norm = |v: &[f32]| v.iter().map(|p| f64::from(*p).powi(2)).sum::<f64>().sqrt();
+        cos = cos.min(dot / (norm(x) * norm(y)));
+        diff = x
+            .iter()
+            .zip(y)
+            .map(|(p, q)| (p - q).abs())
+            .fold(diff, f32::max);
+    }
+    (cos, diff)
+}
+
 fn main() -> Result<(), String> {
     let mut args = Args::parse();
     if args.batches.is_empty() {
         args.batches = vec![32, 128];
     }
+    if args.precisions.is_empty() {
+        args.precisions = vec![Precision::Auto];
+    }
     let device = open_device(&args.device)?;
     let texts = read_corpus(&args.corpus)?;
-    let model = EmbeddingModel::load(&args.model, &device).map_err(|e| e.to_string())?;
+    let models = args
+        .precisions
+        .iter()
+        .map(|&p| {
+            let m = EmbeddingModel::load_with_precision(&args.model, &device, p)
+                .map_err(|e| format!("{p}: {e}"))?;
+            println!("precision {p}: runs {}", m.precision());
+            Ok(m)
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    if args.accuracy {
+        let f32_model = EmbeddingModel::load_with_precision(&args.model, &device, Precision::F32)
+            .map_err(|e| e.to_string())?;
+        let want = embed_all(&f32_model, &texts)?;
+        for m in &models {
+            let (cos, diff) = agreement(&embed_all(m, &texts)?, &want);
+            println!(
+                "accuracy {} against f32 over {} texts: min cosine {cos:.9}, max abs diff {diff:.2e}",
+                m.precision(),
+                texts.len()
+            );
+        }
+    }
     let rates = if args.roofline {
         let (matmul, bandwidth) = device_rates(&device).map_err(|e| e.to_string())?;
         println!(
@@ -175,53 +247,61 @@ fn main() -> Result<(), String> {
         None
     };
     // Warm-up: page in the weights, grow rayon's and gemm's buffers (or load CUDA modules).
-    run(&model, &texts[..texts.len().min(256)], 32)?;
+    for model in &models {
+        run(model, &texts[..texts.len().min(256)], 32)?;
+    }
     println!("{} texts on {}", texts.len(), args.device);
     for &batch in &args.batches {
-        let mut secs = Vec::new();
+        let mut secs = vec![Vec::new(); models.len()];
         let mut last = None;
         for _ in 0..args.runs {
-            let (s, cpu, tokens, cost) = run(&model, &texts, batch)?;
-            match cpu {
-                Some(cpu) => println!(
-                    "  batch {batch}: {s:.2} s wall, {cpu:.2} s CPU ({:.2} cores busy)",
-                    cpu / s
-                ),
-                None => println!("  batch {batch}: {s:.2} s wall"),
+            for (model, secs) in models.iter().zip(&mut secs) {
+                let p = model.precision();
+                let (s, cpu, tokens, cost) = run(model, &texts, batch)?;
+                match cpu {
+                    Some(cpu) => println!(
+                        "  {p} batch {batch}: {s:.2} s wall, {cpu:.2} s CPU ({:.2} cores busy)",
+                        cpu / s
+                    ),
+                    None => println!("  {p} batch {batch}: {s:.2} s wall"),
+                }
+                secs.push(s);
+                last = Some((tokens, cost));
             }
-            secs.push(s);
-            last = Some((tokens, cost));
         }
         let Some((tokens, cost)) = last else {
             continue;
         };
-        secs.sort_by(f64::total_cmp);
-        let median = secs[secs.len() / 2];
-        let n = texts.len() as f64;
-        println!(
-            "batch {batch}: median {median:.2} s ({:.2}-{:.2}) = {:.1} texts/s ({:.1}-{:.1}), {:.0} tokens/s, {tokens} tokens",
-            secs[0],
-            secs[secs.len() - 1],
-            n / median,
-            n / secs[secs.len() - 1],
-            n / secs[0],
-            tokens as f64 / median,
-        );
-        let (flops, bytes) = (cost.flops / median, cost.bytes / median);
-        print!(
-            "batch {batch}: {:.2} GFLOP and {:.2} MB per text; achieved {:.1} GFLOP/s, {:.1} GB/s",
-            cost.flops / n / 1e9,
-            cost.bytes / n / 1e6,
-            flops / 1e9,
-            bytes / 1e9
-        );
-        match rates {
-            Some((matmul, bandwidth)) => println!(
-                " = {:.0}% of the matmul rate, {:.0}% of the bandwidth",
-                100.0 * flops / matmul,
-                100.0 * bytes / bandwidth
-            ),
-            None => println!(),
+        for (model, secs) in models.iter().zip(&mut secs) {
+            let p = model.precision();
+            secs.sort_by(f64::total_cmp);
+            let median = secs[secs.len() / 2];
+            let n = texts.len() as f64;
+            println!(
+                "{p} batch {batch}: median {median:.2} s ({:.2}-{:.2}) = {:.1} texts/s ({:.1}-{:.1}), {:.0} tokens/s, {tokens} tokens",
+                secs[0],
+                secs[secs.len() - 1],
+                n / median,
+                n / secs[secs.len() - 1],
+                n / secs[0],
+                tokens as f64 / median,
+            );
+            let (flops, bytes) = (cost.flops / median, cost.bytes / median);
+            print!(
+                "{p} batch {batch}: {:.2} GFLOP and {:.2} MB per text; achieved {:.1} GFLOP/s, {:.1} GB/s",
+                cost.flops / n / 1e9,
+                cost.bytes / n / 1e6,
+                flops / 1e9,
+                bytes / 1e9
+            );
+            match rates {
+                Some((matmul, bandwidth)) => println!(
+                    " = {:.0}% of the matmul rate, {:.0}% of the bandwidth",
+                    100.0 * flops / matmul,
+                    100.0 * bytes / bandwidth
+                ),
+                None => println!(),
+            }
         }
     }
     Ok(())

@@ -48,15 +48,16 @@ impl Precision {
 
     /// The accuracy this mode promises (`Auto` promises the default contract).
     ///
-    /// Measured on the reference fixture and the whole corpus (BENCHMARKS.md): f32 within
-    /// 3e-7, bf16x3 within 2e-5, bf16 a cosine above 0.9998 and differences up to 3.5e-3; the
-    /// bf16 contract leaves about twice that room for other inputs.
+    /// Measured (BENCHMARKS.md), worst input of the fixture against the reference and of the
+    /// 4,096-text corpus against f32: f32 2.5e-7 from the reference; bf16x3 2.3e-6 and 2.7e-6;
+    /// bf16 a cosine of 0.99997 and 0.99996, differences up to 1.2e-3 and 1.6e-3. The bf16
+    /// contract leaves about 3x that room for other inputs.
     pub fn contract(self) -> Tolerance {
         match self {
             Self::F32 | Self::Bf16x3 | Self::Auto => Self::DEFAULT_CONTRACT,
             Self::Bf16 => Tolerance {
-                min_cosine: 0.999,
-                max_abs_diff: 1e-2,
+                min_cosine: 0.9999,
+                max_abs_diff: 5e-3,
             },
         }
     }

@@ -4,7 +4,9 @@
 use std::path::Path;
 
 use candle_core::Device;
-use fleet_model::{EmbeddingModel, ModelError, ModelRuntime, OwnedSequence, RuntimeHandle};
+use fleet_model::{
+    EmbeddingModel, ModelError, ModelRuntime, OwnedSequence, Precision, RuntimeHandle,
+};
 use futures::future::BoxFuture;
 
 use crate::{
@@ -31,15 +33,27 @@ pub enum ModelLoadError {
 #[derive(Clone)]
 pub struct ModelEmbedder(RuntimeHandle);
 
-/// Loads the model from `dir` onto `device` and starts its runtime thread.
+/// Loads the model from `dir` onto `device` and starts its runtime thread, with the linear
+/// layers in [`Precision::Auto`].
 pub fn load(dir: &Path, device: DeviceSpec) -> Result<ModelEmbedder, ModelLoadError> {
+    load_with_precision(dir, device, Precision::Auto)
+}
+
+/// [`load`] with the linear layers in `precision` (`--precision`); a mode this machine cannot
+/// run is refused here, before the worker takes any job.
+pub fn load_with_precision(
+    dir: &Path,
+    device: DeviceSpec,
+    precision: Precision,
+) -> Result<ModelEmbedder, ModelLoadError> {
     let candle_device = match device {
         DeviceSpec::Cpu => Ok(Device::Cpu),
         // Fails with candle's "not compiled with cuda" error on a build without CUDA.
         DeviceSpec::Cuda(ordinal) => Device::new_cuda(ordinal),
     }
     .map_err(|source| ModelLoadError::Device { device, source })?;
-    let model = EmbeddingModel::load(dir, &candle_device)?;
+    let model = EmbeddingModel::load_with_precision(dir, &candle_device, precision)?;
+    tracing::info!(asked = %precision, running = %model.precision(), "model precision");
     Ok(ModelEmbedder(ModelRuntime::spawn(
         model,
         RUNTIME_QUEUE_DEPTH,
