@@ -4,8 +4,9 @@
 //!
 //! * [`cpu`]: the kernels themselves, on plain `f32` slices. They are the path the CPU worker
 //!   runs (row-parallel with rayon, vectorised loops compiled for AVX-512 and for AVX2+FMA and
-//!   picked at run time by what the CPU has, matrix products through the `gemm` crate) and the
-//!   reference the CUDA kernels are tested against.
+//!   picked at run time by what the CPU has, matrix products through the `gemm` crate, or in
+//!   bf16 through [`cpu::PackedLinear`] where the CPU has AVX512-BF16) and the reference the
+//!   CUDA kernels are tested against.
 //! * [`ops`]: the same computations as candle [`CustomOp2`](candle_core::CustomOp2) /
 //!   [`CustomOp3`](candle_core::CustomOp3) types plus small functions that apply them to
 //!   [`Tensor`](candle_core::Tensor)s. Each op documents its tensor layout exactly; a CUDA

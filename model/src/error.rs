@@ -129,6 +129,11 @@ mod tests {
                 message: "not JSON".into(),
             },
             ModelError::Unsupported("relu".into()),
+            // The same machine refuses the same mode on every try.
+            ModelError::Precision(crate::PrecisionUnavailable {
+                precision: crate::Precision::Bf16,
+                reason: "this CPU lacks AVX512-BF16".into(),
+            }),
             ModelError::UnsupportedPooling {
                 path: path.clone(),
                 message: "cls".into(),
