@@ -48,8 +48,9 @@ const PAUSED: Duration = Duration::from_secs(30);
 /// workers' consumer's Raft groups elect new leaders (a follower waits 4-9 s for a lost leader,
 /// nats-server's election timeouts, and campaigns for up to 0.8 s) and the processes on the
 /// paused node leave it after three missed pings (Fleet's processes ping every 2 s): the limit
-/// of tests/tests/chaos.rs's frozen leader, 15 s + 6 s. Under half the pause, so a fleet that
-/// waited for the node would fail.
+/// of tests/tests/chaos.rs's frozen leader, 15 s + 6 s. Shorter than the pause, so a fleet
+/// that waits for the node fails (watched: with `--replicas 1` new work was first answered 35 s
+/// after the pause).
 const SILENCE_LIMIT: Duration = Duration::from_secs(21);
 /// Longest the woken node may take to hold what the others hold.
 const CATCH_UP_LIMIT: Duration = Duration::from_secs(60);
@@ -63,7 +64,7 @@ const SETTLE: Duration = Duration::from_secs(4);
 struct Answer {
     job_id: String,
     status: ResultStatus,
-    /// Why it was refused, if it was.
+    /// Its error's code, if it is not ok.
     error: Option<ErrorCode>,
     at: Instant,
 }
