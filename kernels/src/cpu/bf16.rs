@@ -190,6 +190,10 @@ impl PackedLinear {
             "packed linear: this CPU lacks AVX512-BF16".into()
         })?;
         let rows = x.len() / in_dim;
+        if rows == 0 || out_dim == 0 {
+            out.clear();
+            return Ok(());
+        }
         // SAFETY: every task writes all `out_dim` values of each of its rows (`block`), and the
         // tasks' chunks cover the output.
         unsafe {
@@ -513,7 +517,7 @@ mod tests {
     }
 
     #[test]
-    fn inconsistent_sizes_are_refused() {
+    fn inconsistent_sizes_are_refused_and_empty_products_are_empty() {
         let packed = PackedLinear::new(&[0.5; 12], 4, Bf16Mode::Bf16).expect("3 x 4 weights");
         assert_eq!((packed.in_dim(), packed.out_dim()), (4, 3));
         let mut out = Vec::new();
@@ -524,6 +528,14 @@ mod tests {
                 .is_err()
         );
         assert!(PackedLinear::new(&[0.5; 10], 4, Bf16Mode::Bf16).is_err());
+        // No rows, or no outputs: an empty product, not a panic.
+        packed
+            .forward(&[], Some(&[0.0; 3]), &mut out)
+            .expect("no rows");
+        assert!(out.is_empty());
+        let none = PackedLinear::new(&[], 4, Bf16Mode::Bf16x3).expect("0 x 4 weights");
+        none.forward(&[1.0; 8], None, &mut out).expect("no outputs");
+        assert!(out.is_empty());
         assert!(PackedLinear::new(&[], 0, Bf16Mode::Bf16x3).is_err());
     }
 
