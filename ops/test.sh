@@ -12,6 +12,10 @@ venv="${CARGO_TARGET_DIR:-$root/target}/wire-check-venv"
   "$venv/bin/python" -m pip install --quiet --disable-pip-version-check msgpack cryptography
 "$venv/bin/python" schemas/tests/python_client.py
 cargo build --workspace --bins
+# The container tests start a Docker daemon when none answers (ops/docker-up.sh); one started
+# by this run is stopped at its end.
+docker_was_up=0
+/usr/bin/docker version >/dev/null 2>&1 && docker_was_up=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 status=0
@@ -48,6 +52,9 @@ else
 fi
 # Kubernetes manifests against the Kubernetes and KEDA schemas (strict): prints its own line.
 ops/check-k8s.sh | tee -a "$log" | grep -v '^ok ' || status=1
+if [ "$docker_was_up" = 0 ] && [ -f /var/run/docker.pid ]; then
+  kill "$(cat /var/run/docker.pid)" 2>/dev/null || true
+fi
 # One closing line for the whole suite (cargo prints one per test binary).
 awk '/^test result:/ { passed += $4; failed += $6 } END { printf "%d passed, %d failed\n", passed, failed }' "$log"
 exit "$status"
