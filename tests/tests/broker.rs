@@ -933,6 +933,10 @@ async fn the_real_dispatcher_and_worker_serve_a_tenant_under_the_shipped_config(
         model_dir().to_string_lossy().into_owned(),
         "--tenants".to_owned(),
         tenants.to_string_lossy().into_owned(),
+        // The result cache's bucket is made, read and written under the worker's rights (the
+        // same text is embedded several times below).
+        "--result-cache".to_owned(),
+        "tenant".to_owned(),
     ]);
     // Their logs are kept: a subject the config forgot shows up there as a server error.
     let (mut dispatcher, dispatcher_log) = spawn_logged(
