@@ -5,13 +5,15 @@
 use std::time::Duration;
 
 use async_nats::jetstream::{
-    self, Context, ErrorCode,
+    Context,
     consumer::{self as consumer, AckPolicy, DeliverPolicy, PullConsumer, pull::Config},
-    context::{GetStreamErrorKind, RequestError, RequestErrorKind},
+    context::{GetStreamErrorKind, RequestError},
     stream::{ConsumerError, ConsumerErrorKind},
 };
 use fleet_schemas::subject;
 use fleet_streams::{Comparison, Difference, TopologyError, describe, existing_stream};
+
+use crate::transient;
 
 /// The consumer settings Fleet defines and insists on.
 #[derive(Debug, Clone, PartialEq)]
@@ -134,8 +136,8 @@ impl ConsumerSetupError {
                 ConsumerErrorKind::TimedOut => true,
                 ConsumerErrorKind::Request => std::error::Error::source(source)
                     .and_then(|inner| inner.downcast_ref::<RequestError>())
-                    .is_none_or(is_transient_request),
-                ConsumerErrorKind::JetStream(error) => is_transient_jetstream(&error),
+                    .is_none_or(transient::request),
+                ConsumerErrorKind::JetStream(error) => transient::jetstream(&error),
                 _ => false,
             },
             ConsumerSetupError::Mismatch { .. } => false,
@@ -150,30 +152,9 @@ fn is_transient_topology(error: &TopologyError) -> bool {
     match source.kind() {
         // A request nobody answered is TopologyError::JetStreamDisabled, not this.
         GetStreamErrorKind::Request => true,
-        GetStreamErrorKind::JetStream(error) => is_transient_jetstream(&error),
+        GetStreamErrorKind::JetStream(error) => transient::jetstream(&error),
         _ => false,
     }
-}
-
-/// A request that timed out or was cut off by a lost connection; not one nobody answers (a
-/// server without JetStream), nor a malformed one.
-fn is_transient_request(error: &RequestError) -> bool {
-    matches!(
-        error.kind(),
-        RequestErrorKind::TimedOut | RequestErrorKind::Other
-    )
-}
-
-/// What JetStream answers while a cluster is electing the leader a request needs (its nodes
-/// restarting, its quorum lost and not yet back).
-fn is_transient_jetstream(error: &jetstream::Error) -> bool {
-    [
-        ErrorCode::CLUSTER_NOT_AVAILABLE,
-        ErrorCode::CLUSTER_NOT_LEADER,
-        ErrorCode::CLUSTER_INCOMPLETE,
-        ErrorCode::CLUSTER_NO_PEERS,
-    ]
-    .contains(&error.error_code())
 }
 
 /// Logs a broker that cannot answer yet once per wait, not at every retry.
@@ -219,6 +200,8 @@ pub async fn bind(
 
 #[cfg(test)]
 mod tests {
+    use async_nats::jetstream::{self, context::RequestErrorKind};
+
     use super::*;
 
     fn answered(status: u16, code: u64) -> ConsumerSetupError {

@@ -15,6 +15,7 @@ pub mod pipeline;
 mod queue_metrics;
 pub mod respond;
 pub mod store;
+mod transient;
 
 pub use config::{DeviceSpec, WorkerArgs, WorkerConfig};
 pub use embedder::Embedder;

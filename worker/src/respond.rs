@@ -29,8 +29,13 @@ use fleet_service::AUDIT_TARGET;
 use crate::{
     job::read_verified_job,
     metrics::{DeadLetterReason, Finished, Metrics, Reconciled, Unfinished},
-    store::{JobKey, ResultStore, StoreError, Stored},
+    store::{JobKey, ResultStore, StoreError, StoreToken, Stored},
 };
+
+/// The first pause before a result the broker could not take is stored again; it doubles up to
+/// [`STORE_RETRY_MAX`].
+const STORE_RETRY_FIRST: Duration = Duration::from_millis(250);
+const STORE_RETRY_MAX: Duration = Duration::from_secs(5);
 
 /// A job message this worker holds: it must end in exactly one ack, nak or term.
 pub struct Held {
@@ -367,7 +372,10 @@ impl Responder {
             return;
         }
         let result = self.failed_result(job, code, reason.clone());
-        match self.answer(&held.destination(job), &result).await {
+        let answered = self
+            .answer(&held.destination(job), &result, &StoreToken::new())
+            .await;
+        match answered {
             // The job's outcome is settled with its stored result, acked or not: a redelivery
             // finds the result and counts nothing again.
             Ok(Stored::Won) => {
@@ -478,7 +486,8 @@ impl Responder {
                 .map(|v| v.as_str()),
         };
         let result = self.failed_result(job.as_ref(), ErrorCode::Internal, reason.to_owned());
-        if let Err(error) = self.answer(&destination, &result).await {
+        let answered = self.answer(&destination, &result, &StoreToken::new()).await;
+        if let Err(error) = answered {
             tracing::error!(sequence, %error, "abandoned job's result not stored; job stays queued");
             return;
         }
@@ -544,22 +553,76 @@ impl Responder {
         if self.abandon_if_lost(&held, job) {
             return;
         }
-        let unfinished = match self.answer(&held.destination(job), &result).await {
+        let unfinished = match self.answer_when_stored(&held, job, &result).await {
+            // The hold was lost while the broker could not take the result: the redelivery
+            // answers the job.
+            Ok(None) => return,
             // Counted once the result is stored, acked or not: a redelivery after a lost ack
             // finds the result and counts nothing again.
-            Ok(Stored::Won) => {
+            Ok(Some(Stored::Won)) => {
                 tracing::debug!(status = ?result.status, "result stored");
                 let code = result.error.as_ref().map(|error| error.code);
                 self.metrics.finished(outcome, code, held.since_queued());
                 None
             }
-            Ok(Stored::AlreadyStored) => Some(Unfinished::AlreadyStored),
+            Ok(Some(Stored::AlreadyStored)) => Some(Unfinished::AlreadyStored),
             Err(error) => {
                 self.retry(held, job, error.to_string()).await;
                 return;
             }
         };
         self.ack(held, &result.job_id, unfinished).await;
+    }
+
+    /// [`Self::answer`], tried again in place for as long as the broker cannot take the result
+    /// for now (the results stream electing a leader, a node frozen, a connection lost) and
+    /// the delivery is still this worker's: such an outage is not the job's fault and must not
+    /// spend its deliveries, which a nak would. None when the hold was lost meanwhile (the
+    /// redelivery answers the job); an error when the broker refused the result.
+    ///
+    /// Trying again is safe because every try carries the same store token: the store is a
+    /// compare-and-set, so if a try whose answer was lost did land, the next one reads it back,
+    /// finds its own token and wins (the caller is answered once); if another delivery stored
+    /// the job's result first, this one finds that and answers nothing. While this waits, the
+    /// lease's in-progress acks keep the job from being redelivered.
+    async fn answer_when_stored(
+        &self,
+        held: &Held,
+        job: Option<&Job>,
+        result: &JobResult,
+    ) -> Result<Option<Stored>, AnswerError> {
+        let destination = held.destination(job);
+        let token = StoreToken::new();
+        let mut pause = STORE_RETRY_FIRST;
+        let mut waited = false;
+        loop {
+            match self.answer(&destination, result, &token).await {
+                Err(AnswerError::Store(error)) if error.is_transient() => {
+                    if !waited {
+                        waited = true;
+                        tracing::warn!(%error, job_id = job.map(|j| j.job_id.as_str()),
+                            delivered = held.delivered(),
+                            "broker cannot store the result for now; holding the job and storing again until it can");
+                    }
+                    tracing::debug!(%error, ?pause, "result not stored yet; trying again");
+                }
+                answered => {
+                    if waited && answered.is_ok() {
+                        tracing::warn!(
+                            job_id = job.map(|j| j.job_id.as_str()),
+                            delivered = held.delivered(),
+                            "result stored once the broker could take it"
+                        );
+                    }
+                    return answered.map(Some);
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(STORE_RETRY_MAX);
+            if self.abandon_if_lost(held, job) {
+                return Ok(None);
+            }
+        }
     }
 
     /// Acks a delivery whose job has its result stored; `unfinished` is counted once the ack
@@ -586,6 +649,7 @@ impl Responder {
         &self,
         destination: &Destination<'_>,
         result: &JobResult,
+        token: &StoreToken,
     ) -> Result<Stored, AnswerError> {
         let payload = bytes::Bytes::from(encode(result)?);
         let mut headers = HeaderMap::new();
@@ -607,7 +671,7 @@ impl Responder {
             };
             let stored = self
                 .results
-                .store(key, headers.clone(), payload.clone())
+                .store(key, token, headers.clone(), payload.clone())
                 .await?;
             if stored == Stored::AlreadyStored {
                 tracing::info!(job_id = %job.job_id, tenant = %job.tenant,
