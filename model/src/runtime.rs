@@ -6,7 +6,7 @@ use std::sync::mpsc::{self, SyncSender, TrySendError};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, oneshot};
 
-use crate::{EmbeddingModel, ModelError, Sequence, TextTokenizer};
+use crate::{EmbeddingModel, ModelError, Precision, Sequence, TextTokenizer};
 
 /// An owned tokenized input, for sending to the runtime thread.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -38,6 +38,7 @@ impl ModelRuntime {
         let (tx, rx) = mpsc::sync_channel::<Job>(depth);
         let tokenizer = model.tokenizer();
         let dimension = model.dimension();
+        let precision = model.precision();
         let spawned = std::thread::Builder::new()
             .name("fleet-model".into())
             .spawn(move || {
@@ -69,6 +70,7 @@ impl ModelRuntime {
                 places: Arc::new(Semaphore::new(depth)),
                 tokenizer,
                 dimension,
+                precision,
             }),
         }
     }
@@ -97,6 +99,7 @@ struct Inner {
     places: Arc<Semaphore>,
     tokenizer: Arc<TextTokenizer>,
     dimension: usize,
+    precision: Precision,
 }
 
 /// A cheap, cloneable handle to the runtime thread.
@@ -114,6 +117,12 @@ impl RuntimeHandle {
     /// See [`EmbeddingModel::dimension`].
     pub fn dimension(&self) -> usize {
         self.inner.dimension
+    }
+
+    /// The precision the model's linear layers run in (resolved: never `Auto`); see
+    /// [`EmbeddingModel::precision`].
+    pub fn precision(&self) -> Precision {
+        self.inner.precision
     }
 
     /// Tokenizes on the calling thread; see [`EmbeddingModel::tokenize`].

@@ -19,6 +19,7 @@ use std::{io::Read, path::Path, time::Duration};
 
 use async_nats::jetstream::{self, kv::Store};
 use bytes::Bytes;
+use fleet_model::Precision;
 use fleet_schemas::{Job, Task};
 use fleet_streams::cache::{CacheLimits, CacheSetupError, ensure_cache};
 use futures::future::join_all;
@@ -63,16 +64,22 @@ const MODEL_FILES: [&str; 5] = [
     "model.safetensors",
 ];
 
-/// The model's version for cache keys: a digest of its files and the kind of device it runs on
-/// (kernels differ between devices, and so may the last bits of a vector). A missing file is
-/// part of the version too (the model then runs without it).
-pub fn model_version(dir: &Path, device: DeviceSpec) -> std::io::Result<String> {
+/// The model's version for cache keys: a digest of its files, the kind of device it runs on
+/// and the precision of its linear layers (kernels differ between devices and precisions, and
+/// so do the vectors, in their last bits or more). A missing file is part of the version too
+/// (the model then runs without it).
+pub fn model_version(
+    dir: &Path,
+    device: DeviceSpec,
+    precision: Precision,
+) -> std::io::Result<String> {
     let mut hash = Sha256::new();
     let device_kind = match device {
         DeviceSpec::Cpu => "cpu",
         DeviceSpec::Cuda(_) => "cuda",
     };
     field(&mut hash, device_kind.as_bytes());
+    field(&mut hash, precision.to_string().as_bytes());
     let mut buffer = vec![0u8; 1 << 20];
     for name in MODEL_FILES {
         field(&mut hash, name.as_bytes());
@@ -301,14 +308,16 @@ mod tests {
     }
 
     #[test]
-    fn the_model_version_changes_with_its_files_and_device_kind() {
+    fn the_model_version_changes_with_its_files_device_kind_and_precision() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("config.json"), "{}").unwrap();
-        let version = |device| model_version(dir.path(), device).unwrap();
+        let version = |device| model_version(dir.path(), device, Precision::F32).unwrap();
         let first = version(DeviceSpec::Cpu);
         assert_eq!(first, version(DeviceSpec::Cpu));
         assert_eq!(version(DeviceSpec::Cuda(0)), version(DeviceSpec::Cuda(1)));
         assert_ne!(first, version(DeviceSpec::Cuda(0)));
+        let in_bf16 = model_version(dir.path(), DeviceSpec::Cpu, Precision::Bf16).unwrap();
+        assert_ne!(first, in_bf16);
         std::fs::write(dir.path().join("config.json"), "{ }").unwrap();
         assert_ne!(first, version(DeviceSpec::Cpu));
     }

@@ -4,6 +4,7 @@
 use std::{fmt, net::SocketAddr, path::PathBuf, str::FromStr, time::Duration};
 
 use clap::Parser;
+use fleet_model::Precision;
 use fleet_schemas::{InvalidName, validate_name};
 use fleet_service::{Info, NatsAuthArgs, nats_summary};
 use serde_json::json;
@@ -50,6 +51,13 @@ pub struct WorkerArgs {
     /// Device the model runs on: `cpu` or `cuda:<ordinal>`.
     #[arg(long, env = "FLEET_DEVICE", default_value = "cpu")]
     pub device: DeviceSpec,
+
+    /// Precision of the linear layers: `f32`; `bf16` (AVX512-BF16 CPUs: about 1.6x f32's
+    /// throughput, vectors within 5e-3 of f32's); `bf16x3` (compensated bf16, f32's accuracy);
+    /// `auto`, the fastest mode that keeps f32's accuracy on this machine. A mode the machine
+    /// cannot run stops the worker at start.
+    #[arg(long, env = "FLEET_PRECISION", default_value = "auto")]
+    pub precision: Precision,
 
     /// Most inputs in one batch.
     #[arg(long, env = "FLEET_MAX_BATCH_SIZE", default_value_t = 32)]
@@ -225,6 +233,7 @@ pub struct WorkerConfig {
     pub model: String,
     pub model_dir: PathBuf,
     pub device: DeviceSpec,
+    pub precision: Precision,
     pub batch: BatchLimits,
     pub consumer: ConsumerSettings,
     pub max_in_flight: usize,
@@ -315,6 +324,7 @@ impl WorkerConfig {
             model: args.model,
             model_dir: args.model_dir,
             device: args.device,
+            precision: args.precision,
             batch: BatchLimits {
                 max_batch_size: args.max_batch_size,
                 max_batch_tokens: args.max_batch_tokens,
@@ -359,6 +369,7 @@ impl WorkerConfig {
                 "name": self.model,
                 "dir": self.model_dir,
                 "device": self.device.to_string(),
+                "precision": self.precision.to_string(),
             },
             "limits": {
                 "max_batch_size": self.batch.max_batch_size,
@@ -422,6 +433,7 @@ mod tests {
         let config = WorkerConfig::from_args(parse(&[])).expect("valid");
         assert_eq!(config.model, "all-minilm-l6-v2");
         assert_eq!(config.device, DeviceSpec::Cpu);
+        assert_eq!(config.precision, Precision::Auto);
         assert_eq!(config.batch.max_batch_size, 32);
         assert_eq!(config.batch.max_batch_tokens, 16384);
         assert_eq!(config.batch.max_delay, Duration::from_millis(5));
@@ -460,8 +472,11 @@ mod tests {
             "cuda:1",
             "--max-deliver",
             "4",
+            "--precision",
+            "bf16x3",
         ]);
         assert_eq!(args.device, DeviceSpec::Cuda(1));
+        assert_eq!(args.precision, Precision::Bf16x3);
         let config = WorkerConfig::from_args(args).expect("valid");
         assert_eq!(
             config.consumer.backoff,

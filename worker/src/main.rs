@@ -56,11 +56,6 @@ async fn work(cli: Cli, logging: &Logging) -> anyhow::Result<()> {
             shown.display()
         );
     }
-    if config.result_cache.mode != CacheMode::Off {
-        // Cached vectors are found again only by the model (and device kind) that made them.
-        config.result_cache.model_version = model_version(&config.model_dir, config.device)
-            .with_context(|| format!("cannot read the model at {}", config.model_dir.display()))?;
-    }
     // Connect before the slow model load, so an unreachable server is reported at once; a
     // connection made once is kept up by reconnecting.
     let mut registry = Registry::default();
@@ -115,8 +110,16 @@ async fn work(cli: Cli, logging: &Logging) -> anyhow::Result<()> {
         metadata,
     )
     .await?;
-    let embedder = model::load(&config.model_dir, config.device)
+    let embedder = model::load(&config.model_dir, config.device, config.precision)
         .with_context(|| format!("cannot load model from {}", config.model_dir.display()))?;
+    if config.result_cache.mode != CacheMode::Off {
+        // Cached vectors are found again only by the model (its files, the device kind and the
+        // precision it runs in) that made them.
+        config.result_cache.model_version =
+            model_version(&config.model_dir, config.device, embedder.precision()).with_context(
+                || format!("cannot read the model at {}", config.model_dir.display()),
+            )?;
+    }
     warm_up(&embedder).await?;
     metrics.model_ready.set(1);
     readiness.pass(Check::Model);

@@ -34,14 +34,9 @@ pub enum ModelLoadError {
 pub struct ModelEmbedder(RuntimeHandle);
 
 /// Loads the model from `dir` onto `device` and starts its runtime thread, with the linear
-/// layers in [`Precision::Auto`].
-pub fn load(dir: &Path, device: DeviceSpec) -> Result<ModelEmbedder, ModelLoadError> {
-    load_with_precision(dir, device, Precision::Auto)
-}
-
-/// [`load`] with the linear layers in `precision` (`--precision`); a mode this machine cannot
-/// run is refused here, before the worker takes any job.
-pub fn load_with_precision(
+/// layers in `precision` (`--precision`); a mode this machine cannot run is refused here, before
+/// the worker takes any job.
+pub fn load(
     dir: &Path,
     device: DeviceSpec,
     precision: Precision,
@@ -58,6 +53,13 @@ pub fn load_with_precision(
         model,
         RUNTIME_QUEUE_DEPTH,
     )))
+}
+
+impl ModelEmbedder {
+    /// The precision the linear layers run in (`Auto` resolved).
+    pub fn precision(&self) -> Precision {
+        self.0.precision()
+    }
 }
 
 impl Embedder for ModelEmbedder {
@@ -104,7 +106,7 @@ mod tests {
     #[test]
     fn cuda_device_without_the_feature_is_a_typed_error() {
         let missing = Path::new("/nonexistent/model");
-        match load(missing, DeviceSpec::Cuda(0)) {
+        match load(missing, DeviceSpec::Cuda(0), Precision::Auto) {
             Err(ModelLoadError::Device { device, source }) => {
                 assert_eq!(device, DeviceSpec::Cuda(0));
                 assert!(source.to_string().contains("cuda"), "{source}");
