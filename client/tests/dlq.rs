@@ -119,6 +119,7 @@ async fn an_operator_lists_shows_and_replays_dead_letters() {
             stream_seq: Some(1),
             duplicate: false,
             error: None,
+            no_worker: false,
         };
         answerer
             .publish(call.reply.unwrap(), encode(&reply).unwrap().into())

@@ -487,8 +487,9 @@ impl Dispatcher {
                     stream_seq: Some(seq),
                     duplicate,
                     error: None,
+                    no_worker,
                 };
-                (HeaderMap::new(), encode(&SubmitAnswer { reply, no_worker }))
+                (HeaderMap::new(), encode(&reply))
             }
             Outcome::Rejected(rejection) => {
                 self.metrics.count_rejection(kind, rejection.code());
@@ -523,6 +524,7 @@ impl Dispatcher {
                         stream_seq: None,
                         duplicate: false,
                         error: Some(rejection.error),
+                        no_worker: false,
                     })
                 };
                 (headers, body)
@@ -563,17 +565,6 @@ fn audit_queued(kind: RequestKind, duplicate: bool) {
     };
     tracing::info!(target: AUDIT_TARGET, action = "admission", outcome = outcome.as_str(),
         kind = kind.as_str(), "job admitted");
-}
-
-/// A [`SubmitReply`] and `no_worker`: true when no live worker serves the model now, so the
-/// queued job waits until one starts (`schemas/WIRE.md`). Left out when false, so the answer is
-/// byte for byte what it was before the key existed.
-#[derive(serde::Serialize)]
-struct SubmitAnswer {
-    #[serde(flatten)]
-    reply: SubmitReply,
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
-    no_worker: bool,
 }
 
 /// The start of every inbox subject.
@@ -674,44 +665,4 @@ fn is_queue_full(err: &jetstream::context::PublishError) -> bool {
                 || code == jetstream::ErrorCode::MEMORY_RESOURCES_EXCEEDED
                 || code == jetstream::ErrorCode::ACCOUNT_RESOURCES_EXCEEDED
         })
-}
-
-#[cfg(test)]
-mod tests {
-    use fleet_schemas::decode;
-
-    use super::*;
-
-    fn accepted() -> SubmitReply {
-        SubmitReply {
-            status: SubmitStatus::Accepted,
-            job_id: "j-1".into(),
-            stream_seq: Some(7),
-            duplicate: false,
-            error: None,
-        }
-    }
-
-    #[test]
-    fn no_worker_is_a_key_added_to_the_submit_reply_that_older_readers_skip() {
-        let served = SubmitAnswer {
-            reply: accepted(),
-            no_worker: false,
-        };
-        assert_eq!(encode(&served).unwrap(), encode(&accepted()).unwrap());
-        let unserved = encode(&SubmitAnswer {
-            reply: accepted(),
-            no_worker: true,
-        })
-        .unwrap();
-        assert_eq!(
-            decode::<SubmitReply>(&unserved, usize::MAX).unwrap(),
-            accepted()
-        );
-        #[derive(serde::Deserialize)]
-        struct WithFlag {
-            no_worker: bool,
-        }
-        assert!(decode::<WithFlag>(&unserved, usize::MAX).unwrap().no_worker);
-    }
 }

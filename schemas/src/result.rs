@@ -91,4 +91,9 @@ pub struct SubmitReply {
     pub duplicate: bool,
     #[serde(default)]
     pub error: Option<ErrorBody>,
+    /// True when no worker served the job's model as it was queued: it waits until one starts
+    /// (`WIRE.md`). Left out when false, so such a reply is byte for byte what it was before the
+    /// key existed, and readers that predate it skip it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub no_worker: bool,
 }

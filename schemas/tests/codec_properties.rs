@@ -68,7 +68,7 @@ proptest! {
         };
         let bytes = encode(&result).unwrap();
         prop_assert_eq!(decode::<JobResult>(&bytes, LIMIT).unwrap(), result);
-        let reply = SubmitReply { status: SubmitStatus::Accepted, job_id: "j".into(), stream_seq: Some(7), duplicate: ok, error: None };
+        let reply = SubmitReply { status: SubmitStatus::Accepted, job_id: "j".into(), stream_seq: Some(7), duplicate: ok, error: None, no_worker: !ok };
         prop_assert_eq!(decode::<SubmitReply>(&encode(&reply).unwrap(), LIMIT).unwrap(), reply);
     }
 
@@ -157,4 +157,41 @@ fn error_codes_have_stable_strings() {
         }
     );
     assert_eq!(optional_defaults.deadline_ms, None);
+}
+
+/// `no_worker` came after the first readers of submit replies: false, it is left out, so the
+/// reply is byte for byte what it was; true, a reader that does not know the key skips it.
+#[test]
+fn no_worker_is_a_key_added_to_the_submit_reply_that_older_readers_skip() {
+    #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq)]
+    struct ReplyBeforeNoWorker {
+        status: SubmitStatus,
+        job_id: String,
+        stream_seq: Option<u64>,
+        duplicate: bool,
+        error: Option<ErrorBody>,
+    }
+    let before = ReplyBeforeNoWorker {
+        status: SubmitStatus::Accepted,
+        job_id: "j-1".into(),
+        stream_seq: Some(7),
+        duplicate: false,
+        error: None,
+    };
+    let mut reply = SubmitReply {
+        status: SubmitStatus::Accepted,
+        job_id: "j-1".into(),
+        stream_seq: Some(7),
+        duplicate: false,
+        error: None,
+        no_worker: false,
+    };
+    assert_eq!(encode(&reply).unwrap(), encode(&before).unwrap());
+    reply.no_worker = true;
+    let unserved = encode(&reply).unwrap();
+    assert_eq!(
+        decode::<ReplyBeforeNoWorker>(&unserved, LIMIT).unwrap(),
+        before
+    );
+    assert!(decode::<SubmitReply>(&unserved, LIMIT).unwrap().no_worker);
 }

@@ -7,11 +7,10 @@
 use std::time::{Duration, Instant};
 
 use fleet_client::Tenant;
-use fleet_schemas::{ErrorCode, ResultStatus, SubmitStatus, decode, subject};
+use fleet_schemas::{ErrorCode, ResultStatus, SubmitReply, SubmitStatus, decode, subject};
 use fleet_tests::{
     NatsServer, Process, Streams, TestTenant, eventually, model_dir, write_tenants_file,
 };
-use serde::Deserialize;
 
 const MODEL: &str = "all-minilm-l6-v2";
 /// The caller's timeout: a refusal must come well within it.
@@ -23,14 +22,6 @@ const NO_WORKER_AFTER: &str = "1s";
 const NO_WORKER_AFTER_SECS: u64 = 1;
 /// Processes start in parallel with other tests on a busy machine.
 const STARTUP: Duration = Duration::from_secs(120);
-
-/// The keys of a submit reply this test reads.
-#[derive(Deserialize)]
-struct SubmitAnswer {
-    status: SubmitStatus,
-    #[serde(default)]
-    no_worker: bool,
-}
 
 fn spawn(dir: &std::path::Path, binary: &str, args: &[String]) -> Process {
     let log = dir.join(format!("{binary}.log"));
@@ -116,7 +107,7 @@ async fn infer_for_a_model_nobody_serves_is_refused_at_once_and_submit_waits_for
         )
         .await
         .expect("the dispatcher answers");
-    let reply: SubmitAnswer = decode(&answer.payload, usize::MAX).expect("a submit reply");
+    let reply: SubmitReply = decode(&answer.payload, usize::MAX).expect("a submit reply");
     assert_eq!(reply.status, SubmitStatus::Accepted);
     assert!(
         reply.no_worker,
@@ -147,7 +138,7 @@ async fn infer_for_a_model_nobody_serves_is_refused_at_once_and_submit_waits_for
         .request(subject::submit(MODEL), tenant.sign(&later).unwrap().into())
         .await
         .expect("the dispatcher answers");
-    let reply: SubmitAnswer = decode(&answer.payload, usize::MAX).expect("a submit reply");
+    let reply: SubmitReply = decode(&answer.payload, usize::MAX).expect("a submit reply");
     assert_eq!(reply.status, SubmitStatus::Accepted);
     assert!(!reply.no_worker);
 }

@@ -80,6 +80,7 @@ pub async fn stand_in(client: async_nats::Client, stand_in: StandIn) -> Arc<Mute
                     stream_seq: Some(count),
                     duplicate: false,
                     error: None,
+                    no_worker: false,
                 };
                 client
                     .publish(reply.clone(), encode(&accepted).unwrap().into())
