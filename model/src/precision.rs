@@ -69,8 +69,8 @@ impl Precision {
     /// machine has: f32 or bf16x3. bf16x3 does three bf16 products for each f32 one, so it wins
     /// only where bf16 runs more than three times faster than f32, which takes AMX (16x16 bf16
     /// tiles); with AVX512-BF16 alone bf16 runs at about twice f32's rate and bf16x3 measured
-    /// 0.73x f32 end to end (BENCHMARKS.md). There is no AMX kernel yet, so `Auto` is f32 on every CPU today;
-    /// an AMX kernel would make it bf16x3 where the CPU has AMX.
+    /// 0.71-0.77x f32 end to end (BENCHMARKS.md). There is no AMX kernel yet, so `Auto` is f32
+    /// on every CPU today; an AMX kernel would make it bf16x3 where the CPU has AMX.
     pub fn resolve(self, device: &Device) -> Result<Precision, PrecisionUnavailable> {
         match self {
             Self::Auto | Self::F32 => Ok(Self::F32),
