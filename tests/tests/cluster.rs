@@ -267,10 +267,10 @@ async fn a_full_cluster_restart_keeps_the_queue_and_the_stored_results() {
     assert_eq!(fleet.streams.results_stored_again().await, 0);
 }
 
-// Its jobs are sent once the results can be read again: a job delivered while FLEET_RESULTS has
-// no leader yet cannot be stored, and each such delivery is given back and spent (5 within 8 s)
-// until the job is dead-lettered; jobs queued before the quorum was lost met that in two runs of
-// five here, an open finding of its own.
+// Its jobs are sent once the results can be read again, so that it is about the worker's wait
+// alone: before commit 0f4ff9e a job delivered while FLEET_RESULTS had no leader yet spent its
+// deliveries (5 within 8 s) and was dead-lettered, which jobs queued before the quorum was lost
+// met in two runs of five here (tests/tests/store_outage.rs covers that since).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_started_without_a_quorum_waits_for_it_and_then_runs_jobs() {
     let mut fleet = ClusterFleet::start().await;
