@@ -17,6 +17,9 @@ use fleet_keys::KeyStore;
 use prometheus_client::registry::Registry;
 use tokio::sync::Semaphore;
 
+/// How often a dispatcher asks again for its streams while the cluster cannot answer yet.
+const STREAMS_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
 pub use config::DispatcherConfig;
 pub use service::{Dispatcher, ServeError};
 
@@ -60,7 +63,14 @@ impl Dispatcher {
         );
         let client = config.nats.connect(options).await?;
         let jetstream = jetstream::new(client.clone());
-        let streams = fleet_streams::ensure_all(&jetstream, &config.stream_limits()).await?;
+        // A cluster restarting or without a quorum cannot tell yet whether the streams exist:
+        // waited out, as the workers do, instead of exiting.
+        let streams = fleet_streams::ensure_all_when_available(
+            &jetstream,
+            &config.stream_limits(),
+            STREAMS_RETRY,
+        )
+        .await?;
         let rate_limits = rate::TenantRateLimits::default();
         let validator =
             validate::Validator::new(keys, config.models.clone(), config.admission_limits())

@@ -8,13 +8,15 @@ use std::time::Duration;
 use async_nats::jetstream::{
     self, Context,
     context::{
-        CreateStreamError, GetStreamError, GetStreamErrorKind, RequestError, RequestErrorKind,
+        CreateStreamError, CreateStreamErrorKind, GetStreamError, GetStreamErrorKind, RequestError,
+        RequestErrorKind,
     },
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use fleet_schemas::subject;
 
 pub mod cache;
+pub mod transient;
 
 /// Sizes and windows of the streams. Every process of one fleet must agree on them.
 #[derive(Debug, Clone, PartialEq)]
@@ -84,6 +86,29 @@ pub enum TopologyError {
          start nats-server with -js (or `jetstream {{}}` in its config)"
     )]
     JetStreamDisabled,
+}
+
+impl TopologyError {
+    /// True when the same request may well succeed later without anyone changing anything: a
+    /// timeout, a lost connection, or a cluster still electing the leader it needs (after its
+    /// nodes restart, or while it has no quorum). Not a server without JetStream, nor streams
+    /// that differ from Fleet's.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            // A request nobody answered is TopologyError::JetStreamDisabled, not this.
+            TopologyError::Get { source, .. } => match source.kind() {
+                GetStreamErrorKind::Request => true,
+                GetStreamErrorKind::JetStream(error) => transient::jetstream(&error),
+                _ => false,
+            },
+            TopologyError::Create { source, .. } => match source.kind() {
+                CreateStreamErrorKind::TimedOut => true,
+                CreateStreamErrorKind::JetStream(error) => transient::jetstream(&error),
+                _ => false,
+            },
+            _ => false,
+        }
+    }
 }
 
 /// One setting that is not what Fleet defined.
@@ -337,9 +362,68 @@ pub async fn ensure_all(js: &Context, limits: &StreamLimits) -> Result<Streams, 
     })
 }
 
+/// [`ensure_all`], asked again every `retry` while the server answers that it cannot tell yet
+/// ([`TopologyError::is_transient`]): a dispatcher started while its cluster restarts, or has no
+/// quorum, waits for it instead of exiting. Any other answer ends the wait.
+pub async fn ensure_all_when_available(
+    js: &Context,
+    limits: &StreamLimits,
+    retry: Duration,
+) -> Result<Streams, TopologyError> {
+    let mut unavailable = transient::Unavailable::default();
+    loop {
+        match ensure_all(js, limits).await {
+            Err(error) if error.is_transient() => unavailable.note(&error),
+            ensured => return ensured,
+        }
+        tokio::time::sleep(retry).await;
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn create_answered(status: u16, code: u64) -> TopologyError {
+        let error: jetstream::Error = serde_json::from_value(serde_json::json!({
+            "code": status,
+            "err_code": code,
+            "description": "as the server words it",
+        }))
+        .expect("a JetStream API error");
+        TopologyError::Create {
+            stream: "FLEET_JOBS".to_owned(),
+            source: CreateStreamError::new(CreateStreamErrorKind::JetStream(error)),
+        }
+    }
+
+    #[test]
+    fn a_stream_the_cluster_cannot_place_or_make_yet_is_asked_for_again() {
+        // Temporarily unavailable, not leader, incomplete, no suitable peers (too few nodes up
+        // for the replicas asked).
+        for code in [10008, 10009, 10004, 10005] {
+            assert!(create_answered(503, code).is_transient(), "{code}");
+        }
+        let timed_out = TopologyError::Create {
+            stream: "FLEET_JOBS".to_owned(),
+            source: CreateStreamError::new(CreateStreamErrorKind::TimedOut),
+        };
+        assert!(timed_out.is_transient());
+    }
+
+    #[test]
+    fn a_refused_stream_or_a_server_without_jetstream_ends_the_wait() {
+        // Stream name in use with another configuration; replicas over the cluster's size.
+        for code in [10058, 10074] {
+            assert!(!create_answered(400, code).is_transient(), "{code}");
+        }
+        assert!(!TopologyError::JetStreamDisabled.is_transient());
+        let mismatch = TopologyError::Mismatch {
+            stream: "FLEET_JOBS".to_owned(),
+            differences: Vec::new(),
+        };
+        assert!(!mismatch.is_transient());
+    }
 
     #[test]
     fn a_dropped_setting_is_reported_by_name() {

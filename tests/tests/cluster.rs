@@ -33,6 +33,26 @@ const NO_QUORUM_WAIT: Duration = Duration::from_secs(15);
 
 /// A dispatcher and a worker on a 3-node cluster, the streams made by the dispatcher with three
 /// replicas.
+/// A dispatcher given every node's URL, making the streams with three replicas.
+fn spawn_dispatcher(cluster: &NatsCluster, tenants_file: &str) -> Process {
+    Process::spawn_binary(
+        "dispatcher",
+        &[
+            "--nats-url",
+            cluster.urls(),
+            "--tenants",
+            tenants_file,
+            "--replicas",
+            "3",
+            "--publish-timeout",
+            PUBLISH_TIMEOUT,
+            "--metrics-addr",
+            "127.0.0.1:0",
+        ],
+        &[("RUST_LOG", "warn")],
+    )
+}
+
 struct ClusterFleet {
     cluster: NatsCluster,
     streams: Streams,
@@ -49,22 +69,7 @@ impl ClusterFleet {
         let tenants = tempfile::tempdir().expect("temporary directory");
         let tenants_file = write_tenants_file(tenants.path(), &[TENANT]);
         let tenants_file = tenants_file.to_string_lossy().into_owned();
-        let dispatcher = Process::spawn_binary(
-            "dispatcher",
-            &[
-                "--nats-url",
-                cluster.urls(),
-                "--tenants",
-                &tenants_file,
-                "--replicas",
-                "3",
-                "--publish-timeout",
-                PUBLISH_TIMEOUT,
-                "--metrics-addr",
-                "127.0.0.1:0",
-            ],
-            &[("RUST_LOG", "warn")],
-        );
+        let dispatcher = spawn_dispatcher(&cluster, &tenants_file);
         let streams = Streams::connect_client(cluster.client().await);
         eventually(
             Duration::from_secs(30),
@@ -320,4 +325,40 @@ async fn a_worker_started_without_a_quorum_waits_for_it_and_then_runs_jobs() {
     }
     fleet.streams.wait_queue_empty(RESUME_LIMIT).await;
     assert_eq!(fleet.streams.results_stored_again().await, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatcher_started_without_a_quorum_waits_for_it_and_then_makes_the_streams() {
+    let mut cluster = NatsCluster::start(3).await;
+    // Two of three nodes gone before any stream exists: the one left cannot place a stream of
+    // three replicas, nor say whether one exists ("no suitable peers", "temporarily
+    // unavailable"), as a cluster whose nodes are restarting cannot.
+    cluster.stop(1, Signal::SIGTERM);
+    cluster.stop(2, Signal::SIGTERM);
+    let tenants = tempfile::tempdir().expect("temporary directory");
+    let tenants_file = write_tenants_file(tenants.path(), &[TENANT]);
+    let mut dispatcher = spawn_dispatcher(&cluster, &tenants_file.to_string_lossy());
+    tokio::time::sleep(NO_QUORUM_WAIT).await;
+    assert!(
+        dispatcher.is_running(),
+        "a dispatcher started without a quorum gave up within {NO_QUORUM_WAIT:?}"
+    );
+
+    cluster.restart(1);
+    cluster.restart(2);
+    let streams = Streams::connect_client(cluster.client().await);
+    let jobs = eventually(RESUME_LIMIT, "the dispatcher's streams", || {
+        assert!(
+            dispatcher.is_running(),
+            "the dispatcher exited instead of waiting for the cluster"
+        );
+        async {
+            let mut jobs = streams.js.get_stream(subject::JOBS_STREAM).await.ok()?;
+            let info = jobs.info().await.ok()?.clone();
+            Some(info)
+        }
+    })
+    .await;
+    assert_eq!(jobs.config.num_replicas, 3);
+    assert!(dispatcher.is_running());
 }

@@ -7,13 +7,13 @@ use std::time::Duration;
 use async_nats::jetstream::{
     Context,
     consumer::{self as consumer, AckPolicy, DeliverPolicy, PullConsumer, pull::Config},
-    context::{GetStreamErrorKind, RequestError},
+    context::RequestError,
     stream::{ConsumerError, ConsumerErrorKind},
 };
 use fleet_schemas::subject;
 use fleet_streams::{Comparison, Difference, TopologyError, describe, existing_stream};
 
-use crate::transient;
+use fleet_streams::transient::{self, Unavailable};
 
 /// The consumer settings Fleet defines and insists on.
 #[derive(Debug, Clone, PartialEq)]
@@ -99,7 +99,7 @@ pub async fn wait_for_streams(js: &Context, retry: Duration) -> Result<(), Topol
                         "stream missing; waiting for the dispatcher to create it"
                     );
                 }
-                Err(error) if is_transient_topology(&error) => unavailable.note(&error),
+                Err(error) if error.is_transient() => unavailable.note(&error),
                 Err(other) => return Err(other),
             }
             tokio::time::sleep(retry).await;
@@ -131,7 +131,7 @@ impl ConsumerSetupError {
     /// True when the same request may well succeed later, without anyone changing anything.
     fn is_transient(&self) -> bool {
         match self {
-            ConsumerSetupError::Topology(error) => is_transient_topology(error),
+            ConsumerSetupError::Topology(error) => error.is_transient(),
             ConsumerSetupError::Bind { source, .. } => match source.kind() {
                 ConsumerErrorKind::TimedOut => true,
                 ConsumerErrorKind::Request => std::error::Error::source(source)
@@ -141,35 +141,6 @@ impl ConsumerSetupError {
                 _ => false,
             },
             ConsumerSetupError::Mismatch { .. } => false,
-        }
-    }
-}
-
-fn is_transient_topology(error: &TopologyError) -> bool {
-    let TopologyError::Get { source, .. } = error else {
-        return false;
-    };
-    match source.kind() {
-        // A request nobody answered is TopologyError::JetStreamDisabled, not this.
-        GetStreamErrorKind::Request => true,
-        GetStreamErrorKind::JetStream(error) => transient::jetstream(&error),
-        _ => false,
-    }
-}
-
-/// Logs a broker that cannot answer yet once per wait, not at every retry.
-#[derive(Default)]
-struct Unavailable {
-    logged: bool,
-}
-
-impl Unavailable {
-    fn note(&mut self, error: &dyn std::fmt::Display) {
-        if self.logged {
-            tracing::debug!(%error, "JetStream still cannot answer; asking again");
-        } else {
-            self.logged = true;
-            tracing::warn!(%error, "JetStream cannot answer yet (a cluster electing its leaders?); asking again until it can");
         }
     }
 }

@@ -15,7 +15,6 @@ pub mod pipeline;
 mod queue_metrics;
 pub mod respond;
 pub mod store;
-mod transient;
 
 pub use config::{DeviceSpec, WorkerArgs, WorkerConfig};
 pub use embedder::Embedder;

@@ -23,7 +23,7 @@ use async_nats::{
 use bytes::Bytes;
 use fleet_schemas::subject;
 
-use crate::transient;
+use fleet_streams::transient;
 
 /// How a result's store ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
