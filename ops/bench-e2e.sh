@@ -11,16 +11,15 @@ texts_per_job=${2:-1}
 in_flight=${3:-512}
 corpus="$root/fixtures/corpus.jsonl"
 "$root/ops/install-deps.sh"
-cargo build --quiet --release -p fleet-dispatcher -p fleet-worker -p fleet-client -p fleet-loadtest --bins
+# shellcheck source=ops/lib.sh
+source "$root/ops/lib.sh"
+build_fleet
 cargo build --quiet --release -p fleet-model --example throughput
-bin="${CARGO_TARGET_DIR:-$root/target}/release"
 model="$root/models/all-MiniLM-L6-v2"
 
 echo "in-process:"
 "$bin/examples/throughput" --model "$model" --corpus "$corpus" --batch "$batch" --runs 3
 
-# shellcheck source=ops/lib.sh
-source "$root/ops/lib.sh"
 start_nats
 bench_tenant
 RUST_LOG=warn spawn dispatcher "$bin/dispatcher" --nats-url "$url" --tenants "$work/tenants.toml" --metrics-addr 127.0.0.1:0
@@ -28,10 +27,7 @@ RUST_LOG=warn spawn worker "$bin/worker" --nats-url "$url" --tenants "$work/tena
   --max-batch-size "$batch" --max-in-flight "$in_flight" --max-ack-pending $((in_flight * 2)) \
   --max-delay 5ms
 # Warm-up: the first answer proves the dispatcher and the worker (with its model) are ready.
-for _ in $(seq 120); do
-  "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" --limit 1 --timeout 5s >/dev/null 2>&1 && break
-  sleep 1
-done
+wait_first_answer
 echo "end to end:"
 for run in 1 2 3; do
   "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight "$in_flight" \

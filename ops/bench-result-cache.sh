@@ -60,11 +60,7 @@ run() {
   dispatcher=$(eval echo "\$pid_dispatcher_${name//-/_}")
   worker=$(eval echo "\$pid_worker_${name//-/_}")
   addr=$(wait_announced "worker-$name" 's/.*serving \/metrics.*local_addr=\([0-9.:]*\).*/\1/p')
-  for _ in $(seq 120); do
-    "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$warmup" \
-      --timeout 5s >/dev/null 2>&1 && break
-    sleep 1
-  done
+  wait_first_answer "$warmup"
   line=$("$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight "$in_flight" \
     --cpu-of "nats-server=$nats,dispatcher=$dispatcher,worker=$worker" \
     embed --corpus "$corpus")

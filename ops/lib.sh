@@ -24,11 +24,12 @@ build_fleet() {
   bin="${CARGO_TARGET_DIR:-$root/target}/release"
 }
 
-# Waits (2 minutes at most) until the fleet at $url answers one text of $corpus for the tenant
-# of $work/key.toml: the dispatcher and a worker, its model loaded, work end to end.
+# Waits (2 minutes at most) until the fleet at $url answers one text of the corpus $1 (default
+# $corpus) for the tenant of $work/key.toml: the dispatcher and a worker, its model loaded, work
+# end to end.
 wait_first_answer() {
   for _ in $(seq 120); do
-    "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "$corpus" \
+    "$bin/loadtest" --nats-url "$url" --key "$work/key.toml" --in-flight 1 embed --corpus "${1:-$corpus}" \
       --limit 1 --timeout 5s >/dev/null 2>&1 && return 0
     sleep 1
   done
