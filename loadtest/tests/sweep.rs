@@ -11,6 +11,17 @@ use fleet_tests::NatsServer;
 use serde_json::Value;
 use support::{StandIn, loadtest, stand_in};
 
+/// The load each step of a sweep's report offered, in order.
+fn offered_loads(report: &Value) -> Vec<f64> {
+    let steps = report["steps"]
+        .as_array()
+        .expect("a sweep report has steps");
+    steps
+        .iter()
+        .map(|step| step["offered"].as_f64().expect("a step's offered load"))
+        .collect()
+}
+
 /// A broker with a stand-in fleet that answers two requests at a time, 40 ms each.
 async fn fifty_answers_a_second() -> NatsServer {
     let nats = NatsServer::start();
@@ -54,12 +65,7 @@ async fn a_sweep_finds_the_knee_and_writes_its_report() {
     let report: Value = serde_json::from_str(&text).unwrap();
     assert_eq!(report, printed);
     assert_eq!(report["bench"], "sweep");
-    let offered: Vec<f64> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|step| step["offered"].as_f64().unwrap())
-        .collect();
+    let offered = offered_loads(&report);
     assert_eq!(offered, [10.0, 20.0, 40.0, 80.0], "{report}");
     assert_eq!(report["knee"]["offered"], 40.0, "{report}");
     assert_eq!(report["knee"]["meets_bounds"], true);
@@ -129,12 +135,7 @@ async fn a_closed_loop_sweep_stops_where_more_requests_in_flight_no_longer_add_t
     );
     assert_eq!(report["loop"], "closed", "{report}");
     assert_eq!(report["offered_unit"], "requests in flight");
-    let offered: Vec<f64> = report["steps"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|step| step["offered"].as_f64().unwrap())
-        .collect();
+    let offered = offered_loads(&report);
     assert_eq!(offered, [1.0, 2.0, 4.0], "{report}");
     assert_eq!(report["knee"]["offered"], 2.0, "{report}");
     let stop = report["stop_reason"].as_str().unwrap();
